@@ -1,0 +1,38 @@
+"""Treadle: a JAX/Flax research framework for TPUs and GPUs."""
+import setuptools
+
+setuptools.setup(
+    name="treadle",
+    version="0.1.0",
+    description="Sharded JAX/Flax training for Llama, MoE, Mamba, RWKV and diffusion models.",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=[
+        "models", "models.*", "layers", "layers.*", "pallas_kernels",
+        "pallas_kernels.*", "train", "train.*", "configs", "configs.*",
+    ]),
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "tensorflow-datasets>=4.9.9",
+        "array_record>=0.8",
+        "grain>=0.2.12",
+        "absl-py",
+        "ml-collections>=1.0",
+        "tensorboardX>=2.6",
+        "sentencepiece",
+        "safetensors",
+        "numpy",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "torch==2.13.0",
+            "transformers>=5",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+        ],
+    },
+)
