@@ -1,0 +1,186 @@
+"""Orbax checkpoints of a run: params, optimizer state, data position, config.
+
+Layout: `WORKDIR/checkpoints/<step>/` with items
+  params       the model parameters (all a notebook or the sampler needs),
+  train_state  step, optimizer state and RNG,
+  data_iter    each host's grain iterator position,
+  config       the run config as JSON (the model is rebuilt from it).
+Checkpoints written by `models.convert import-hf` hold only params and config;
+training on such a directory starts from those params with a fresh optimizer.
+Orbax writes each step to a temporary directory and renames it when complete,
+so a run killed mid-save leaves the previous checkpoint intact.
+"""
+
+import os
+from typing import Any
+
+import flax.linen as nn
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+from train import families
+
+ITEMS = ("params", "train_state", "data_iter", "config")
+# Fields that change how a model computes but not its parameters: a checkpoint
+# trained with one value loads under another.
+COMPUTE_ONLY_FIELDS = ("attention_impl", "remat_policy", "dtype")
+
+
+def checkpoint_dir(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / "checkpoints"
+
+
+def _manager(workdir: str, *, keep: int | None = None, async_save: bool = False,
+             read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
+      read_only=read_only, cleanup_tmp_directories=not read_only)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+
+
+def model_config_differences(saved: dict, current: dict) -> list[str]:
+  """Lines naming each `model.<field>` whose value differs between two configs."""
+  lines = []
+  for key in sorted(set(saved) | set(current)):
+    if key in COMPUTE_ONLY_FIELDS:
+      continue
+    if saved.get(key, "<absent>") != current.get(key, "<absent>"):
+      lines.append(f"model.{key}: checkpoint has {saved.get(key, '<absent>')!r}, "
+                   f"config has {current.get(key, '<absent>')!r}")
+  return lines
+
+
+def _has_item(manager: ocp.CheckpointManager, step: int, item: str) -> bool:
+  return (epath.Path(manager.directory) / str(step) / item).exists()
+
+
+def _with_shardings(abstract, shardings):
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
+class Checkpointer:
+  """Saves and restores one run's checkpoints (see the module docstring)."""
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+    self._config = config
+    self._manager = _manager(workdir, keep=config.checkpoint.keep,
+                             async_save=config.checkpoint.async_save)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def saved_config(self, step: int) -> dict:
+    restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return restored["config"]
+
+  def check_compatible(self, step: int) -> None:
+    """Raises ValueError naming every model field that differs from the checkpoint."""
+    saved_model = self.saved_config(step)["model"]
+    differences = model_config_differences(saved_model, self._config.model.to_dict())
+    if differences:
+      raise ValueError(
+          f"The checkpoint at {checkpoint_dir('')}/{step} in this workdir was written for a "
+          "different model; refusing to load it:\n  " + "\n  ".join(differences) +
+          "\nUse the same model config, or a new --workdir.")
+
+  def save(self, state, data_iter, *, force: bool = False) -> None:
+    """Starts saving `state` at its step (asynchronously if configured)."""
+    step = int(jax.device_get(state.step))
+    rest = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+    self._manager.save(step, force=force, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state.params),
+        train_state=ocp.args.StandardSave(rest),
+        data_iter=grain.checkpoint.CheckpointSave(data_iter),
+        config=ocp.args.JsonSave(self._config.to_dict())))
+
+  def restore(self, step: int, abstract_state, shardings, data_iter):
+    """Restores the state at `step` into `shardings`, and the iterator in place.
+
+    Returns:
+      (state, resumed): `resumed` is False for a params-only (imported)
+      checkpoint, whose optimizer state the caller must create.
+    """
+    self.check_compatible(step)
+    target = _with_shardings(abstract_state, shardings)
+    if not _has_item(self._manager, step, "train_state"):
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(target.params)))
+      return restored["params"], False
+    rest = {"step": target.step, "opt_state": target.opt_state, "rng": target.rng}
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target.params),
+        train_state=ocp.args.StandardRestore(rest),
+        data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+    rest = restored["train_state"]
+    state = abstract_state.replace(step=rest["step"], params=restored["params"],
+                                   opt_state=rest["opt_state"], rng=rest["rng"])
+    return state, True
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def save_imported(workdir: str, params: Any, config: ml_collections.ConfigDict) -> None:
+  """Writes a params-only checkpoint at step 0 (for `models.convert import-hf`)."""
+  if checkpoint_dir(workdir).exists() and any(checkpoint_dir(workdir).iterdir()):
+    raise FileExistsError(f"{checkpoint_dir(workdir)} already holds checkpoints; "
+                          "import into an empty workdir.")
+  manager = _manager(workdir)
+  manager.save(0, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params), config=ocp.args.JsonSave(config.to_dict())))
+  manager.wait_until_finished()
+  manager.close()
+
+
+def _latest(manager: ocp.CheckpointManager, workdir: str) -> int:
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint under {checkpoint_dir(workdir)}: train there "
+                            "first (python -m train.main --workdir=...) or import one.")
+  return step
+
+
+def load_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
+  """The run config saved with the latest (or given) checkpoint in `workdir`."""
+  manager = _manager(workdir, read_only=True)
+  step = _latest(manager, workdir) if step is None else step
+  restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  return ml_collections.ConfigDict(restored["config"])
+
+
+def load_model(workdir: str, step: int | None = None):
+  """The model and its params from the latest (or given) checkpoint.
+
+  For notebooks and the sampler: params land on the default device.
+
+  >>> model, params = load_model(workdir)
+  >>> logits = model.apply({'params': params}, tokens)  # [b, t] -> [b, t, v]
+  """
+  manager = _manager(workdir, read_only=True)
+  step = _latest(manager, workdir) if step is None else step
+  restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  config = ml_collections.ConfigDict(restored["config"])
+  family = families.get_family(config.model)
+  model = family.make_model(config.model)
+  batch = family.task.dummy_batch(1, 8)
+  abstract = jax.eval_shape(
+      lambda: nn.unbox(family.task.init_params(model, jax.random.PRNGKey(0), batch)))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        abstract)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(target)))
+  manager.close()
+  return model, restored["params"]
+
+
+def workdir_has_checkpoint(workdir: str) -> bool:
+  return os.path.isdir(checkpoint_dir(workdir)) and any(
+      name.isdigit() for name in os.listdir(checkpoint_dir(workdir)))

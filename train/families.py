@@ -1,0 +1,43 @@
+"""Model families: the module each builds and the task that trains it."""
+
+import dataclasses
+from collections.abc import Callable
+
+import flax.linen as nn
+
+from models import llama
+from train import flops
+from train import lm_task
+from train.task import Task
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """How to build one model family and train it."""
+  make_model: Callable[[object], nn.Module]  # config.model -> module
+  task: Task
+  train_flops_per_token: Callable[[object, int], float]  # (config.model, seq_len) -> FLOPs
+
+
+def _make_llama(model_config) -> nn.Module:
+  return llama.Llama(llama.LlamaConfig.from_config_dict(model_config))
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(make_model=_make_llama,
+                    task=lm_task.LanguageModelTask(init_cache=llama.init_cache),
+                    train_flops_per_token=flops.llama_train_flops_per_token),
+}
+
+
+def get_family(model_config) -> Family:
+  """The family named by `config.model.family`, or an error listing the known ones."""
+  family = FAMILIES.get(model_config.family)
+  if family is None:
+    raise ValueError(f"config.model.family={model_config.family!r} is not one of "
+                     f"{sorted(FAMILIES)}.")
+  return family
+
+
+def build_model(model_config) -> nn.Module:
+  return get_family(model_config).make_model(model_config)

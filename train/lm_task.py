@@ -1,0 +1,95 @@
+"""Next-token prediction: the task of decoder language models (Llama, MoE, ...)."""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from train import sampling
+from train.data import corpus
+from train.data import tokenizers
+
+TOKEN_AXES = ("batch", "length")
+
+
+def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-token cross entropy and log-partition in float32.
+
+  Args:
+    logits: [b, t, v] scores.
+    targets: [b, t] int32 next tokens.
+  Returns:
+    (cross_entropy [b, t], log_z [b, t]).
+  """
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return log_z - target_logit, log_z
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageModelTask:
+  """Packed next-token prediction with z-loss; samples and scores at the end.
+
+  Batches hold `inputs`, `targets`, `segment_ids`, `positions` (int32 [b, t])
+  and `loss_mask` (float32 [b, t]) as made by `train.data.pipeline`.
+
+  Attributes:
+    init_cache: (model config, batch, max_length) -> KV cache, for sampling.
+  """
+  init_cache: Callable[[Any, int, int], Any]
+
+  def batch_axes(self):
+    return {key: TOKEN_AXES
+            for key in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+
+  def dummy_batch(self, batch_size, seq_len):
+    ints = np.zeros((batch_size, seq_len), np.int32)
+    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), ints.shape)
+    return {"inputs": ints, "targets": ints, "segment_ids": ints + 1,
+            "positions": np.array(positions), "loss_mask": np.ones(ints.shape, np.float32)}
+
+  def init_params(self, model: nn.Module, rng, batch):
+    variables = model.init(rng, batch["inputs"], positions=batch["positions"],
+                           segment_ids=batch["segment_ids"])
+    return variables["params"]
+
+  def loss_sums(self, model, params, batch, rng, opt_config):
+    del rng  # Deterministic: no dropout in these models.
+    logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                         segment_ids=batch["segment_ids"])
+    cross_entropy, log_z = token_losses(logits, batch["targets"])
+    weight = batch["loss_mask"].astype(jnp.float32)
+    ce_sum = jnp.sum(cross_entropy * weight)
+    z_sum = jnp.sum(jnp.square(log_z) * weight)
+    correct = jnp.sum((jnp.argmax(logits, axis=-1) == batch["targets"]) * weight)
+    metrics = {"loss": ce_sum, "z_loss": z_sum, "accuracy": correct, "weight": jnp.sum(weight)}
+    return ce_sum + opt_config.z_loss * z_sum, metrics
+
+  def report(self, model, params, config, print_fn):
+    """Samples `config.sample.prompts` and scores held-out additions."""
+    tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
+    sample_config = config.sample
+    generate = sampling.Sampler(model, self.init_cache, tokenizer)
+    texts = generate(params, list(sample_config.prompts), sample_config)
+    for prompt, text in zip(sample_config.prompts, texts):
+      print_fn(f"sample: {prompt!r} -> {text!r}")
+    results = {}
+    if sample_config.num_scored and config.data.name == "treadle_corpus":
+      pairs = corpus.heldout_addition_prompts(sample_config.num_scored, seed=sample_config.seed)
+      greedy = sample_config.copy_and_resolve_references()
+      with greedy.unlocked():
+        greedy.temperature = 0.0
+        greedy.max_new_tokens = 8
+      completions = generate(params, [prompt for prompt, _ in pairs], greedy)
+      results["addition_accuracy"] = corpus.score_additions(pairs, completions)
+      for (prompt, answer), completion in list(zip(pairs, completions))[:4]:
+        print_fn(f"held-out: {prompt}{completion.splitlines()[0] if completion else ''!s}"
+                 f"   (expected {answer})")
+      print_fn(f"held-out additions answered right: {results['addition_accuracy']:.1%} "
+               f"of {len(pairs)}")
+    return results

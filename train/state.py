@@ -1,0 +1,82 @@
+"""The train state, built sharded from the start."""
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import optax
+from jax.sharding import PartitionSpec
+
+from train import sharding
+from train.task import Task
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes; checkpointed whole.
+
+  Attributes:
+    step: int32 scalar, optimizer steps taken.
+    params: the model parameters (unboxed arrays).
+    opt_state: the optimizer's state.
+    rng: uint32 [2] key, split once per step for families that need noise.
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def _is_spec(x) -> bool:
+  return isinstance(x, PartitionSpec)
+
+
+def logical_state_specs(model: nn.Module, task: Task, optimizer: optax.GradientTransformation,
+                        batch: dict) -> TrainState:
+  """Logical PartitionSpecs for every leaf of the state, without allocating it."""
+  boxed = jax.eval_shape(task.init_params, model, jax.random.PRNGKey(0), batch)
+  param_specs = nn.get_partition_spec(boxed)
+  abstract_params = nn.unbox(boxed)
+  abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+  # Optimizer leaves shaped like a parameter (Adam's moments) follow its spec;
+  # the rest (counts, Adafactor's factored rows) are replicated.
+  opt_specs = optax.tree_map_params(
+      optimizer, lambda _, spec: spec, abstract_opt, param_specs,
+      transform_non_params=lambda _: PartitionSpec(), is_leaf=_is_spec)
+  return TrainState(step=PartitionSpec(), params=param_specs, opt_state=opt_specs,
+                    rng=PartitionSpec())
+
+
+def state_shardings(model, task, optimizer, batch, mesh, rules) -> TrainState:
+  """NamedShardings of the train state on `mesh` under the logical `rules`."""
+  specs = logical_state_specs(model, task, optimizer, batch)
+  return sharding.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def init_state(model, task, optimizer, batch, seed: int, shardings: TrainState,
+               params: Any = None) -> TrainState:
+  """Initialises the state directly into `shardings` (never whole on one device).
+
+  With `params` given (fine-tuning an imported model), they are placed as
+  sharded and only the optimizer state is created fresh.
+  """
+  def init(rng, given_params):
+    init_rng, state_rng = jax.random.split(rng)
+    if given_params is None:
+      given_params = nn.unbox(task.init_params(model, init_rng, batch))
+    return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=given_params,
+                      opt_state=optimizer.init(given_params), rng=state_rng)
+
+  param_shardings = None if params is None else shardings.params
+  jitted = jax.jit(init, in_shardings=(None, param_shardings), out_shardings=shardings)
+  return jitted(jax.random.PRNGKey(seed), params)
+
+
+def abstract_state(model, task, optimizer, batch) -> TrainState:
+  """Shapes and dtypes of the state, for restoring a checkpoint into."""
+  def init():
+    params = nn.unbox(task.init_params(model, jax.random.PRNGKey(0), batch))
+    return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                      opt_state=optimizer.init(params), rng=jax.random.PRNGKey(0))
+  return jax.eval_shape(init)

@@ -1,0 +1,56 @@
+"""The train and eval steps: module-level pure functions, jitted once by the trainer."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from train.state import TrainState
+
+
+def _split_micro_batches(batch, num_micro: int):
+  """[b, ...] -> [num_micro, b // num_micro, ...] for gradient accumulation."""
+  def split(x):
+    return x.reshape((num_micro, x.shape[0] // num_micro) + x.shape[1:])
+  return jax.tree.map(split, batch)
+
+
+def train_step(state: TrainState, batch, *, model, task, optimizer, opt_config,
+               schedule) -> tuple[TrainState, dict]:
+  """One optimizer step on a global batch; returns the new state and metric sums.
+
+  The loss is summed over tokens and the gradient divided by the token count
+  once, so accumulating `opt.grad_accum_steps` micro-batches gives the same
+  update as one large batch.
+  """
+  rng, step_rng = jax.random.split(state.rng)
+  grad_fn = jax.value_and_grad(
+      lambda params, micro, r: task.loss_sums(model, params, micro, r, opt_config),
+      has_aux=True)
+  num_micro = opt_config.grad_accum_steps
+  if num_micro == 1:
+    (_, metrics), grads = grad_fn(state.params, batch, step_rng)
+  else:
+    def accumulate(carry, micro_and_rng):
+      micro, micro_rng = micro_and_rng
+      (_, metrics), grads = grad_fn(state.params, micro, micro_rng)
+      return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+    micro_batches = _split_micro_batches(batch, num_micro)
+    micro_rngs = jax.random.split(step_rng, num_micro)
+    (_, metrics), grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], micro_batches),
+                                  micro_rngs[0])
+    rest = jax.tree.map(lambda x: x[1:], (micro_batches, micro_rngs))
+    (grads, metrics), _ = jax.lax.scan(accumulate, (grads, metrics), rest)
+  weight = jnp.maximum(metrics["weight"], 1.0)
+  grads = jax.tree.map(lambda g: g / weight, grads)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+                 learning_rate=schedule(state.step))
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+  return new_state, metrics
+
+
+def eval_step(params, batch, *, model, task, opt_config) -> dict:
+  """Metric sums of the task's loss on one batch (no gradient)."""
+  _, metrics = task.loss_sums(model, params, batch, jax.random.PRNGKey(0), opt_config)
+  return metrics

@@ -1,0 +1,191 @@
+"""The training loop shared by every model family: `train_and_evaluate`."""
+
+import contextlib
+import functools
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from train import checkpoint
+from train import config_checks
+from train import families
+from train import flops
+from train import metrics as metrics_lib
+from train import optimizers
+from train import sharding
+from train import state as state_lib
+from train import steps
+from train.data import pipeline
+from train.data import tokenizers
+
+
+def _console(text: str) -> None:
+  if jax.process_index() == 0:
+    print(text, flush=True)
+
+
+class _Interval:
+  """Host-side metric sums between two log lines."""
+
+  def __init__(self):
+    self.sums, self.tokens, self.start = {}, 0, time.perf_counter()
+
+  def add(self, step_metrics: dict, tokens: int) -> None:
+    for key, value in step_metrics.items():
+      self.sums[key] = self.sums.get(key, 0.0) + float(value)
+    self.sums["steps"] = self.sums.get("steps", 0.0) + 1
+    self.tokens += tokens
+
+
+def _check_finite(step: int, step_metrics: dict) -> None:
+  loss = float(step_metrics["loss"])
+  if not np.isfinite(loss) or not np.isfinite(float(step_metrics["grad_norm"])):
+    raise FloatingPointError(
+        f"Non-finite loss ({loss}) or gradient norm at step {step}: stopping before it is "
+        "checkpointed. Lower opt.lr, raise opt.warmup_steps or check the data.")
+
+
+class Trainer:
+  """Builds everything a run needs from the config; `run()` trains."""
+
+  def __init__(self, config, workdir: str):
+    self.config, self.workdir = config, workdir
+    self.family = families.get_family(config.model)
+    self.model, self.task = self.family.make_model(config.model), self.family.task
+    self.mesh = sharding.make_mesh(config.mesh)
+    self.rules = sharding.axis_rules(config)
+    tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
+    config_checks.check_run_config(config, self.mesh, self.rules,
+                                   process_count=jax.process_count(),
+                                   tokenizer_vocab_size=tokenizer.vocab_size)
+    num_steps = config.train.num_steps
+    self.optimizer = optimizers.make_optimizer(config.opt, num_steps)
+    self.schedule = optimizers.learning_rate_schedule(config.opt, num_steps)
+    d = config.data
+    self.dummy = self.task.dummy_batch(d.global_batch_size, d.seq_len)
+    with self._context():
+      self.state_shardings = state_lib.state_shardings(
+          self.model, self.task, self.optimizer, self.dummy, self.mesh, self.rules)
+    self.batch_shardings = {
+        key: jax.sharding.NamedSharding(self.mesh, nn.logical_to_mesh_axes(axes, self.rules))
+        for key, axes in self.task.batch_axes().items()}
+    self.train_step = jax.jit(
+        functools.partial(steps.train_step, model=self.model, task=self.task,
+                          optimizer=self.optimizer, opt_config=config.opt,
+                          schedule=self.schedule),
+        in_shardings=(self.state_shardings, self.batch_shardings),
+        out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+    self.eval_step = jax.jit(
+        functools.partial(steps.eval_step, model=self.model, task=self.task,
+                          opt_config=config.opt),
+        in_shardings=(self.state_shardings.params, self.batch_shardings))
+
+  @contextlib.contextmanager
+  def _context(self):
+    """Mesh and logical-axis rules in scope for tracing model code."""
+    with jax.sharding.use_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
+
+  def global_batch(self, local_batch: dict) -> dict:
+    """Assembles per-host numpy slices into global arrays."""
+    return {key: jax.make_array_from_process_local_data(self.batch_shardings[key], value)
+            for key, value in local_batch.items() if key in self.batch_shardings}
+
+  def _restore_or_init(self, checkpointer, data_iter):
+    latest = checkpointer.latest_step()
+    init = functools.partial(state_lib.init_state, self.model, self.task, self.optimizer,
+                             self.dummy, self.config.seed, self.state_shardings)
+    if latest is None:
+      return init(), None
+    abstract = state_lib.abstract_state(self.model, self.task, self.optimizer, self.dummy)
+    restored, resumed = checkpointer.restore(latest, abstract, self.state_shardings, data_iter)
+    if not resumed:
+      _console(f"Starting from the imported params at step {latest} of {self.workdir}.")
+      return init(params=restored), None
+    _console(f"Resuming from the checkpoint at step {latest}.")
+    return restored, latest
+
+  def evaluate(self, params, eval_batches) -> dict[str, float]:
+    sums = {}
+    for local in eval_batches:
+      batch_metrics = jax.device_get(self.eval_step(params, self.global_batch(local)))
+      for key, value in batch_metrics.items():
+        sums[key] = sums.get(key, 0.0) + float(value)
+    return metrics_lib.means(sums)
+
+  def run(self) -> dict[str, float]:
+    """Trains to `train.num_steps`, evaluating, logging and checkpointing."""
+    config = self.config
+    num_steps, log_every = config.train.num_steps, config.train.log_every_steps
+    pid, nproc = jax.process_index(), jax.process_count()
+    data_iter = pipeline.make_train_iterator(config.data, seed=config.seed,
+                                             process_index=pid, process_count=nproc)
+    eval_batches = pipeline.make_eval_batches(
+        config.data, num_batches=config.evals.num_batches, process_index=pid,
+        process_count=nproc) if config.evals.every_steps else []
+    checkpointer = checkpoint.Checkpointer(self.workdir, config)
+    with self._context():
+      state, resume_step = self._restore_or_init(checkpointer, data_iter)
+    writer = metrics_lib.MetricWriter(self.workdir, resume_step=resume_step)
+    tokens_per_step = config.data.global_batch_size * config.data.seq_len
+    flops_per_token = self.family.train_flops_per_token(config.model, config.data.seq_len)
+    peak = flops.peak_flops_per_device(jax.devices()[0].device_kind,
+                                       config.train.peak_tflops_per_device)
+    first_step = int(jax.device_get(state.step))
+    interval_cell, pending, final = [_Interval()], None, {}
+
+    def finish_step(step, step_metrics):
+      """Host side of step `step` (1-based), run after step + 1 is dispatched."""
+      step_metrics = jax.device_get(step_metrics)
+      _check_finite(step, step_metrics)
+      interval = interval_cell[0]
+      interval.add(step_metrics, tokens_per_step)
+      if step % log_every == 0 or step == num_steps:
+        elapsed = time.perf_counter() - interval.start
+        scalars = metrics_lib.means(interval.sums)
+        scalars["tokens_per_sec"] = interval.tokens / elapsed
+        if peak:
+          scalars["mfu"] = scalars["tokens_per_sec"] * flops_per_token / (peak * jax.device_count())
+        _console(metrics_lib.progress_line(step, num_steps, scalars))
+        writer.write(step, scalars)
+        final.update(scalars)
+        interval_cell[0] = _Interval()
+
+    with self._context():
+      for step in range(first_step + 1, num_steps + 1):
+        batch = self.global_batch(next(data_iter))
+        state, step_metrics = self.train_step(state, batch)
+        if pending is not None:
+          finish_step(*pending)
+        pending = (step, step_metrics)
+        is_last = step == num_steps
+        if eval_batches and (step % config.evals.every_steps == 0 or is_last):
+          finish_step(*pending)
+          pending = None
+          eval_scalars = self.evaluate(state.params, eval_batches)
+          writer.write(step, eval_scalars, split="eval")
+          _console(f"eval at step {step}: loss {eval_scalars['loss']:.4f}")
+          final.update({f"eval_{k}": v for k, v in eval_scalars.items()})
+        if step % config.checkpoint.every_steps == 0 or is_last:
+          if pending is not None:  # Never checkpoint a state whose loss is unchecked.
+            finish_step(*pending)
+            pending = None
+          checkpointer.save(state, data_iter, force=is_last)
+      if pending is not None:
+        finish_step(*pending)
+      checkpointer.wait()
+      checkpointer.close()
+      writer.close()
+      final.update(self.task.report(self.model, state.params, config, _console))
+    return final
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Trains the model of `config` in `workdir` (resuming if it holds a checkpoint).
+
+  Returns the last logged train metrics, eval metrics (`eval_*`) and the task's
+  closing report (e.g. `addition_accuracy`).
+  """
+  return Trainer(config, workdir).run()
