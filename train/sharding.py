@@ -11,8 +11,7 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from configs.base import MESH_AXES
 
@@ -52,11 +51,9 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_shape(mesh_config, len(devices))
   shape = tuple(sizes[axis] for axis in MESH_AXES)
-  try:
-    device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
-  except (ValueError, NotImplementedError, AssertionError):
-    device_array = np.asarray(devices).reshape(shape)
-  return Mesh(device_array, MESH_AXES)
+  # Auto axes: XLA propagates shardings from the logical constraints.
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
 
 
 def axis_rules(config) -> tuple[tuple[str, object], ...]:
