@@ -35,9 +35,11 @@ def _is_spec(x) -> bool:
 def logical_state_specs(model: nn.Module, task: Task, optimizer: optax.GradientTransformation,
                         batch: dict) -> TrainState:
   """Logical PartitionSpecs for every leaf of the state, without allocating it."""
-  boxed = jax.eval_shape(task.init_params, model, jax.random.PRNGKey(0), batch)
+  boxed = jax.eval_shape(lambda: task.init_params(model, jax.random.PRNGKey(0), batch))
   param_specs = nn.get_partition_spec(boxed)
-  abstract_params = nn.unbox(boxed)
+  abstract_params = jax.tree.map(
+      lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+      boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
   # Optimizer leaves shaped like a parameter (Adam's moments) follow its spec;
   # the rest (counts, Adafactor's factored rows) are replicated.

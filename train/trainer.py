@@ -50,11 +50,11 @@ def _check_finite(step: int, step_metrics: dict) -> None:
 class Trainer:
   """Builds everything a run needs from the config; `run()` trains."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, devices=None):
     self.config, self.workdir = config, workdir
     self.family = families.get_family(config.model)
     self.model, self.task = self.family.make_model(config.model), self.family.task
-    self.mesh = sharding.make_mesh(config.mesh)
+    self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.axis_rules(config)
     tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
     config_checks.check_run_config(config, self.mesh, self.rules,
@@ -63,8 +63,9 @@ class Trainer:
     num_steps = config.train.num_steps
     self.optimizer = optimizers.make_optimizer(config.opt, num_steps)
     self.schedule = optimizers.learning_rate_schedule(config.opt, num_steps)
-    d = config.data
-    self.dummy = self.task.dummy_batch(d.global_batch_size, d.seq_len)
+    # Parameter shapes do not depend on the batch: init traces one row per data shard.
+    self.dummy = self.task.dummy_batch(sharding.data_parallel_size(self.mesh, self.rules),
+                                       config.data.seq_len)
     with self._context():
       self.state_shardings = state_lib.state_shardings(
           self.model, self.task, self.optimizer, self.dummy, self.mesh, self.rules)
@@ -85,7 +86,7 @@ class Trainer:
   @contextlib.contextmanager
   def _context(self):
     """Mesh and logical-axis rules in scope for tracing model code."""
-    with jax.sharding.use_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       yield
 
   def global_batch(self, local_batch: dict) -> dict:
@@ -147,7 +148,7 @@ class Trainer:
         scalars = metrics_lib.means(interval.sums)
         scalars["tokens_per_sec"] = interval.tokens / elapsed
         if peak:
-          scalars["mfu"] = scalars["tokens_per_sec"] * flops_per_token / (peak * jax.device_count())
+          scalars["mfu"] = scalars["tokens_per_sec"] * flops_per_token / (peak * self.mesh.size)
         _console(metrics_lib.progress_line(step, num_steps, scalars))
         writer.write(step, scalars)
         final.update(scalars)
@@ -182,10 +183,11 @@ class Trainer:
     return final
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   """Trains the model of `config` in `workdir` (resuming if it holds a checkpoint).
 
+  `devices` (default: all) is the device list the mesh is laid over.
   Returns the last logged train metrics, eval metrics (`eval_*`) and the task's
   closing report (e.g. `addition_accuracy`).
   """
-  return Trainer(config, workdir).run()
+  return Trainer(config, workdir, devices).run()

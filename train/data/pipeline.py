@@ -1,0 +1,121 @@
+"""grain input pipeline: per-host, checkpointable batches of packed rows.
+
+Legend: b = global_batch_size // process_count rows per host, t seq_len.
+
+Every batch is a dict of numpy arrays (see `packing.layout`):
+  inputs, targets, segment_ids, positions: int32[b, t]
+  loss_mask: float32[b, t]
+
+Any TFDS dataset prepared as array_record goes through the same code: the
+embedded `treadle_corpus` (built on first use) or e.g. `lm1b` with
+`config.data.text_key='text'`. Each process reads only its own slice of the
+split (records process_index, process_index + process_count, ...).
+
+  it = make_train_iterator(config.data, seed=config.seed,
+                           process_index=jax.process_index(),
+                           process_count=jax.process_count())
+  batch = next(it)
+  # Checkpoint with grain.checkpoint.CheckpointSave(it) in an ocp.args.Composite.
+"""
+
+import itertools
+
+import grain
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from train.data import builder
+from train.data import packing
+from train.data import tokenizers
+
+Batch = dict[str, np.ndarray]
+
+# Records are read in the packing thread: on few cores, grain's read threads
+# cost more in locking than they save. Whole batches are prefetched instead.
+_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+# Batches prepared ahead in a background thread while the train step runs.
+_PREFETCH_BATCHES = 2
+
+
+def per_host_batch_size(data_config: ml_collections.ConfigDict,
+                        process_count: int) -> int:
+  """global_batch_size // process_count; raises unless it divides evenly."""
+  global_batch = data_config.global_batch_size
+  if global_batch <= 0 or global_batch % process_count:
+    raise ValueError(
+        f"data.global_batch_size={global_batch} must be a positive multiple of "
+        f"the number of processes ({process_count}).")
+  return global_batch // process_count
+
+
+def _host_source(data_config: ml_collections.ConfigDict, split: str, split_field: str,
+                 process_index: int, process_count: int) -> grain.MapDataset:
+  """This host's records of `split`, as a grain MapDataset."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
+  data_dir = builder.ensure_dataset(data_config.name, data_config.data_dir)
+  try:
+    source = tfds.data_source(data_config.name, split=split, data_dir=data_dir,
+                              download=False)
+  except ValueError as e:
+    raise ValueError(f"data.{split_field}={split!r} is not a split of "
+                     f"data.name={data_config.name!r}: {e}") from e
+  if len(source) < process_count:
+    raise ValueError(f"data.{split_field}={split!r} of data.name="
+                     f"{data_config.name!r} has {len(source)} records, fewer "
+                     f"than the {process_count} processes reading it.")
+  if data_config.text_key not in source[0]:
+    raise KeyError(f"data.text_key={data_config.text_key!r} is not a feature of "
+                   f"data.name={data_config.name!r}; it has {sorted(source[0])}.")
+  return grain.MapDataset.source(source)[process_index::process_count]
+
+
+def _batches(ds: grain.MapDataset, data_config: ml_collections.ConfigDict, *,
+             batch_size: int, seed: int, shuffle_rows: bool) -> grain.IterDataset:
+  tokenizer = tokenizers.get_tokenizer(data_config.tokenizer)
+  ds = ds.map(packing.Tokenize(tokenizer, data_config.text_key))
+  return packing.pack_and_batch(
+      ds.to_iter_dataset(_READ_OPTIONS), seq_len=data_config.seq_len,
+      batch_size=batch_size, pad_id=tokenizer.pad_id, seed=seed,
+      shuffle_rows=shuffle_rows)
+
+
+def make_train_iterator(data_config: ml_collections.ConfigDict, *, seed: int,
+                        process_index: int, process_count: int) -> grain.DatasetIterator:
+  """Endless shuffled batches of data.train_split for this host.
+
+  Args:
+    data_config: config.data.
+    seed: config.seed; orders records (reshuffled every epoch) and rows.
+    process_index, process_count: this host and the number of hosts.
+  Returns:
+    A grain DatasetIterator of `Batch`es of b rows, with get_state/set_state:
+    after set_state(s) it yields exactly what it yielded after get_state() == s.
+  """
+  batch_size = per_host_batch_size(data_config, process_count)
+  seed = seed % 2**32
+  ds = _host_source(data_config, data_config.train_split, "train_split",
+                    process_index, process_count)
+  ds = ds.shuffle(seed=seed).repeat()
+  ds = _batches(ds, data_config, batch_size=batch_size, seed=seed, shuffle_rows=True)
+  if data_config.worker_count > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count))
+  else:
+    ds = grain.experimental.ThreadPrefetchIterDataset(
+        ds, prefetch_buffer_size=_PREFETCH_BATCHES)
+  return iter(ds)
+
+
+def make_eval_batches(data_config: ml_collections.ConfigDict, *, num_batches: int,
+                      process_index: int, process_count: int) -> list[Batch]:
+  """The first `num_batches` batches of data.eval_split for this host, in order.
+
+  Deterministic (no shuffling); wraps around the split if it is too short.
+  """
+  batch_size = per_host_batch_size(data_config, process_count)
+  ds = _host_source(data_config, data_config.eval_split, "eval_split",
+                    process_index, process_count)
+  ds = _batches(ds.repeat(), data_config, batch_size=batch_size, seed=0,
+                shuffle_rows=False)
+  return list(itertools.islice(iter(ds), num_batches))
