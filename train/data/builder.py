@@ -11,6 +11,7 @@ array_record (nothing is downloaded at run time).
 """
 
 import dataclasses
+import logging
 import os
 import shutil
 import tempfile
@@ -100,6 +101,7 @@ def _build_corpus(name: str, data_dir: str) -> None:
     os.makedirs(os.path.dirname(final), exist_ok=True)
     try:
       os.rename(builder.data_dir, final)
+      logging.info("Built %s into %s.", name, final)
     except OSError:
       if _prepared_builder(name, data_dir) is None:
         raise

@@ -10,6 +10,8 @@ Any TFDS dataset prepared as array_record goes through the same code: the
 embedded `treadle_corpus` (built on first use) or e.g. `lm1b` with
 `config.data.text_key='text'`. Each process reads only its own slice of the
 split (records process_index, process_index + process_count, ...).
+With data.worker_count > 0, grain worker processes are spawned: the main
+module must be import-safe (`if __name__ == '__main__':`, as with absl's app.run).
 
   it = make_train_iterator(config.data, seed=config.seed,
                            process_index=jax.process_index(),
@@ -20,6 +22,7 @@ split (records process_index, process_index + process_count, ...).
 
 import itertools
 
+from absl import flags
 import grain
 import ml_collections
 import numpy as np
@@ -44,8 +47,8 @@ def per_host_batch_size(data_config: ml_collections.ConfigDict,
   global_batch = data_config.global_batch_size
   if global_batch <= 0 or global_batch % process_count:
     raise ValueError(
-        f"data.global_batch_size={global_batch} must be a positive multiple of "
-        f"the number of processes ({process_count}).")
+        f"config.data.global_batch_size={global_batch} must be a positive "
+        f"multiple of the number of processes ({process_count}).")
   return global_batch // process_count
 
 
@@ -59,15 +62,16 @@ def _host_source(data_config: ml_collections.ConfigDict, split: str, split_field
     source = tfds.data_source(data_config.name, split=split, data_dir=data_dir,
                               download=False)
   except ValueError as e:
-    raise ValueError(f"data.{split_field}={split!r} is not a split of "
-                     f"data.name={data_config.name!r}: {e}") from e
+    raise ValueError(f"config.data.{split_field}={split!r} is not a split of "
+                     f"config.data.name={data_config.name!r}: {e}") from e
   if len(source) < process_count:
-    raise ValueError(f"data.{split_field}={split!r} of data.name="
+    raise ValueError(f"config.data.{split_field}={split!r} of config.data.name="
                      f"{data_config.name!r} has {len(source)} records, fewer "
                      f"than the {process_count} processes reading it.")
-  if data_config.text_key not in source[0]:
-    raise KeyError(f"data.text_key={data_config.text_key!r} is not a feature of "
-                   f"data.name={data_config.name!r}; it has {sorted(source[0])}.")
+  features = list(source.dataset_info.features.keys())
+  if data_config.text_key not in features:
+    raise KeyError(f"config.data.text_key={data_config.text_key!r} is not a feature "
+                   f"of config.data.name={data_config.name!r}; it has {features}.")
   return grain.MapDataset.source(source)[process_index::process_count]
 
 
@@ -100,6 +104,8 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, seed: int,
   ds = ds.shuffle(seed=seed).repeat()
   ds = _batches(ds, data_config, batch_size=batch_size, seed=seed, shuffle_rows=True)
   if data_config.worker_count > 0:
+    if not flags.FLAGS.is_parsed():  # grain reads absl flags; notebooks never parse them.
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count))
   else:
     ds = grain.experimental.ThreadPrefetchIterDataset(
