@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 
 def filter_logits(logits: jax.Array, *, top_k: int, top_p: float) -> jax.Array:
@@ -117,6 +118,8 @@ class Sampler:
         params, tokens, positions, segments, jax.random.PRNGKey(sample_config.seed),
         max_new_tokens=max_new, temperature=float(sample_config.temperature),
         top_k=int(sample_config.top_k), top_p=float(sample_config.top_p))
+    if not new_tokens.is_fully_addressable:  # Multi-host: every host gets every row.
+      new_tokens = multihost_utils.process_allgather(new_tokens, tiled=True)
     texts = []
     for row in np.asarray(new_tokens).tolist():
       if tok.eos_id in row:
