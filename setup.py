@@ -24,6 +24,7 @@ setuptools.setup(
         "sentencepiece",
         "safetensors",
         "numpy",
+        "ml_dtypes",
     ],
     extras_require={
         "test": [
@@ -33,6 +34,7 @@ setuptools.setup(
             "nbclient",
             "nbformat",
             "ipykernel",
+            "matplotlib",
         ],
     },
 )

@@ -1,0 +1,130 @@
+"""Pure attention functions and the implementation switch (no Flax here).
+
+All implementations compute causal grouped-query attention with optional
+segment ids: query i attends to key j iff j <= i (by slot index) and both carry
+the same nonzero segment id (0 marks padding, which attends to nothing and is
+attended by nothing; its output is finite but meaningless).
+
+Shapes: b batch, t query length, s key length, h query heads, k kv heads,
+d head dim; h is a multiple of k (GQA). q [b, t, h, d], k/v [b, s, k, d].
+"""
+
+import jax
+import jax.extend as jex
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def default_backend() -> str:
+  """The platform jitted code runs on: 'cpu', 'tpu', 'cuda', 'rocm' (or 'gpu')."""
+  backend = jax.default_backend()
+  if backend == "gpu":
+    version = jex.backend.get_backend().platform_version.lower()
+    if "cuda" in version:
+      return "cuda"
+    if "rocm" in version:
+      return "rocm"
+  return backend
+
+
+def resolve_impl(impl: str, *, backend: str, dtype, head_dim: int) -> str:
+  """Turns 'auto' into a concrete implementation for `backend`; others pass through.
+
+  'auto' picks cuDNN flash attention on CUDA when it supports the dtype (bf16 or
+  fp16) and head dim (a multiple of 8, at most 128), and the XLA reference
+  everywhere else.
+
+  Raises:
+    ValueError: for an implementation name not in IMPLEMENTATIONS.
+  """
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"attention_impl={impl!r}; choose one of {IMPLEMENTATIONS}.")
+  if impl != "auto":
+    return impl
+  cudnn_ok = (jnp.dtype(dtype) in [jnp.dtype(d) for d in _CUDNN_DTYPES]
+              and head_dim % 8 == 0 and head_dim <= 128)
+  return "cudnn" if backend == "cuda" and cudnn_ok else "xla"
+
+
+def attention_mask(t: int, s: int, *, q_segment_ids: jax.Array | None = None,
+                   kv_segment_ids: jax.Array | None = None,
+                   q_offset: jax.Array | int = 0) -> jax.Array:
+  """Boolean mask [b or 1, t, s]: True where query i may attend key slot j.
+
+  Query i sits at slot `q_offset + i` (q_offset > 0 when decoding into a cache).
+  Segment ids are int [b, t] and [b, s]; None means one unpadded segment.
+  """
+  q_slot = q_offset + jnp.arange(t, dtype=jnp.int32)
+  mask = (jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slot[:, None])[None]
+  if q_segment_ids is not None:
+    same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    mask = mask & same & (kv_segment_ids[:, None, :] != 0)
+  return mask
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Reference attention: explicit boolean `mask` [b or 1, t, s], float32 softmax.
+
+  Returns [b, t, h, d] in q.dtype.
+  """
+  b, t, h, d = q.shape
+  num_kv = k.shape[2]
+  qg = q.reshape(b, t, num_kv, h // num_kv, d)
+  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+  logits = logits * (d ** -0.5)
+  logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                    q_segment_ids: jax.Array | None = None,
+                    kv_segment_ids: jax.Array | None = None) -> jax.Array:
+  """cuDNN flash attention via `jax.nn.dot_product_attention`; [b, t, h, d].
+
+  Without segment ids this is the fast `is_causal` path. With them, the segment
+  mask is passed explicitly: correct for packed rows, but cuDNN runs much
+  slower with an explicit mask ('pallas' handles segments natively).
+  """
+  mask = None
+  if q_segment_ids is not None:
+    same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    mask = (same & (kv_segment_ids[:, None, :] != 0))[:, None]  # [b, 1, t, s]
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                      implementation="cudnn")
+
+
+def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                     q_segment_ids: jax.Array | None = None,
+                     kv_segment_ids: jax.Array | None = None,
+                     interpret: bool = False) -> jax.Array:
+  """The Pallas flash-attention kernel (imported lazily); [b, t, h, d]."""
+  from pallas_kernels.flash_attention import flash_attention  # pylint: disable=g-import-not-at-top
+  return flash_attention(q, k, v, causal=True, q_segment_ids=q_segment_ids,
+                         kv_segment_ids=kv_segment_ids, interpret=interpret)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str,
+                          q_segment_ids: jax.Array | None = None,
+                          kv_segment_ids: jax.Array | None = None,
+                          interpret: bool = False) -> jax.Array:
+  """Causal self-attention with a resolved `impl` ('xla' | 'cudnn' | 'pallas').
+
+  q [b, t, h, d], k/v [b, t, k, d], segment ids int [b, t] or None; returns
+  [b, t, h, d]. `interpret` only affects 'pallas' (True on CPU).
+  """
+  if impl == "xla":
+    mask = attention_mask(q.shape[1], k.shape[1], q_segment_ids=q_segment_ids,
+                          kv_segment_ids=kv_segment_ids)
+    return xla_attention(q, k, v, mask)
+  if impl == "cudnn":
+    return cudnn_attention(q, k, v, q_segment_ids=q_segment_ids,
+                           kv_segment_ids=kv_segment_ids)
+  if impl == "pallas":
+    return pallas_attention(q, k, v, q_segment_ids=q_segment_ids,
+                            kv_segment_ids=kv_segment_ids, interpret=interpret)
+  raise ValueError(f"Unresolved attention impl {impl!r}; expected xla, cudnn or pallas.")

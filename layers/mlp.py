@@ -1,0 +1,36 @@
+"""SwiGLU feed-forward block (Shazeer, 2020): down(silu(gate(x)) * up(x)).
+
+Shapes: b batch, t sequence, e embed, m mlp hidden.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from layers.linear import Einsum
+
+
+class SwiGLU(nn.Module):
+  """Gated MLP with SiLU, no biases.
+
+  Attributes:
+    hidden_dim: width m of the gated hidden layer.
+    dtype: computation dtype.
+    param_dtype: parameter storage dtype.
+  """
+  hidden_dim: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x [b, t, e] -> [b, t, e]."""
+    e, m = x.shape[-1], self.hidden_dim
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    gate = Einsum((e, m), ("embed", "mlp"), "bte,em->btm", name="gate", **kw)(x)
+    up = Einsum((e, m), ("embed", "mlp"), "bte,em->btm", name="up", **kw)(x)
+    hidden = nn.silu(gate) * up
+    hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+    hidden = checkpoint_name(hidden, "mlp_hidden")
+    return Einsum((m, e), ("mlp", "embed"), "btm,me->bte", name="down", **kw)(hidden)

@@ -1,0 +1,31 @@
+"""RMSNorm (Zhang & Sennrich, 2019): x / rms(x) * scale, no mean, no bias.
+
+Shapes: b batch, t sequence, e embed.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm over the last axis, computed in float32.
+
+  Attributes:
+    eps: added to the mean square before the reciprocal square root.
+    dtype: dtype of the output.
+    param_dtype: dtype of the `scale` parameter (initialised to ones).
+  """
+  eps: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Normalises `x` [..., e] and returns [..., e] in `dtype`."""
+    scale = self.param(
+        "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (normed * scale.astype(jnp.float32)).astype(self.dtype)
