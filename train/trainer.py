@@ -66,7 +66,7 @@ class Trainer:
     # Parameter shapes do not depend on the batch: init traces one row per data shard.
     self.dummy = self.task.dummy_batch(sharding.data_parallel_size(self.mesh, self.rules),
                                        config.data.seq_len)
-    with self._context():
+    with self.sharding_context():
       self.state_shardings = state_lib.state_shardings(
           self.model, self.task, self.optimizer, self.dummy, self.mesh, self.rules)
     self.batch_shardings = {
@@ -84,7 +84,7 @@ class Trainer:
         in_shardings=(self.state_shardings.params, self.batch_shardings))
 
   @contextlib.contextmanager
-  def _context(self):
+  def sharding_context(self):
     """Mesh and logical-axis rules in scope for tracing model code."""
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       yield
@@ -127,7 +127,7 @@ class Trainer:
         config.data, num_batches=config.evals.num_batches, process_index=pid,
         process_count=nproc) if config.evals.every_steps else []
     checkpointer = checkpoint.Checkpointer(self.workdir, config)
-    with self._context():
+    with self.sharding_context():
       state, resume_step = self._restore_or_init(checkpointer, data_iter)
     writer = metrics_lib.MetricWriter(self.workdir, resume_step=resume_step)
     tokens_per_step = config.data.global_batch_size * config.data.seq_len
@@ -154,7 +154,7 @@ class Trainer:
         final.update(scalars)
         interval_cell[0] = _Interval()
 
-    with self._context():
+    with self.sharding_context():
       for step in range(first_step + 1, num_steps + 1):
         batch = self.global_batch(next(data_iter))
         state, step_metrics = self.train_step(state, batch)
