@@ -5,7 +5,8 @@ python -m models.convert export-hf --model=llama WORKDIR HF_DIR
 
 import-hf writes a params-only Treadle checkpoint whose config is
 `configs/<model>.py:size=tiny` with the model fields taken from the HF
-config.json; `python -m train.main --workdir=WORKDIR` then fine-tunes it.
+config.json; `python -m train.main --config=configs/finetune.py:workdir=WORKDIR
+--workdir=WORKDIR` then fine-tunes it.
 export-hf writes config.json and float32 safetensors that
 `transformers.AutoModelForCausalLM.from_pretrained(HF_DIR)` loads.
 """

@@ -155,10 +155,12 @@ def load_config(workdir: str, step: int | None = None) -> ml_collections.ConfigD
   return ml_collections.ConfigDict(restored["config"])
 
 
-def load_model(workdir: str, step: int | None = None):
+def load_model(workdir: str, step: int | None = None, *, attention_impl: str = "auto"):
   """The model and its params from the latest (or given) checkpoint.
 
-  For notebooks and the sampler: params land on the default device.
+  For notebooks and the sampler: params land on the default device. The model
+  uses `attention_impl` (default 'auto': what runs on this machine) whatever the
+  run trained with, so a GPU run's checkpoint loads on a CPU laptop.
 
   >>> model, params = load_model(workdir)
   >>> logits = model.apply({'params': params}, tokens)  # [b, t] -> [b, t, v]
@@ -167,6 +169,7 @@ def load_model(workdir: str, step: int | None = None):
   step = _latest(manager, workdir) if step is None else step
   restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   config = ml_collections.ConfigDict(restored["config"])
+  config.model.attention_impl = attention_impl
   family = families.get_family(config.model)
   model = family.make_model(config.model)
   batch = family.task.dummy_batch(1, 8)
