@@ -58,3 +58,21 @@ def test_score_additions():
   assert corpus.score_additions([], []) == 0.0
   with pytest.raises(ValueError):
     corpus.score_additions(pa, completions[:2])
+
+
+def test_every_corpus_sentence_is_grammatical_and_broken_ones_are_not():
+  lines = [line for i in range(200) for line in corpus.document("validation", i).split("\n")]
+  sentences = [line for line in lines if "+" not in line]
+  assert sentences and all(corpus.is_grammatical(s) for s in sentences)
+  for broken in ("The fox sees.", "An red fox sleeps in the tree.", "A owl hides on the hill.",
+                 "the fox runs by the river.", "The fox runs by the river",
+                 "The fox chases the fox the fox."):
+    assert not corpus.is_grammatical(broken), broken
+
+
+def test_sentence_prompts_and_scoring():
+  prompts = corpus.sentence_prompts(20, seed=3)
+  assert prompts == corpus.sentence_prompts(20, seed=3) and len(set(prompts)) > 5
+  assert all(p.endswith(" ") and p[0].isupper() for p in prompts)
+  finished = ["sleeps in the tree.\n1+2=3", "sleeps."]
+  assert corpus.score_sentences(["The fox ", "The cat "], finished) == 0.5

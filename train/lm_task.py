@@ -71,7 +71,7 @@ class LanguageModelTask:
     return ce_sum + opt_config.z_loss * z_sum, metrics
 
   def report(self, model, params, config, print_fn):
-    """Samples `config.sample.prompts` and scores held-out additions."""
+    """Samples `config.sample.prompts`; on the embedded corpus, scores held-out prompts."""
     tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
     sample_config = config.sample
     generate = sampling.Sampler(model, self.init_cache, tokenizer)
@@ -80,16 +80,24 @@ class LanguageModelTask:
       print_fn(f"sample: {prompt!r} -> {text!r}")
     results = {}
     if sample_config.num_scored and config.data.name == "treadle_corpus":
-      pairs = corpus.heldout_addition_prompts(sample_config.num_scored, seed=sample_config.seed)
-      greedy = sample_config.copy_and_resolve_references()
-      with greedy.unlocked():
-        greedy.temperature = 0.0
-        greedy.max_new_tokens = 8
-      completions = generate(params, [prompt for prompt, _ in pairs], greedy)
-      results["addition_accuracy"] = corpus.score_additions(pairs, completions)
-      for (prompt, answer), completion in list(zip(pairs, completions))[:4]:
-        print_fn(f"held-out: {prompt}{completion.splitlines()[0] if completion else ''!s}"
-                 f"   (expected {answer})")
-      print_fn(f"held-out additions answered right: {results['addition_accuracy']:.1%} "
-               f"of {len(pairs)}")
+      results.update(self._score_on_corpus(generate, params, sample_config, print_fn))
     return results
+
+  def _score_on_corpus(self, generate, params, sample_config, print_fn):
+    """Greedy completions of held-out additions and of sentence openings, scored."""
+    greedy = sample_config.copy_and_resolve_references()
+    with greedy.unlocked():
+      greedy.temperature = 0.0
+      greedy.max_new_tokens = 8
+    pairs = corpus.heldout_addition_prompts(sample_config.num_scored, seed=sample_config.seed)
+    completions = generate(params, [prompt for prompt, _ in pairs], greedy)
+    additions = corpus.score_additions(pairs, completions)
+    for (prompt, answer), completion in list(zip(pairs, completions))[:3]:
+      print_fn(f"held-out: {prompt}{completion.split(chr(10))[0]}   (expected {answer})")
+    with greedy.unlocked():
+      greedy.max_new_tokens = 40
+    openings = corpus.sentence_prompts(sample_config.num_scored, seed=sample_config.seed)
+    sentences = corpus.score_sentences(openings, generate(params, openings, greedy))
+    print_fn(f"held-out additions answered right: {additions:.1%} of {len(pairs)}; "
+             f"sentence openings finished grammatically: {sentences:.1%} of {len(openings)}")
+    return {"addition_accuracy": additions, "grammatical_sentences": sentences}

@@ -14,6 +14,7 @@ grades a model's completions of them.
 import functools
 import hashlib
 import random
+import re
 from collections.abc import Sequence
 
 SPLITS = ("train", "validation")
@@ -21,7 +22,7 @@ SPLITS = ("train", "validation")
 # Documents have this many lines, uniformly.
 MIN_LINES, MAX_LINES = 2, 6
 # Probability that a line is an addition rather than a sentence.
-ADDITION_PROB = 0.5
+ADDITION_PROB = 0.8
 # Operand size: (number of digits, probability). 1-digit operands are 0..9,
 # 2-digit operands 10..99.
 OPERAND_DIGITS = ((1, 0.3), (2, 0.7))
@@ -139,3 +140,55 @@ def score_additions(prompts_answers: Sequence[tuple[str, str]],
     rest = completion[len(answer):]
     right += completion.startswith(answer) and not rest[:1].isdigit()
   return right / len(completions)
+
+
+def _alternatives(words: Sequence[str]) -> str:
+  return "(?:" + "|".join(re.escape(w) for w in words) + ")"
+
+
+@functools.cache
+def _sentence_pattern() -> re.Pattern:
+  """The grammar of `_sentence` as one regular expression (articles agree)."""
+  noun_phrase = (f"(?:(?:[Tt]he|[Aa]) (?:{_alternatives(_ADJECTIVES)} )?"
+                 f"{_alternatives(_NOUNS)})")
+  predicate = (f"(?:{_alternatives(_TRANSITIVE)} {noun_phrase}"
+               f"|{_alternatives(_INTRANSITIVE)} {_alternatives(_PLACES)})")
+  return re.compile(f"{noun_phrase} {predicate}\\.")
+
+
+def _article_agrees(sentence: str) -> bool:
+  """'a' before consonant-initial words only, 'an' before vowel-initial ones."""
+  words = sentence.split()
+  for article, following in zip(words, words[1:]):
+    if article.lower() == "a" and following[0] in "aeiou":
+      return False
+    if article.lower() == "an" and following[0] not in "aeiou":
+      return False
+  return True
+
+
+def is_grammatical(sentence: str) -> bool:
+  """Whether `sentence` is one the corpus grammar can produce ('The red fox sleeps ...')."""
+  normalised = re.sub(r"\b([Aa])n\b", r"\1", sentence)
+  return (sentence[:1].isupper() and _article_agrees(sentence)
+          and _sentence_pattern().fullmatch(normalised) is not None)
+
+
+def sentence_prompts(num: int, seed: int) -> list[str]:
+  """`num` sentence openings (a grammatical subject and a space) for the model to finish."""
+  rng = random.Random(f"treadle_corpus/sentence_prompts/{seed}")
+  prompts = []
+  for _ in range(num):
+    subject = _noun_phrase(rng, rng.choice(_DETERMINERS))
+    prompts.append(f"{subject[0].upper()}{subject[1:]} ")
+  return prompts
+
+
+def score_sentences(prompts: Sequence[str], completions: Sequence[str]) -> float:
+  """Share of prompts whose completed first line is a grammatical sentence."""
+  if len(prompts) != len(completions):
+    raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions.")
+  if not prompts:
+    return 0.0
+  lines = [(prompt + completion).split("\n")[0] for prompt, completion in zip(prompts, completions)]
+  return sum(is_grammatical(line) for line in lines) / len(lines)
