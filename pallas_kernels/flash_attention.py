@@ -1,0 +1,273 @@
+"""Flash attention in Pallas: Mosaic GPU (Hopper) and Mosaic TPU, forward and backward.
+
+    from pallas_kernels.flash_attention import flash_attention
+    out = flash_attention(q, k, v, causal=True, q_segment_ids=ids, kv_segment_ids=ids)
+
+Legend: b batch, t query length, s key/value length, h query heads, k kv heads
+(h % k == 0: MHA, GQA, MQA), d head dim. Layout is jax.nn.dot_product_attention's:
+q [b, t, h, d], k and v [b, s, k, d].
+
+The kernel is picked from `config.chip` (static data), never from the device
+being traced for: 'h100'/'h200' run the Mosaic GPU kernel, 'tpu_*' the Mosaic
+TPU kernel. `interpret=True` runs the chosen kernel body on CPU. The wrapper
+pads t and s to whole blocks (padded keys are masked, padded queries dropped)
+and differentiates through a custom_vjp whose backward is Pallas kernels too.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import flash_attention_config as config_lib
+from pallas_kernels import flash_attention_gpu as gpu_fwd
+from pallas_kernels import flash_attention_gpu_bwd as gpu_bwd
+from pallas_kernels import flash_attention_gpu_ops as gpu_ops
+from pallas_kernels import flash_attention_masks as masks
+from pallas_kernels import flash_attention_tpu as tpu_fwd
+from pallas_kernels import flash_attention_tpu_bwd as tpu_bwd
+from pallas_kernels.flash_attention_config import FlashAttentionConfig
+from pallas_kernels.flash_attention_masks import Tiling
+
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Everything static about one call: kernel family, tilings, interpret mode."""
+  platform: str
+  fwd: Tiling
+  dq: Tiling
+  dkv: Tiling
+  config: FlashAttentionConfig
+  interpret: object  # False, True, or an interpret-params object (hashable).
+
+
+def flash_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
+                    local_window_size=None, scale=None, interpret=False, config=None):
+  """Softmax attention without materializing the [t, s] score matrix.
+
+  Args:
+    q: [b, t, h, d]; k, v: [b, s, k, d]; one float dtype (f32, bf16, f16).
+    causal: query i sees key j only if j <= i (top-left aligned, like jax.nn).
+    q_segment_ids, kv_segment_ids: int [b, t] and [b, s] (both or neither);
+      query i sees key j only if their ids are equal (packed documents).
+    local_window_size: None, w, or (left, right): query i sees keys
+      i - left .. i + right.
+    scale: logit scale (a Python float), default 1 / sqrt(d).
+    interpret: False; True to run the kernel body on CPU; or an interpret
+      params object (pltpu.InterpretParams for TPU configs, the GPU
+      interpreter's params for GPU configs) passed through to Pallas.
+    config: FlashAttentionConfig (chip and block sizes). None: the default
+      config of jax.devices()[0] (a device query while tracing: build it with
+      `default_config()` outside jit and pass it to avoid that); when
+      interpreting, the TPU v5e config (h100 for GPU interpret params).
+
+  Returns:
+    [b, t, h, d] in q.dtype. A query that sees no key gets 0 (and finite grads).
+
+  Raises:
+    ValueError: naming the argument, for shapes, dtypes, windows, segment ids or
+      configs the kernels cannot serve.
+  """
+  _check_inputs(q, k, v, q_segment_ids, kv_segment_ids)
+  b, t, h, d = q.shape
+  s, num_kv = k.shape[1], k.shape[2]
+  window = masks.normalize_window(local_window_size, causal)
+  if scale is None:
+    scale = 1.0 / math.sqrt(d)
+  try:
+    scale = float(scale)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    raise ValueError(f"scale={scale!r} must be a Python number (it is static).") from None
+  if config is None and interpret:
+    gpu_params = type(interpret).__name__ == "InterpretGPUParams"
+    config = config_lib.default_config("h100" if gpu_params else "tpu_v5e")
+  elif config is None:
+    config = _device_config()
+  if not isinstance(config, FlashAttentionConfig):
+    raise ValueError(f"config={config!r} must be a FlashAttentionConfig or None.")
+  if t == 0 or s == 0:
+    return jnp.zeros(q.shape, q.dtype)  # no queries, or no keys: every row is empty
+  has_segments = q_segment_ids is not None
+  plan = _make_plan(config.resolve(d), t, s, h // num_kv, window, has_segments,
+                    scale, interpret, q.dtype)
+  return _attention(q, k, v, q_segment_ids, kv_segment_ids, plan)
+
+
+def _device_config() -> FlashAttentionConfig:
+  """Default config of jax.devices()[0]; error on hosts no kernel targets."""
+  device = jax.devices()[0]
+  chip = config_lib.chip_of_device(device)
+  if chip is None:
+    raise ValueError(
+        f"config=None and no Pallas flash-attention kernel targets "
+        f"{device.device_kind!r}: pass interpret=True on CPU, or an explicit "
+        "config=FlashAttentionConfig(chip=...) (e.g. when exporting for another "
+        "platform).")
+  return config_lib.default_config(chip)
+
+
+def _check_inputs(q, k, v, q_seg, kv_seg):
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if jnp.ndim(x) != 4:
+      raise ValueError(f"{name} must be 4-D [batch, len, heads, head_dim]; got "
+                       f"shape {jnp.shape(x)}.")
+  if k.shape != v.shape:
+    raise ValueError(f"k and v must have one shape; got k {k.shape}, v {v.shape}.")
+  if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+    raise ValueError(f"k {k.shape} must match q {q.shape} in batch and head_dim.")
+  if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+    raise ValueError(f"num_q_heads={q.shape[2]} must be a multiple of "
+                     f"num_kv_heads={k.shape[2]} (k.shape[2]).")
+  if not (q.dtype == k.dtype == v.dtype):
+    raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}.")
+  if jnp.dtype(q.dtype) not in [jnp.dtype(x) for x in _DTYPES]:
+    raise ValueError(f"q.dtype={q.dtype} is not supported; use float32, bfloat16 or float16.")
+  if q.shape[3] > config_lib.MAX_HEAD_DIM or q.shape[3] == 0:
+    raise ValueError(f"head_dim={q.shape[3]} (q.shape[3]) must be in "
+                     f"1..{config_lib.MAX_HEAD_DIM}.")
+  if (q_seg is None) != (kv_seg is None):
+    raise ValueError("q_segment_ids and kv_segment_ids must be given together "
+                     f"(got q_segment_ids={'None' if q_seg is None else 'array'}, "
+                     f"kv_segment_ids={'None' if kv_seg is None else 'array'}).")
+  if q_seg is not None:
+    for name, ids, x in (("q_segment_ids", q_seg, q), ("kv_segment_ids", kv_seg, k)):
+      if jnp.shape(ids) != x.shape[:2] or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"{name} must be int [batch, len] = {x.shape[:2]}; got "
+                         f"{jnp.shape(ids)} {ids.dtype}.")
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+_BLOCK_NAMES = ("block_q", "block_kv", "block_q_dq", "block_kv_dq", "block_q_dkv",
+                "block_kv_dkv")
+
+
+def _make_plan(cfg, t, s, group, window, has_segments, scale, interpret, dtype):
+  """Block sizes per kernel and the padded lengths every kernel can tile.
+
+  TPU blocks shrink to short sequences (to a multiple of 128, or of 8 when
+  interpreted); GPU blocks are fixed multiples of 64 (the wgmma tile) and a CTA
+  covers 2 (forward) or compute_wgs_bwd (backward) warpgroups' rows.
+  """
+  if cfg.platform == "tpu":
+    align = 8 if interpret else 128
+    if not interpret and jnp.dtype(dtype) == jnp.dtype(jnp.float16):
+      raise ValueError("q.dtype=float16: the TPU kernel takes float32 or bfloat16.")
+    if not interpret:
+      for name in _BLOCK_NAMES:
+        if getattr(cfg, name) % 128:
+          raise ValueError(f"config.{name}={getattr(cfg, name)} must be a multiple "
+                           "of 128 for the TPU kernel.")
+    clamp = lambda block, n: min(block, _round_up(n, align))
+    pairs = [(clamp(cfg.block_q, t), clamp(cfg.block_kv, s)),
+             (clamp(cfg.block_q_dq, t), clamp(cfg.block_kv_dq, s)),
+             (clamp(cfg.block_q_dkv, t), clamp(cfg.block_kv_dkv, s))]
+    q_multiple = math.lcm(*(bq for bq, _ in pairs))
+    kv_multiple = math.lcm(*(bkv for _, bkv in pairs))
+    interpret = _freeze(interpret)
+  else:
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+      raise ValueError(f"q.dtype={jnp.dtype(dtype)}: the Mosaic GPU kernel takes "
+                       "bfloat16 or float16 (wgmma operands).")
+    for name in _BLOCK_NAMES:
+      if getattr(cfg, name) % 64:
+        raise ValueError(f"config.{name}={getattr(cfg, name)} must be a multiple of "
+                         "64 for the Mosaic GPU kernel (the wgmma tile).")
+    wgs = cfg.compute_wgs_bwd
+    pairs = [(cfg.block_q, cfg.block_kv), (cfg.block_q_dq, cfg.block_kv_dq),
+             (cfg.block_q_dkv, cfg.block_kv_dkv)]
+    q_multiple = math.lcm(gpu_fwd.COMPUTE_WGS * cfg.block_q, wgs * cfg.block_q_dq,
+                          cfg.block_q_dkv)
+    kv_multiple = math.lcm(cfg.block_kv, cfg.block_kv_dq, wgs * cfg.block_kv_dkv)
+    if interpret is True:
+      interpret = gpu_ops.interpret_params()
+    interpret = _freeze(interpret)
+  padded_t, padded_s = _round_up(t, q_multiple), _round_up(s, kv_multiple)
+  tilings = [Tiling(block_q=bq, block_kv=bkv, q_len=t, kv_len=s, padded_q_len=padded_t,
+                    padded_kv_len=padded_s, window=window, has_segments=has_segments,
+                    scale=scale, group=group) for bq, bkv in pairs]
+  return _Plan(cfg.platform, *tilings, config=cfg, interpret=interpret)
+
+
+def _freeze(interpret):
+  """bool stays bool; a params object must be hashable (frozen dataclasses are)."""
+  if isinstance(interpret, (bool, int)):
+    return bool(interpret)
+  hash(interpret)
+  return interpret
+
+
+def _pad_axis(x, axis: int, size: int, mode="constant"):
+  pad = size - x.shape[axis]
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, mode=mode)
+
+
+def _attention(q, k, v, q_seg, kv_seg, plan: _Plan):
+  """Pads (and for TPU transposes to head-major), runs the core, undoes both."""
+  t, d = q.shape[1], q.shape[3]
+  tq, tk = plan.fwd.padded_q_len, plan.fwd.padded_kv_len
+  if q_seg is not None:
+    # Edge padding keeps per-block segment ranges tight; padded keys are masked
+    # by length and padded queries are dropped.
+    q_seg = _pad_axis(q_seg.astype(jnp.int32), 1, tq, mode="edge")
+    kv_seg = _pad_axis(kv_seg.astype(jnp.int32), 1, tk, mode="edge")
+  if plan.platform == "tpu":
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    q = _pad_axis(q, 2, tq)
+    k, v = _pad_axis(k, 2, tk), _pad_axis(v, 2, tk)
+    out = _core(q, k, v, q_seg, kv_seg, plan)
+    return out[:, :, :t].transpose(0, 2, 1, 3)
+  # GPU: head_dim to a multiple of 64 (zero columns change no score).
+  padded_d = _round_up(d, 64)
+  q = _pad_axis(_pad_axis(q, 1, tq), 3, padded_d)
+  k = _pad_axis(_pad_axis(k, 1, tk), 3, padded_d)
+  v = _pad_axis(_pad_axis(v, 1, tk), 3, padded_d)
+  out = _core(q, k, v, q_seg, kv_seg, plan)
+  return out[:, :t, :, :d]
+
+
+def _forward(q, k, v, q_seg, kv_seg, plan: _Plan):
+  """(out, lse [b, h, t] f32) in the platform's kernel layout."""
+  if plan.platform == "tpu":
+    return tpu_fwd.forward(q, k, v, q_seg, kv_seg, tiling=plan.fwd, interpret=plan.interpret)
+  return gpu_fwd.forward(q, k, v, q_seg, kv_seg, tiling=plan.fwd,
+                         slots=plan.config.max_concurrent_steps, interpret=plan.interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _core(q, k, v, q_seg, kv_seg, plan):
+  return _forward(q, k, v, q_seg, kv_seg, plan)[0]
+
+
+def _core_fwd(q, k, v, q_seg, kv_seg, plan):
+  out, lse = _forward(q, k, v, q_seg, kv_seg, plan)
+  return out, (q, k, v, q_seg, kv_seg, out, lse)
+
+
+def _core_bwd(plan, res, do):
+  q, k, v, q_seg, kv_seg, out, lse = res
+  delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+  if plan.platform == "tpu":  # [b, h, t, d]: delta is [b, h, t] already.
+    args = (q, k, v, do, lse, delta, q_seg, kv_seg)
+    dq = tpu_bwd.backward_dq(*args, tiling=plan.dq, interpret=plan.interpret)
+    dk, dv = tpu_bwd.backward_dkv(*args, tiling=plan.dkv, interpret=plan.interpret)
+  else:  # [b, t, h, d]: delta [b, t, h] -> [b, h, t].
+    args = (q, k, v, do, lse, delta.transpose(0, 2, 1), q_seg, kv_seg)
+    kw = dict(slots=plan.config.max_concurrent_steps, wgs=plan.config.compute_wgs_bwd,
+              interpret=plan.interpret)
+    dq = gpu_bwd.backward_dq(*args, tiling=plan.dq, **kw)
+    dk, dv = gpu_bwd.backward_dkv(*args, tiling=plan.dkv, **kw)
+  return dq, dk, dv, None, None
+
+
+_core.defvjp(_core_fwd, _core_bwd)
