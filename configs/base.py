@@ -49,6 +49,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-6  # RMSNorm epsilon.
   m.tie_embeddings = False  # Share input embedding and output projection.
   m.attention_impl = "auto"  # One of xla | cudnn | pallas | auto.
+  m.attention_chip = ""  # Pallas kernel target (h100, tpu_v5e, ...); '' = this machine's.
   m.scan_layers = True  # nn.scan over identical blocks (faster compile).
   m.remat_policy = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable.
   m.dtype = "bfloat16"  # Computation dtype.

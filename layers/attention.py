@@ -45,6 +45,7 @@ class Attention(nn.Module):
     head_dim: per-head width d.
     rope_theta: RoPE base frequency.
     attention_impl: 'xla' | 'cudnn' | 'pallas' | 'auto' (decode always uses xla).
+    attention_chip: the Pallas kernel's target chip ('' on CPU: interpret mode).
     dtype: computation dtype.
     param_dtype: parameter storage dtype.
   """
@@ -53,6 +54,7 @@ class Attention(nn.Module):
   head_dim: int
   rope_theta: float = 10_000.0
   attention_impl: str = "auto"
+  attention_chip: str = ""
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -95,7 +97,7 @@ class Attention(nn.Module):
           head_dim=d)
       out = attention_ops.dot_product_attention(
           q, key, value, impl=impl, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-          interpret=jax.default_backend() == "cpu")
+          interpret=jax.default_backend() == "cpu", chip=self.attention_chip)
     out = checkpoint_name(nn.with_logical_constraint(out, _QUERY_AXES), "attention")
     return Einsum((h, d, e), ("heads", "head_dim", "embed"), "bthd,hde->bte", num_contracting=2,
                   name="out", **kw)(out)

@@ -9,9 +9,13 @@ Shapes: b batch, t query length, s key length, h query heads, k kv heads,
 d head dim; h is a multiple of k (GQA). q [b, t, h, d], k/v [b, s, k, d].
 """
 
+import math
+
+import flax.linen as nn
 import jax
 import jax.extend as jex
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -98,24 +102,59 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                                       implementation="cudnn")
 
 
+def _dividing_spec(logical_axes, shape, mesh) -> PartitionSpec:
+  """The mesh spec of `logical_axes`, replicating dims the mesh axes don't divide.
+
+  Small batches (a few sampling prompts) stay whole rather than fail to split.
+  """
+  spec = nn.logical_to_mesh_axes(logical_axes)
+  entries = []
+  for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else (axes or ())
+    ways = math.prod(mesh.shape[name] for name in names)
+    entries.append(axes if size % ways == 0 else None)
+  return PartitionSpec(*entries)
+
+
 def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                      q_segment_ids: jax.Array | None = None,
                      kv_segment_ids: jax.Array | None = None,
-                     interpret: bool = False) -> jax.Array:
-  """The Pallas flash-attention kernel (imported lazily); [b, t, h, d]."""
-  from pallas_kernels.flash_attention import flash_attention  # pylint: disable=g-import-not-at-top
-  return flash_attention(q, k, v, causal=True, q_segment_ids=q_segment_ids,
-                         kv_segment_ids=kv_segment_ids, interpret=interpret)
+                     interpret: bool = False, chip: str = "") -> jax.Array:
+  """The Pallas flash-attention kernel (imported lazily); [b, t, h, d].
+
+  `chip` is the kernel target ('h100', 'tpu_v5e', ...; '' lets interpret
+  mode use its default). Under a mesh the kernel runs per shard (shard_map)
+  over the mesh axes that 'batch', 'heads' and 'kv_heads' map to, so the
+  partitioner never gathers its inputs.
+  """
+  from pallas_kernels import flash_attention as fa  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import flash_attention_config as fa_config  # pylint: disable=g-import-not-at-top
+  config = fa_config.FlashAttentionConfig(chip=chip) if chip else None
+
+  def attend(q, k, v, *segment_ids):
+    q_seg, kv_seg = segment_ids if segment_ids else (None, None)
+    return fa.flash_attention(q, k, v, causal=True, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+                              interpret=interpret, config=config)
+
+  segments = () if q_segment_ids is None else (q_segment_ids, kv_segment_ids)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return attend(q, k, v, *segments)
+  q_spec = _dividing_spec(("batch", None, "heads", None), q.shape, mesh)
+  kv_spec = _dividing_spec(("batch", None, "kv_heads", None), k.shape, mesh)
+  seg_spec = PartitionSpec(q_spec[0], None)
+  return jax.shard_map(attend, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec) + (seg_spec,) * len(segments),
+                       out_specs=q_spec, check_vma=False)(q, k, v, *segments)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str,
                           q_segment_ids: jax.Array | None = None,
                           kv_segment_ids: jax.Array | None = None,
-                          interpret: bool = False) -> jax.Array:
+                          interpret: bool = False, chip: str = "") -> jax.Array:
   """Causal self-attention with a resolved `impl` ('xla' | 'cudnn' | 'pallas').
 
   q [b, t, h, d], k/v [b, t, k, d], segment ids int [b, t] or None; returns
-  [b, t, h, d]. `interpret` only affects 'pallas' (True on CPU).
+  [b, t, h, d]. `interpret` and `chip` only affect 'pallas'.
   """
   if impl == "xla":
     mask = attention_mask(q.shape[1], k.shape[1], q_segment_ids=q_segment_ids,
@@ -126,5 +165,5 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str
                            kv_segment_ids=kv_segment_ids)
   if impl == "pallas":
     return pallas_attention(q, k, v, q_segment_ids=q_segment_ids,
-                            kv_segment_ids=kv_segment_ids, interpret=interpret)
+                            kv_segment_ids=kv_segment_ids, interpret=interpret, chip=chip)
   raise ValueError(f"Unresolved attention impl {impl!r}; expected xla, cudnn or pallas.")

@@ -31,7 +31,7 @@ class LlamaConfig:
   Attributes:
     vocab_size, embed_dim, num_layers, num_heads, num_kv_heads, head_dim, mlp_dim,
     max_seq_len, rope_theta, norm_eps, tie_embeddings, attention_impl, scan_layers,
-    remat_policy: as documented in configs/base.py.
+    remat_policy, attention_chip: as documented in configs/base.py.
     dtype, param_dtype: dtype names such as 'bfloat16', 'float32'.
   """
   vocab_size: int
@@ -50,6 +50,7 @@ class LlamaConfig:
   remat_policy: str
   dtype: str
   param_dtype: str
+  attention_chip: str = ""
 
   def __post_init__(self):
     for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
@@ -84,6 +85,8 @@ class LlamaConfig:
     values = {}
     for field in dataclasses.fields(cls):
       if field.name not in model_cfg:
+        if field.default is not dataclasses.MISSING:
+          continue
         raise ValueError(f"model.{field.name} is missing from the config.")
       values[field.name] = model_cfg[field.name]
     return cls(**values)
@@ -110,7 +113,8 @@ class Block(nn.Module):
     kw = _dtypes(cfg)
     y = RMSNorm(cfg.norm_eps, name="attn_norm", **kw)(x)
     y = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta,
-                  cfg.attention_impl, name="attn", **kw)(y, positions, segment_ids, self.decode)
+                  attention_impl=cfg.attention_impl, attention_chip=cfg.attention_chip,
+                  name="attn", **kw)(y, positions, segment_ids, self.decode)
     x = nn.with_logical_constraint(x + y, ("batch", "length", "act_embed"))
     y = RMSNorm(cfg.norm_eps, name="mlp_norm", **kw)(x)
     y = SwiGLU(cfg.mlp_dim, name="mlp", **kw)(y)

@@ -26,7 +26,7 @@ from train import families
 ITEMS = ("params", "train_state", "data_iter", "config")
 # Fields that change how a model computes but not its parameters: a checkpoint
 # trained with one value loads under another.
-COMPUTE_ONLY_FIELDS = ("attention_impl", "remat_policy", "dtype")
+COMPUTE_ONLY_FIELDS = ("attention_impl", "attention_chip", "remat_policy", "dtype")
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -170,6 +170,7 @@ def load_model(workdir: str, step: int | None = None, *, attention_impl: str = "
   restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   config = ml_collections.ConfigDict(restored["config"])
   config.model.attention_impl = attention_impl
+  config.model.attention_chip = ""  # This machine's, resolved when the model is built.
   family = families.get_family(config.model)
   model = family.make_model(config.model)
   batch = family.task.dummy_batch(1, 8)

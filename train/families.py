@@ -4,8 +4,10 @@ import dataclasses
 from collections.abc import Callable
 
 import flax.linen as nn
+import jax
 
 from models import llama
+from pallas_kernels import flash_attention_config
 from train import flops
 from train import lm_task
 from train.task import Task
@@ -19,8 +21,20 @@ class Family:
   train_flops_per_token: Callable[[object, int], float]  # (config.model, seq_len) -> FLOPs
 
 
+def kernel_chip(model_config) -> str:
+  """`model.attention_chip`, or this machine's kernel target when it is ''.
+
+  Resolved here, when the model is built, so nothing queries the device while
+  tracing. '' stays '' where no kernel targets the device (CPU: interpret mode).
+  """
+  if model_config.attention_chip:
+    return model_config.attention_chip
+  return flash_attention_config.chip_of_device(jax.devices()[0]) or ""
+
+
 def _make_llama(model_config) -> nn.Module:
-  return llama.Llama(llama.LlamaConfig.from_config_dict(model_config))
+  config = llama.LlamaConfig.from_config_dict(model_config)
+  return llama.Llama(dataclasses.replace(config, attention_chip=kernel_chip(model_config)))
 
 
 FAMILIES: dict[str, Family] = {
