@@ -15,7 +15,7 @@ TINY = "treadle_corpus/tiny"
 def test_build_and_read_through_data_source(tmp_path):
   data_dir = builder.ensure_dataset(TINY, str(tmp_path))
   assert data_dir == str(tmp_path)
-  assert os.path.isdir(tmp_path / "treadle_corpus" / "tiny" / "1.0.0")
+  assert os.path.isdir(tmp_path / "treadle_corpus" / "tiny" / str(builder.TreadleCorpus.VERSION))
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".treadle_build")]
   info = tfds.builder(TINY, data_dir=data_dir).info
   assert info.file_format.value == "array_record"
@@ -26,9 +26,9 @@ def test_build_and_read_through_data_source(tmp_path):
   assert texts == {corpus.document("train", i) for i in range(256)}
   assert "tensorflow" not in sys.modules
   # Second call reuses the prepared data.
-  mtime = os.path.getmtime(tmp_path / "treadle_corpus" / "tiny" / "1.0.0")
+  mtime = os.path.getmtime(tmp_path / "treadle_corpus" / "tiny" / str(builder.TreadleCorpus.VERSION))
   assert builder.ensure_dataset(TINY, str(tmp_path)) == data_dir
-  assert os.path.getmtime(tmp_path / "treadle_corpus" / "tiny" / "1.0.0") == mtime
+  assert os.path.getmtime(tmp_path / "treadle_corpus" / "tiny" / str(builder.TreadleCorpus.VERSION)) == mtime
 
 
 def test_losing_a_concurrent_build_is_harmless(tmp_path):
