@@ -9,5 +9,8 @@ from configs import base
 def get_config(arg=None):
   del arg  # The tiny config has no variants; override fields with --config.x=y.
   config = base.get_base_config()
+  # Four layers: unrolled they run ~30% faster on CPU than under nn.scan, whose
+  # compile-time savings only matter for deep models.
+  config.model.scan_layers = False
   config.lock()
   return config
