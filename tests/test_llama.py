@@ -74,9 +74,11 @@ ARANGE = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
 
 def test_config_from_base_configs():
   cfg = LlamaConfig.from_config_dict(llama_tiny.get_config().model)
-  assert cfg.num_heads == 4 and cfg.dtype == "bfloat16" and cfg.scan_layers
+  # The tiny default unrolls its 4 layers (faster on CPU); real sizes scan.
+  assert cfg.num_heads == 4 and cfg.dtype == "bfloat16" and not cfg.scan_layers
   for size in llama_configs.SIZES:
     LlamaConfig.from_config_dict(llama_configs.get_config(f"size={size}").model)
+  assert LlamaConfig.from_config_dict(llama_configs.get_config("size=1b").model).scan_layers
 
 
 @pytest.mark.parametrize("field,value,pattern", [
