@@ -29,6 +29,7 @@ def test_quickstart_runs(tmp_path, monkeypatch):
   monkeypatch.setenv("QUICKSTART_STEPS", "12")
   notebook = _execute("quickstart.ipynb", str(tmp_path))
   text = _text(notebook)
-  assert "('fsdp', 'tensor')" in text or "'tensor'" in text  # Sharded parameters listed.
+  # The query kernel [embed, heads, head_dim] is listed sharded over fsdp and tensor.
+  assert "('embed', 'heads', 'head_dim')" in text and "('fsdp', 'tensor', None)" in text
   assert "logits: (1, 5, 512)" in text
   assert "step 12/12" in text

@@ -11,7 +11,6 @@ Orbax writes each step to a temporary directory and renames it when complete,
 so a run killed mid-save leaves the previous checkpoint intact.
 """
 
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -73,13 +72,9 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def saved_config(self, step: int) -> dict:
-    restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return restored["config"]
-
   def check_compatible(self, step: int) -> None:
     """Raises ValueError naming every model field that differs from the checkpoint."""
-    saved_model = self.saved_config(step)["model"]
+    saved_model = _read_config(self._manager, step).model.to_dict()
     differences = model_config_differences(saved_model, self._config.model.to_dict())
     if differences:
       raise ValueError(
@@ -147,12 +142,17 @@ def _latest(manager: ocp.CheckpointManager, workdir: str) -> int:
   return step
 
 
+def _read_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
+  restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  return ml_collections.ConfigDict(restored["config"])
+
+
 def load_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
   """The run config saved with the latest (or given) checkpoint in `workdir`."""
   manager = _manager(workdir, read_only=True)
-  step = _latest(manager, workdir) if step is None else step
-  restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return ml_collections.ConfigDict(restored["config"])
+  config = _read_config(manager, _latest(manager, workdir) if step is None else step)
+  manager.close()
+  return config
 
 
 def load_model(workdir: str, step: int | None = None, *, attention_impl: str = "auto"):
@@ -167,8 +167,7 @@ def load_model(workdir: str, step: int | None = None, *, attention_impl: str = "
   """
   manager = _manager(workdir, read_only=True)
   step = _latest(manager, workdir) if step is None else step
-  restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  config = ml_collections.ConfigDict(restored["config"])
+  config = _read_config(manager, step)
   config.model.attention_impl = attention_impl
   config.model.attention_chip = ""  # This machine's, resolved when the model is built.
   family = families.get_family(config.model)
@@ -184,7 +183,3 @@ def load_model(workdir: str, step: int | None = None, *, attention_impl: str = "
   manager.close()
   return model, restored["params"]
 
-
-def workdir_has_checkpoint(workdir: str) -> bool:
-  return os.path.isdir(checkpoint_dir(workdir)) and any(
-      name.isdigit() for name in os.listdir(checkpoint_dir(workdir)))

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh
 
 from configs.base import MESH_AXES
 
@@ -69,16 +69,6 @@ def axis_rules(config) -> tuple[tuple[str, object], ...]:
 def logical_to_mesh_sharding(logical_specs, mesh: Mesh, rules):
   """Maps a tree of logical PartitionSpecs to NamedShardings on `mesh`."""
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
-
-
-def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
-  """Sharding of `[batch, length]` input arrays: batch over the data axes."""
-  spec = nn.logical_to_mesh_axes(("batch", None), rules)
-  return NamedSharding(mesh, spec)
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec())
 
 
 def data_parallel_size(mesh: Mesh, rules) -> int:

@@ -30,6 +30,9 @@ class _Interval:
   """Host-side metric sums between two log lines."""
 
   def __init__(self):
+    self.reset()
+
+  def reset(self) -> None:
     self.sums, self.tokens, self.start = {}, 0, time.perf_counter()
 
   def add(self, step_metrics: dict, tokens: int) -> None:
@@ -135,50 +138,51 @@ class Trainer:
     peak = flops.peak_flops_per_device(jax.devices()[0].device_kind,
                                        config.train.peak_tflops_per_device)
     first_step = int(jax.device_get(state.step))
-    interval_cell, pending, final = [_Interval()], None, {}
+    interval, pending, final = _Interval(), [], {}
 
     def finish_step(step, step_metrics):
       """Host side of step `step` (1-based), run after step + 1 is dispatched."""
       step_metrics = jax.device_get(step_metrics)
       _check_finite(step, step_metrics)
-      interval = interval_cell[0]
       interval.add(step_metrics, tokens_per_step)
       if step % log_every == 0 or step == num_steps:
-        elapsed = time.perf_counter() - interval.start
         scalars = metrics_lib.means(interval.sums)
-        scalars["tokens_per_sec"] = interval.tokens / elapsed
+        scalars["tokens_per_sec"] = interval.tokens / (time.perf_counter() - interval.start)
         if peak:
           scalars["mfu"] = scalars["tokens_per_sec"] * flops_per_token / (peak * self.mesh.size)
         _console(metrics_lib.progress_line(step, num_steps, scalars))
         writer.write(step, scalars)
         final.update(scalars)
-        interval_cell[0] = _Interval()
+        interval.reset()
 
-    with self.sharding_context():
-      for step in range(first_step + 1, num_steps + 1):
-        batch = self.global_batch(next(data_iter))
-        state, step_metrics = self.train_step(state, batch)
-        if pending is not None:
-          finish_step(*pending)
-        pending = (step, step_metrics)
-        is_last = step == num_steps
-        if eval_batches and (step % config.evals.every_steps == 0 or is_last):
-          finish_step(*pending)
-          pending = None
-          eval_scalars = self.evaluate(state.params, eval_batches)
-          writer.write(step, eval_scalars, split="eval")
-          _console(f"eval at step {step}: loss {eval_scalars['loss']:.4f}")
-          final.update({f"eval_{k}": v for k, v in eval_scalars.items()})
-        if step % config.checkpoint.every_steps == 0 or is_last:
-          if pending is not None:  # Never checkpoint a state whose loss is unchecked.
-            finish_step(*pending)
-            pending = None
-          checkpointer.save(state, data_iter, force=is_last)
-      if pending is not None:
-        finish_step(*pending)
+    def flush():
+      """Finishes the step still in flight, if any."""
+      while pending:
+        finish_step(*pending.pop())
+
+    try:
+      with self.sharding_context():
+        for step in range(first_step + 1, num_steps + 1):
+          batch = self.global_batch(next(data_iter))
+          state, step_metrics = self.train_step(state, batch)
+          flush()  # The previous step's metrics, fetched while this one runs.
+          pending.append((step, step_metrics))
+          is_last = step == num_steps
+          if eval_batches and (step % config.evals.every_steps == 0 or is_last):
+            flush()
+            eval_scalars = self.evaluate(state.params, eval_batches)
+            writer.write(step, eval_scalars, split="eval")
+            _console(f"eval at step {step}: loss {eval_scalars['loss']:.4f}")
+            final.update({f"eval_{k}": v for k, v in eval_scalars.items()})
+          if step % config.checkpoint.every_steps == 0 or is_last:
+            flush()  # Never checkpoint a state whose loss is unchecked.
+            checkpointer.save(state, data_iter, force=is_last)
+        flush()
+    finally:  # Even on a NaN stop, the last good checkpoint finishes writing.
       checkpointer.wait()
       checkpointer.close()
       writer.close()
+    with self.sharding_context():
       final.update(self.task.report(self.model, state.params, config, _console))
     return final
 
