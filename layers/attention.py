@@ -31,6 +31,10 @@ class _Cache(NamedTuple):
 class Attention(nn.Module):
   """Llama attention: q/k/v projections, RoPE on q and k, GQA, output projection.
 
+  Parameters: query/kernel [e, h, d], key/kernel and value/kernel [e, k, d],
+  out/kernel [h, d, e]; with qkv_bias also query/bias [h, d] and key/bias,
+  value/bias [k, d] (Qwen2-style; the output projection never has a bias).
+
   In decode mode the layer keeps a 'cache' collection: `cached_key`,
   `cached_value` [b, s, k, d], `cached_segment_ids` [b, s] and `cache_index`.
   The first decode-mode call (inside `init`) only creates it, sized by that
@@ -44,6 +48,7 @@ class Attention(nn.Module):
     num_kv_heads: key/value heads k; divides h.
     head_dim: per-head width d.
     rope_theta: RoPE base frequency.
+    qkv_bias: add learned biases to the query, key and value projections.
     attention_impl: 'xla' | 'cudnn' | 'pallas' | 'auto' (decode always uses xla).
     attention_chip: the Pallas kernel's target chip ('' on CPU: interpret mode).
     dtype: computation dtype.
@@ -53,6 +58,7 @@ class Attention(nn.Module):
   num_kv_heads: int
   head_dim: int
   rope_theta: float = 10_000.0
+  qkv_bias: bool = False
   attention_impl: str = "auto"
   attention_chip: str = ""
   dtype: jnp.dtype = jnp.float32
@@ -74,10 +80,14 @@ class Attention(nn.Module):
     b, t, e = x.shape
     h, k, d = self.num_heads, self.num_kv_heads, self.head_dim
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    q = Einsum((e, h, d), ("embed", "heads", "head_dim"), "bte,ehd->bthd", name="query", **kw)(x)
-    key = Einsum((e, k, d), ("embed", "kv_heads", "head_dim"), "bte,ekd->btkd", name="key", **kw)(x)
-    value = Einsum((e, k, d), ("embed", "kv_heads", "head_dim"), "bte,ekd->btkd", name="value",
-                   **kw)(x)
+    q_bias = ("heads", "head_dim") if self.qkv_bias else None
+    kv_bias = ("kv_heads", "head_dim") if self.qkv_bias else None
+    q = Einsum((e, h, d), ("embed", "heads", "head_dim"), "bte,ehd->bthd", bias_axes=q_bias,
+               name="query", **kw)(x)
+    key = Einsum((e, k, d), ("embed", "kv_heads", "head_dim"), "bte,ekd->btkd",
+                 bias_axes=kv_bias, name="key", **kw)(x)
+    value = Einsum((e, k, d), ("embed", "kv_heads", "head_dim"), "bte,ekd->btkd",
+                   bias_axes=kv_bias, name="value", **kw)(x)
 
     cache, decoding = self._cache_variables(b, t) if decode else (None, False)
     if positions is None:

@@ -1,4 +1,4 @@
-"""A bias-free projection written as one einsum, with named kernel axes.
+"""A projection written as one einsum, with named kernel axes and an optional bias.
 
 Shapes: b batch, t sequence, h heads, k kv heads, d head dim, e embed, m mlp.
 """
@@ -12,23 +12,29 @@ from flax.linen.dtypes import promote_dtype
 
 
 class Einsum(nn.Module):
-  """y = einsum(equation, x, kernel) with a logically partitioned kernel.
+  """y = einsum(equation, x, kernel) [+ bias] with a logically partitioned kernel.
 
   The kernel is initialised with fan-in truncated-normal scaling, where fan-in
-  is the product of the first `num_contracting` kernel axes.
+  is the product of the first `num_contracting` kernel axes. A bias (zeros at
+  init) is added when `bias_axes` is set; its shape is the kernel's
+  non-contracting axes, which must be the trailing axes of the output, e.g.
+  [h, d] for 'bte,ehd->bthd'.
 
   Attributes:
     shape: kernel shape, contracting axes first, e.g. (e, h, d).
     axes: one logical axis name per kernel axis, e.g. ('embed', 'heads', 'head_dim').
     equation: einsum equation 'input,kernel->output', e.g. 'bte,ehd->bthd'.
     num_contracting: how many leading kernel axes are contracted with the input.
+    bias_axes: logical names of the bias axes (the kernel's non-contracting
+      axes), e.g. ('heads', 'head_dim'); None (default) means no bias.
     dtype: computation dtype (inputs and kernel are cast to it).
-    param_dtype: storage dtype of the kernel.
+    param_dtype: storage dtype of the kernel and bias.
   """
   shape: Sequence[int]
   axes: Sequence[str]
   equation: str
   num_contracting: int = 1
+  bias_axes: Sequence[str] | None = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -42,5 +48,19 @@ class Einsum(nn.Module):
         out_axis=tuple(range(self.num_contracting, rank)))
     kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.axes)),
                         tuple(self.shape), self.param_dtype)
-    x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
-    return jnp.einsum(self.equation, x, kernel)
+    if self.bias_axes is None:
+      x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
+      return jnp.einsum(self.equation, x, kernel)
+    bias_shape = tuple(self.shape[self.num_contracting:])
+    if len(self.bias_axes) != len(bias_shape):
+      raise ValueError(f"Einsum {self.name!r}: bias_axes={tuple(self.bias_axes)} must name the "
+                       f"{len(bias_shape)} non-contracting kernel axes {bias_shape}.")
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                           tuple(self.bias_axes)),
+                      bias_shape, self.param_dtype)
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = jnp.einsum(self.equation, x, kernel)
+    if y.shape[y.ndim - bias.ndim:] != bias.shape:
+      raise ValueError(f"Einsum {self.name!r}: bias shape {bias.shape} is not the trailing "
+                       f"axes of the output {y.shape} of {self.equation!r}.")
+    return y + bias

@@ -3,8 +3,12 @@
 python -m models.convert import-hf --model=llama HF_DIR WORKDIR
 python -m models.convert export-hf --model=llama WORKDIR HF_DIR
 
-import-hf writes a params-only Treadle checkpoint whose config is
-`configs/<model>.py:size=tiny` with the model fields taken from the HF
+--model names the HF architecture: llama (LlamaForCausalLM), mixtral
+(MixtralForCausalLM) or qwen2_moe (Qwen2MoeForCausalLM); the last two import
+into and export from Treadle's 'moe' family.
+
+import-hf writes a params-only Treadle checkpoint whose config is the family's
+`configs/<family>.py:size=tiny` with the model fields taken from the HF
 config.json; `python -m train.main --config=configs/finetune.py:workdir=WORKDIR
 --workdir=WORKDIR` then fine-tunes it.
 export-hf writes config.json and float32 safetensors that
@@ -18,6 +22,7 @@ import os
 import struct
 from collections.abc import Callable
 
+import jax
 import ml_collections
 import ml_dtypes
 import numpy as np
@@ -27,11 +32,14 @@ from safetensors import numpy as safetensors_np
 
 from models import llama
 from models import llama_hf
+from models import moe
+from models import moe_hf
 
 
 @dataclasses.dataclass(frozen=True)
 class Converter:
-  """How one model family maps to and from HF."""
+  """How one HF architecture maps to and from a Treadle model family."""
+  family: str  # The Treadle `config.model.family` it imports into and exports from.
   config_module: str  # configs.<name>, whose get_config('size=tiny') seeds imports.
   config_cls: type  # Frozen model config with from_config_dict.
   model_config_from_hf: Callable[[dict], dict]
@@ -41,12 +49,19 @@ class Converter:
 
 
 CONVERTERS: dict[str, Converter] = {
-    "llama": Converter("configs.llama", llama.LlamaConfig, llama_hf.model_config_from_hf,
-                       llama_hf.hf_config_from_model, llama_hf.params_from_hf,
-                       llama_hf.hf_from_params),
+    "llama": Converter("llama", "configs.llama", llama.LlamaConfig,
+                       llama_hf.model_config_from_hf, llama_hf.hf_config_from_model,
+                       llama_hf.params_from_hf, llama_hf.hf_from_params),
+    "mixtral": Converter("moe", "configs.moe", moe.MoeConfig, moe_hf.mixtral_config_from_hf,
+                         moe_hf.hf_mixtral_config, moe_hf.mixtral_params_from_hf,
+                         moe_hf.hf_mixtral_from_params),
+    "qwen2_moe": Converter("moe", "configs.moe", moe.MoeConfig, moe_hf.qwen2_moe_config_from_hf,
+                           moe_hf.hf_qwen2_moe_config, moe_hf.qwen2_moe_params_from_hf,
+                           moe_hf.hf_qwen2_moe_from_params),
 }
 
-_MODEL = flags.DEFINE_enum("model", "llama", sorted(CONVERTERS), "Model family to convert.")
+_MODEL = flags.DEFINE_enum("model", "llama", sorted(CONVERTERS),
+                            "HF architecture to convert (see CONVERTERS).")
 
 MAX_SHARD_BYTES = 5 * 2**30
 _SAFETENSORS_DTYPES = {
@@ -150,12 +165,16 @@ def export_hf(model: str, workdir: str, hf_dir: str) -> list[str]:
   from train import checkpoint  # pylint: disable=g-import-not-at-top
   converter = CONVERTERS[model]
   config = checkpoint.load_config(workdir)
-  if config.model.family != model:
-    raise ValueError(f"{workdir} holds a {config.model.family!r} model, not --model={model}.")
+  if config.model.family != converter.family:
+    raise ValueError(f"{workdir} holds a {config.model.family!r} model; --model={model} exports "
+                     f"the {converter.family!r} family.")
   cfg = converter.config_cls.from_config_dict(config.model)
-  _, params = checkpoint.load_model(workdir)
+  _, variables = checkpoint.load_model(workdir)
+  if any(np.any(np.asarray(b)) for b in jax.tree.leaves(variables.get("balance", {}))):
+    raise ValueError(f"{workdir}: the MoE selection biases ('balance') are nonzero and HF "
+                     f"{model} has no place for them.")
   return write_hf_dir(hf_dir, converter.hf_config_from_model(cfg),
-                      converter.hf_from_params(params, cfg))
+                      converter.hf_from_params(variables["params"], cfg))
 
 
 COMMANDS = {"import-hf": import_hf, "export-hf": export_hf}
@@ -164,8 +183,10 @@ COMMANDS = {"import-hf": import_hf, "export-hf": export_hf}
 def main(argv):
   if len(argv) != 4 or argv[1] not in COMMANDS:
     raise app.UsageError(
-        "usage: python -m models.convert import-hf --model=llama HF_DIR WORKDIR\n"
-        "       python -m models.convert export-hf --model=llama WORKDIR HF_DIR")
+        f"usage: python -m models.convert import-hf --model={{{','.join(CONVERTERS)}}} "
+        "HF_DIR WORKDIR\n"
+        f"       python -m models.convert export-hf --model={{{','.join(CONVERTERS)}}} "
+        "WORKDIR HF_DIR")
   for path in COMMANDS[argv[1]](_MODEL.value, argv[2], argv[3]):
     print(path)
 

@@ -14,6 +14,7 @@ from layers.attention import Attention
 from layers.embedding import Embed
 from layers.linear import Einsum
 from layers.mlp import SwiGLU
+from layers.nsa import NativeSparseAttention
 from layers.norms import RMSNorm
 
 REMAT_POLICIES = {
@@ -24,6 +25,9 @@ REMAT_POLICIES = {
 }
 
 
+ATTENTIONS = ("full", "nsa")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """The `config.model` fields (see configs/base.py) that shape a Llama.
@@ -31,7 +35,8 @@ class LlamaConfig:
   Attributes:
     vocab_size, embed_dim, num_layers, num_heads, num_kv_heads, head_dim, mlp_dim,
     max_seq_len, rope_theta, norm_eps, tie_embeddings, attention_impl, scan_layers,
-    remat_policy, attention_chip: as documented in configs/base.py.
+    remat_policy, qkv_bias, attention, nsa_*, attention_chip: as documented in
+    configs/base.py.
     dtype, param_dtype: dtype names such as 'bfloat16', 'float32'.
   """
   vocab_size: int
@@ -50,6 +55,13 @@ class LlamaConfig:
   remat_policy: str
   dtype: str
   param_dtype: str
+  qkv_bias: bool = False
+  attention: str = "full"
+  nsa_compress_block: int = 32
+  nsa_compress_stride: int = 16
+  nsa_select_block: int = 64
+  nsa_select_top_n: int = 16
+  nsa_window: int = 512
   attention_chip: str = ""
 
   def __post_init__(self):
@@ -65,6 +77,11 @@ class LlamaConfig:
     if self.attention_impl not in attention_ops.IMPLEMENTATIONS:
       raise ValueError(f"model.attention_impl={self.attention_impl!r}; choose one of "
                        f"{attention_ops.IMPLEMENTATIONS}.")
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"model.attention={self.attention!r}; choose one of {ATTENTIONS}.")
+    if self.attention == "nsa" and self.attention_impl == "cudnn":
+      raise ValueError("model.attention='nsa' has no cuDNN path: set model.attention_impl to "
+                       "'auto', 'xla' or 'pallas'.")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"model.remat_policy={self.remat_policy!r}; choose one of "
                        f"{tuple(REMAT_POLICIES)}.")
@@ -99,6 +116,8 @@ def _dtypes(config: LlamaConfig) -> dict:
 class Block(nn.Module):
   """One pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x)).
 
+  Subclasses (the MoE block) swap the feed-forward by overriding `feed_forward`.
+
   Attributes:
     config: the model shape.
     decode: use and update the attention KV cache.
@@ -112,14 +131,56 @@ class Block(nn.Module):
     cfg = self.config
     kw = _dtypes(cfg)
     y = RMSNorm(cfg.norm_eps, name="attn_norm", **kw)(x)
-    y = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta,
-                  attention_impl=cfg.attention_impl, attention_chip=cfg.attention_chip,
-                  name="attn", **kw)(y, positions, segment_ids, self.decode)
+    y = self.attention()(y, positions, segment_ids, self.decode)
     x = nn.with_logical_constraint(x + y, ("batch", "length", "act_embed"))
     y = RMSNorm(cfg.norm_eps, name="mlp_norm", **kw)(x)
-    y = SwiGLU(cfg.mlp_dim, name="mlp", **kw)(y)
+    y = self.feed_forward(y, segment_ids)
     x = nn.with_logical_constraint(x + y, ("batch", "length", "act_embed"))
     return x, None
+
+  def attention(self) -> nn.Module:
+    """The block's attention layer, named 'attn': dense causal or Native Sparse."""
+    cfg = self.config
+    kw = dict(attention_impl=cfg.attention_impl, attention_chip=cfg.attention_chip,
+              name="attn", **_dtypes(cfg))
+    if cfg.attention == "nsa":
+      if cfg.qkv_bias:
+        raise ValueError("model.qkv_bias=True is not supported with model.attention='nsa'.")
+      return NativeSparseAttention(
+          cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta,
+          compress_block=cfg.nsa_compress_block, compress_stride=cfg.nsa_compress_stride,
+          select_block=cfg.nsa_select_block, select_top_n=cfg.nsa_select_top_n,
+          window=cfg.nsa_window, **kw)
+    return Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta,
+                     qkv_bias=cfg.qkv_bias, **kw)
+
+  def feed_forward(self, y: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """The block's MLP on normed activations [b, t, e] -> [b, t, e]."""
+    del segment_ids  # A dense MLP treats every token alike.
+    return SwiGLU(self.config.mlp_dim, name="mlp", **_dtypes(self.config))(y)
+
+
+def stack_blocks(block: type[nn.Module], config, decode: bool, x, positions, segment_ids, *,
+                 count: int, first_index: int, scan_name: str, **block_fields):
+  """Applies `count` blocks in sequence: one nn.scan named `scan_name` when
+  `config.scan_layers`, else modules named layers_{first_index + i}.
+
+  Must be called from a compact method (the blocks become its submodules).
+  Every variable collection is stacked along a leading 'layers' axis when scanned.
+  """
+  if config.remat_policy != "none":
+    block = nn.remat(block, policy=REMAT_POLICIES[config.remat_policy],
+                     prevent_cse=not config.scan_layers)
+  if config.scan_layers:
+    stack = nn.scan(block, variable_axes={True: 0}, split_rngs={"params": True},
+                    in_axes=(nn.broadcast, nn.broadcast), length=count,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = stack(config, decode, name=scan_name, **block_fields)(x, positions, segment_ids)
+    return x
+  for i in range(count):
+    x, _ = block(config, decode, name=f"layers_{first_index + i}", **block_fields)(
+        x, positions, segment_ids)
+  return x
 
 
 class Llama(nn.Module):
@@ -154,19 +215,7 @@ class Llama(nn.Module):
     if positions is None and not decode:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
 
-    block = Block
-    if cfg.remat_policy != "none":
-      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy],
-                       prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
-      stack = nn.scan(block, variable_axes={"params": 0, "cache": 0},
-                      split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
-                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(cfg, decode, name="layers")(x, positions, segment_ids)
-    else:
-      for i in range(cfg.num_layers):
-        x, _ = block(cfg, decode, name=f"layers_{i}")(x, positions, segment_ids)
-
+    x = self.decoder_layers(x, positions, segment_ids, decode)
     x = RMSNorm(cfg.norm_eps, name="final_norm", **kw)(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x)
@@ -175,6 +224,11 @@ class Llama(nn.Module):
                       name="lm_head", **kw)(x)
     logits = logits.astype(jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+
+  def decoder_layers(self, x, positions, segment_ids, decode: bool):
+    """The L blocks between embedding and final norm (overridden by the MoE model)."""
+    return stack_blocks(Block, self.config, decode, x, positions, segment_ids,
+                        count=self.config.num_layers, first_index=0, scan_name="layers")
 
 
 def init_cache(config: LlamaConfig, batch_size: int, max_length: int):

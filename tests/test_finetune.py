@@ -16,7 +16,7 @@ def test_import_then_finetune_then_sample(tmp_path, capsys):
   hf_dir, workdir = str(tmp_path / "hf"), str(tmp_path / "run")
   make_hf_model(tied=False, hf_dir=hf_dir)
   convert.import_hf("llama", hf_dir, workdir)
-  _, imported = checkpoint.load_model(workdir)
+  imported = checkpoint.load_model(workdir)[1]["params"]
 
   config = finetune.get_config(f"workdir={workdir}")
   assert config.model.vocab_size == 300 and config.model.rope_theta == 50_000.0
@@ -31,7 +31,7 @@ def test_import_then_finetune_then_sample(tmp_path, capsys):
   trainer.train_and_evaluate(config, workdir)
   assert "Starting from the imported params at step 0" in capsys.readouterr().out
 
-  _, tuned = checkpoint.load_model(workdir)
+  tuned = checkpoint.load_model(workdir)[1]["params"]
   assert checkpoint.load_config(workdir).train.num_steps == 3
   # Small steps from the imported weights, not a fresh initialisation.
   moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),

@@ -42,9 +42,9 @@ def test_loss_falls_and_metrics_are_written(trained):
 def test_checkpoints_kept_and_model_loads(trained):
   workdir, config, _ = trained
   assert sorted(int(n) for n in os.listdir(checkpoint.checkpoint_dir(workdir))) == [15, 30]
-  model, params = checkpoint.load_model(workdir)
+  model, variables = checkpoint.load_model(workdir)
   tokens = np.arange(10, dtype=np.int32).reshape(2, 5)
-  logits = model.apply({"params": params}, tokens)
+  logits = model.apply(variables, tokens)
   assert logits.shape == (2, 5, config.model.vocab_size)
   assert checkpoint.load_config(workdir).model.to_dict() == config.model.to_dict()
 
@@ -68,12 +68,12 @@ def test_prompt_longer_than_model_is_an_error(trained):
 def test_sampling_matches_full_forward_greedy(trained):
   """Greedy KV-cache decoding equals re-running the full forward each step."""
   workdir, _, _ = trained
-  model, params = checkpoint.load_model(workdir)
+  model, variables = checkpoint.load_model(workdir)
   from train.data import tokenizers  # pylint: disable=g-import-not-at-top
   tok = tokenizers.get_tokenizer("byte")
   tokens = [tok.bos_id] + tok.encode("12+3")
   for _ in range(6):
-    logits = model.apply({"params": params}, np.array([tokens], np.int32))
+    logits = model.apply(variables, np.array([tokens], np.int32))
     tokens.append(int(np.argmax(logits[0, -1])))
   expected = tok.decode(tokens[-6:])
   assert sample.sample(workdir, ["12+3"], max_new_tokens=6, temperature=0.0) == [expected]

@@ -1,7 +1,10 @@
 """Orbax checkpoints of a run: params, optimizer state, data position, config.
 
 Layout: `WORKDIR/checkpoints/<step>/` with items
-  params       the model parameters (all a notebook or the sampler needs),
+  params       the model parameters,
+  model_state  the model's other collections (an MoE's balance biases), for
+               families that have them; params + model_state are what a
+               notebook or the sampler needs,
   train_state  step, optimizer state and RNG,
   data_iter    each host's grain iterator position,
   config       the run config as JSON (the model is rebuilt from it).
@@ -22,7 +25,7 @@ from etils import epath
 
 from train import families
 
-ITEMS = ("params", "train_state", "data_iter", "config")
+ITEMS = ("params", "model_state", "train_state", "data_iter", "config")
 # Fields that change how a model computes but not its parameters: a checkpoint
 # trained with one value loads under another.
 COMPUTE_ONLY_FIELDS = ("attention_impl", "attention_chip", "remat_policy", "dtype")
@@ -86,11 +89,13 @@ class Checkpointer:
     """Starts saving `state` at its step (asynchronously if configured)."""
     step = int(jax.device_get(state.step))
     rest = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
-    self._manager.save(step, force=force, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
-        train_state=ocp.args.StandardSave(rest),
-        data_iter=grain.checkpoint.CheckpointSave(data_iter),
-        config=ocp.args.JsonSave(self._config.to_dict())))
+    items = dict(params=ocp.args.StandardSave(state.params),
+                 train_state=ocp.args.StandardSave(rest),
+                 data_iter=grain.checkpoint.CheckpointSave(data_iter),
+                 config=ocp.args.JsonSave(self._config.to_dict()))
+    if state.model_state:
+      items["model_state"] = ocp.args.StandardSave(state.model_state)
+    self._manager.save(step, force=force, args=ocp.args.Composite(**items))
 
   def restore(self, step: int, abstract_state, shardings, data_iter):
     """Restores the state at `step` into `shardings`, and the iterator in place.
@@ -106,13 +111,21 @@ class Checkpointer:
           params=ocp.args.StandardRestore(target.params)))
       return restored["params"], False
     rest = {"step": target.step, "opt_state": target.opt_state, "rng": target.rng}
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(target.params),
-        train_state=ocp.args.StandardRestore(rest),
-        data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+    items = dict(params=ocp.args.StandardRestore(target.params),
+                 train_state=ocp.args.StandardRestore(rest),
+                 data_iter=grain.checkpoint.CheckpointRestore(data_iter))
+    if target.model_state:
+      if not _has_item(self._manager, step, "model_state"):
+        raise ValueError(f"The checkpoint at step {step} has no model_state item, which this "
+                         f"model ({self._config.model.family}) keeps; it was not written by "
+                         "this model's trainer. Use a new --workdir.")
+      items["model_state"] = ocp.args.StandardRestore(target.model_state)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     rest = restored["train_state"]
     state = abstract_state.replace(step=rest["step"], params=restored["params"],
-                                   opt_state=rest["opt_state"], rng=rest["rng"])
+                                   opt_state=rest["opt_state"], rng=rest["rng"],
+                                   model_state=restored["model_state"] if target.model_state
+                                   else {})
     return state, True
 
   def wait(self) -> None:
@@ -156,14 +169,17 @@ def load_config(workdir: str, step: int | None = None) -> ml_collections.ConfigD
 
 
 def load_model(workdir: str, step: int | None = None, *, attention_impl: str = "auto"):
-  """The model and its params from the latest (or given) checkpoint.
+  """The model and its variables from the latest (or given) checkpoint.
 
-  For notebooks and the sampler: params land on the default device. The model
-  uses `attention_impl` (default 'auto': what runs on this machine) whatever the
-  run trained with, so a GPU run's checkpoint loads on a CPU laptop.
+  For notebooks and the sampler: variables land on the default device. The
+  model uses `attention_impl` (default 'auto': what runs on this machine)
+  whatever the run trained with, so a GPU run's checkpoint loads on a CPU laptop.
+  Returns (model, variables) with variables = {'params': ..., **model_state}
+  (a checkpoint without a model_state item, e.g. an imported one, gets the
+  model's initial state: zero MoE balance biases).
 
-  >>> model, params = load_model(workdir)
-  >>> logits = model.apply({'params': params}, tokens)  # [b, t] -> [b, t, v]
+  >>> model, variables = load_model(workdir)
+  >>> logits = model.apply(variables, tokens)  # [b, t] -> [b, t, v]
   """
   manager = _manager(workdir, read_only=True)
   step = _latest(manager, workdir) if step is None else step
@@ -173,13 +189,26 @@ def load_model(workdir: str, step: int | None = None, *, attention_impl: str = "
   family = families.get_family(config.model)
   model = family.make_model(config.model)
   batch = family.task.dummy_batch(1, 8)
-  abstract = jax.eval_shape(
-      lambda: nn.unbox(family.task.init_params(model, jax.random.PRNGKey(0), batch)))
+
+  def init():
+    return nn.unbox(family.task.init_variables(model, jax.random.PRNGKey(0), batch))
+
+  abstract = jax.eval_shape(init)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         abstract)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(target)))
+  params_target = target["params"]
+  state_target = {name: value for name, value in target.items() if name != "params"}
+  items = dict(params=ocp.args.StandardRestore(params_target))
+  if state_target and _has_item(manager, step, "model_state"):
+    items["model_state"] = ocp.args.StandardRestore(state_target)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
   manager.close()
-  return model, restored["params"]
-
+  if "model_state" in items:
+    model_state = restored["model_state"]
+  elif state_target:
+    # Only the state is returned, so XLA drops the parameter initialisation.
+    model_state = jax.jit(lambda: {k: v for k, v in init().items() if k != "params"})()
+  else:
+    model_state = {}
+  return model, {"params": restored["params"], **model_state}

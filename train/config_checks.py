@@ -14,6 +14,11 @@ def check_run_config(config, mesh: Mesh, rules, *, process_count: int,
     if m[field] % tensor:
       raise ValueError(f"model.{field}={m[field]} is not divisible by mesh.tensor={tensor}: "
                        "choose a tensor axis size that divides the head counts.")
+  experts = mesh.shape["expert"]
+  if m.family == "moe" and m.num_experts % experts:
+    raise ValueError(f"model.num_experts={m.num_experts} is not divisible by "
+                     f"mesh.expert={experts}: each expert shard holds the same number of "
+                     "experts; choose an expert axis size that divides it.")
   if m.num_heads % m.num_kv_heads:
     raise ValueError(f"model.num_heads={m.num_heads} is not divisible by "
                      f"model.num_kv_heads={m.num_kv_heads} (each kv head serves a group).")
@@ -26,7 +31,7 @@ def check_run_config(config, mesh: Mesh, rules, *, process_count: int,
     raise ValueError(
         f"data.global_batch_size={d.global_batch_size} must split into "
         f"opt.grad_accum_steps={accum} micro-batches, each divisible by the {batch_ways} "
-        "data-parallel shards (mesh.data x mesh.fsdp): pick a multiple of "
+        "data-parallel shards (mesh.data x mesh.fsdp x mesh.expert): pick a multiple of "
         f"{accum * batch_ways}.")
   if d.global_batch_size % process_count:
     raise ValueError(f"data.global_batch_size={d.global_batch_size} is not divisible by the "

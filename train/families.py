@@ -7,9 +7,11 @@ import flax.linen as nn
 import jax
 
 from models import llama
+from models import moe
 from pallas_kernels import flash_attention_config
 from train import flops
 from train import lm_task
+from train import moe_task
 from train.task import Task
 
 
@@ -37,10 +39,18 @@ def _make_llama(model_config) -> nn.Module:
   return llama.Llama(dataclasses.replace(config, attention_chip=kernel_chip(model_config)))
 
 
+def _make_moe(model_config) -> nn.Module:
+  config = moe.MoeConfig.from_config_dict(model_config)
+  return moe.Moe(dataclasses.replace(config, attention_chip=kernel_chip(model_config)))
+
+
 FAMILIES: dict[str, Family] = {
     "llama": Family(make_model=_make_llama,
                     task=lm_task.LanguageModelTask(init_cache=llama.init_cache),
                     train_flops_per_token=flops.llama_train_flops_per_token),
+    "moe": Family(make_model=_make_moe,
+                  task=moe_task.MoeLanguageModelTask(init_cache=moe.init_cache),
+                  train_flops_per_token=flops.moe_train_flops_per_token),
 }
 
 

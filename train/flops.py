@@ -35,6 +35,28 @@ def llama_train_flops_per_token(model_config, seq_len: int) -> float:
   return 6.0 * llama_matmul_params(m) + 6.0 * m.num_layers * m.num_heads * m.head_dim * seq_len
 
 
+def moe_active_matmul_params(model_config) -> int:
+  """Weights each token multiplies with in an MoE decoder: attention, the router,
+  its top-k routed experts and the shared expert (dense MLPs in the first
+  `first_dense_layers`), and the output projection."""
+  m = model_config
+  attention = m.embed_dim * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
+  dense_mlp = 3 * m.embed_dim * m.mlp_dim
+  moe_mlp = (m.embed_dim * m.num_experts  # router
+             + 3 * m.embed_dim * m.expert_mlp_dim * m.num_experts_per_token
+             + 3 * m.embed_dim * m.shared_expert_mlp_dim
+             + (m.embed_dim if m.shared_expert_gate else 0))
+  moe_layers = m.num_layers - m.first_dense_layers
+  return (m.num_layers * attention + m.first_dense_layers * dense_mlp + moe_layers * moe_mlp
+          + m.embed_dim * m.vocab_size)
+
+
+def moe_train_flops_per_token(model_config, seq_len: int) -> float:
+  m = model_config
+  return (6.0 * moe_active_matmul_params(m)
+          + 6.0 * m.num_layers * m.num_heads * m.head_dim * seq_len)
+
+
 def peak_flops_per_device(device_kind: str, override_tflops: float = 0.0) -> float | None:
   """Peak FLOP/s of one device; None when unknown (e.g. CPU) and not overridden."""
   if override_tflops:

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from train import metrics as metrics_lib
 from train import sampling
 from train.data import corpus
 from train.data import tokenizers
@@ -31,6 +32,23 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
   return log_z - target_logit, log_z
 
 
+def next_token_sums(logits: jax.Array, batch, opt_config) -> tuple[jax.Array, dict]:
+  """Summed loss (cross entropy + z-loss) and metric sums of next-token prediction.
+
+  Args:
+    logits: [b, t, v].
+    batch: holds `targets` int [b, t] and `loss_mask` float [b, t].
+    opt_config: `config.opt` (for `z_loss`).
+  """
+  cross_entropy, log_z = token_losses(logits, batch["targets"])
+  weight = batch["loss_mask"].astype(jnp.float32)
+  ce_sum = jnp.sum(cross_entropy * weight)
+  z_sum = jnp.sum(jnp.square(log_z) * weight)
+  correct = jnp.sum((jnp.argmax(logits, axis=-1) == batch["targets"]) * weight)
+  metrics = {"loss": ce_sum, "z_loss": z_sum, "accuracy": correct, "weight": jnp.sum(weight)}
+  return ce_sum + opt_config.z_loss * z_sum, metrics
+
+
 @dataclasses.dataclass(frozen=True)
 class LanguageModelTask:
   """Packed next-token prediction with z-loss; samples and scores at the end.
@@ -42,6 +60,7 @@ class LanguageModelTask:
     init_cache: (model config, batch, max_length) -> KV cache, for sampling.
   """
   init_cache: Callable[[Any, int, int], Any]
+  console_keys = ()  # Logged scalars shown on the console line besides the loss.
 
   def batch_axes(self):
     return {key: TOKEN_AXES
@@ -53,51 +72,51 @@ class LanguageModelTask:
     return {"inputs": ints, "targets": ints, "segment_ids": ints + 1,
             "positions": np.array(positions), "loss_mask": np.ones(ints.shape, np.float32)}
 
-  def init_params(self, model: nn.Module, rng, batch):
-    variables = model.init(rng, batch["inputs"], positions=batch["positions"],
-                           segment_ids=batch["segment_ids"])
-    return variables["params"]
+  def init_variables(self, model: nn.Module, rng, batch):
+    return dict(model.init(rng, batch["inputs"], positions=batch["positions"],
+                           segment_ids=batch["segment_ids"]))
 
-  def loss_sums(self, model, params, batch, rng, opt_config):
+  def loss_sums(self, model, variables, batch, rng, opt_config):
     del rng  # Deterministic: no dropout in these models.
-    logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+    logits = model.apply(variables, batch["inputs"], positions=batch["positions"],
                          segment_ids=batch["segment_ids"])
-    cross_entropy, log_z = token_losses(logits, batch["targets"])
-    weight = batch["loss_mask"].astype(jnp.float32)
-    ce_sum = jnp.sum(cross_entropy * weight)
-    z_sum = jnp.sum(jnp.square(log_z) * weight)
-    correct = jnp.sum((jnp.argmax(logits, axis=-1) == batch["targets"]) * weight)
-    metrics = {"loss": ce_sum, "z_loss": z_sum, "accuracy": correct, "weight": jnp.sum(weight)}
-    return ce_sum + opt_config.z_loss * z_sum, metrics
+    return next_token_sums(logits, batch, opt_config)
 
-  def report(self, model, params, config, print_fn):
+  def update_model_state(self, model_state, metrics, opt_config):
+    del metrics, opt_config  # A dense decoder has no state outside its params.
+    return model_state
+
+  def summarize(self, sums):
+    return metrics_lib.means(sums)
+
+  def report(self, model, variables, config, print_fn):
     """Samples `config.sample.prompts`; on the embedded corpus, scores held-out prompts."""
     tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
     sample_config = config.sample
     generate = sampling.Sampler(model, self.init_cache, tokenizer)
-    texts = generate(params, list(sample_config.prompts), sample_config)
+    texts = generate(variables, list(sample_config.prompts), sample_config)
     for prompt, text in zip(sample_config.prompts, texts):
       print_fn(f"sample: {prompt!r} -> {text!r}")
     results = {}
     if sample_config.num_scored and config.data.name == "treadle_corpus":
-      results.update(self._score_on_corpus(generate, params, sample_config, print_fn))
+      results.update(self._score_on_corpus(generate, variables, sample_config, print_fn))
     return results
 
-  def _score_on_corpus(self, generate, params, sample_config, print_fn):
+  def _score_on_corpus(self, generate, variables, sample_config, print_fn):
     """Greedy completions of held-out additions and of sentence openings, scored."""
     greedy = sample_config.copy_and_resolve_references()
     with greedy.unlocked():
       greedy.temperature = 0.0
       greedy.max_new_tokens = 8
     pairs = corpus.heldout_addition_prompts(sample_config.num_scored, seed=sample_config.seed)
-    completions = generate(params, [prompt for prompt, _ in pairs], greedy)
+    completions = generate(variables, [prompt for prompt, _ in pairs], greedy)
     additions = corpus.score_additions(pairs, completions)
     for (prompt, answer), completion in list(zip(pairs, completions))[:3]:
       print_fn(f"held-out: {prompt}{completion.split(chr(10))[0]}   (expected {answer})")
     with greedy.unlocked():
       greedy.max_new_tokens = 40
     openings = corpus.sentence_prompts(sample_config.num_scored, seed=sample_config.seed)
-    sentences = corpus.score_sentences(openings, generate(params, openings, greedy))
+    sentences = corpus.score_sentences(openings, generate(variables, openings, greedy))
     print_fn(f"held-out additions answered right: {additions:.1%} of {len(pairs)}; "
              f"sentence openings finished grammatically: {sentences:.1%} of {len(openings)}")
     return {"addition_accuracy": additions, "grammatical_sentences": sentences}

@@ -8,11 +8,28 @@ import numpy as np
 from tensorboardX import SummaryWriter
 
 
-def means(sums: dict) -> dict[str, float]:
+# Values a step reports once (not summed over tokens): averaged over steps.
+PER_STEP_METRICS = ("grad_norm", "learning_rate")
+
+
+def _scalar_or_array(value):
+  value = np.asarray(value, np.float64)
+  return float(value) if value.ndim == 0 else value
+
+
+def add_sums(total: dict, sums: dict) -> None:
+  """Adds one step's metric sums (scalars or arrays) into `total` in place."""
+  for key, value in sums.items():
+    value = np.asarray(jax.device_get(value), np.float64)
+    total[key] = total[key] + value if key in total else value
+
+
+def means(sums: dict, per_step=PER_STEP_METRICS) -> dict:
   """Turns metric sums with a 'weight' denominator into per-token means.
 
-  'grad_norm' and 'learning_rate' are per-step values averaged over steps
-  (their sums carry a 'steps' count); everything else is divided by 'weight'.
+  Keys in `per_step` are per-step values averaged over steps (the sums carry a
+  'steps' count); everything else is divided by 'weight'. Array-valued sums
+  (e.g. per-layer statistics) stay arrays.
   """
   weight = max(float(sums.get("weight", 1.0)), 1.0)
   steps = max(float(sums.get("steps", 1.0)), 1.0)
@@ -20,8 +37,11 @@ def means(sums: dict) -> dict[str, float]:
   for key, value in sums.items():
     if key in ("weight", "steps"):
       continue
-    out[key] = float(value) / (steps if key in ("grad_norm", "learning_rate") else weight)
+    out[key] = _scalar_or_array(np.asarray(value) / (steps if key in per_step else weight))
   return out
+
+
+MAX_TB_SCALARS = 64
 
 
 class MetricWriter:
@@ -46,14 +66,30 @@ class MetricWriter:
     with open(self._path, "w") as f:
       f.writelines(keep)
 
-  def write(self, step: int, scalars: dict[str, float], split: str = "train") -> None:
+  def write(self, step: int, values: dict, split: str = "train") -> None:
+    """Logs scalars, and arrays (per-layer statistics) as lists / per-element scalars.
+
+    An array of up to `MAX_TB_SCALARS` elements becomes one TensorBoard scalar
+    per element (`key/i` or `key/i/j`); a larger one a histogram. metrics.jsonl
+    holds arrays as nested lists.
+    """
     if not self._enabled:
       return
-    for key, value in scalars.items():
-      self._tensorboard.add_scalar(f"{split}/{key}", value, step)
-    self._tensorboard.flush()
     record = {"step": step, "split": split}
-    record.update({k: float(np.asarray(v)) for k, v in scalars.items()})
+    for key, value in values.items():
+      value = np.asarray(value, np.float64)
+      tag = f"{split}/{key}"
+      if value.ndim == 0:
+        self._tensorboard.add_scalar(tag, float(value), step)
+        record[key] = float(value)
+        continue
+      if value.size <= MAX_TB_SCALARS:
+        for index in np.ndindex(value.shape):
+          self._tensorboard.add_scalar("/".join([tag, *map(str, index)]), value[index], step)
+      else:
+        self._tensorboard.add_histogram(tag, value, step)
+      record[key] = value.tolist()
+    self._tensorboard.flush()
     with open(self._path, "a") as f:
       f.write(json.dumps(record) + "\n")
 
@@ -62,9 +98,10 @@ class MetricWriter:
       self._tensorboard.close()
 
 
-def progress_line(step: int, num_steps: int, scalars: dict[str, float]) -> str:
-  """One console line: step, loss, throughput and MFU when known."""
+def progress_line(step: int, num_steps: int, scalars: dict, console_keys=()) -> str:
+  """One console line: step, loss, extra scalars named in `console_keys`, throughput, MFU."""
   parts = [f"step {step}/{num_steps}", f"loss {scalars['loss']:.4f}"]
+  parts += [f"{key} {scalars[key]:.4g}" for key in console_keys if key in scalars]
   if "tokens_per_sec" in scalars:
     parts.append(f"{scalars['tokens_per_sec']:,.0f} tok/s")
   parts.append(f"MFU {scalars['mfu']:.1%}" if "mfu" in scalars else "MFU n/a (peak unknown)")

@@ -29,14 +29,14 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 def sample(workdir: str, prompts: list[str], step: int | None = None, **overrides) -> list[str]:
   """Completions of `prompts` by the checkpoint in `workdir`; `overrides` set config.sample."""
   config = checkpoint.load_config(workdir, step)
-  model, params = checkpoint.load_model(workdir, step)
+  model, variables = checkpoint.load_model(workdir, step)
   sample_config = config.sample
   for key, value in overrides.items():
     if value is not None:
       sample_config[key] = value
   tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
   task = families.get_family(config.model).task
-  return Sampler(model, task.init_cache, tokenizer)(params, prompts, sample_config)
+  return Sampler(model, task.init_cache, tokenizer)(variables, prompts, sample_config)
 
 
 def main(argv):

@@ -53,7 +53,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
   return tokens, positions, segments
 
 
-def generate_tokens(model, init_cache: Callable, params: Any, tokens: jax.Array,
+def generate_tokens(model, init_cache: Callable, variables: Any, tokens: jax.Array,
                     positions: jax.Array, segment_ids: jax.Array, rng: jax.Array, *,
                     max_new_tokens: int, temperature: float, top_k: int,
                     top_p: float) -> jax.Array:
@@ -62,15 +62,16 @@ def generate_tokens(model, init_cache: Callable, params: Any, tokens: jax.Array,
   Args:
     model: a decoder whose `__call__` supports `decode=True` with a 'cache'.
     init_cache: (model.config, batch, max_length) -> empty cache.
+    variables: {'params': ..., **model_state} (no 'cache').
     tokens, positions, segment_ids: int32 [b, p] from `left_pad`.
   Returns:
     int32 [b, max_new_tokens] new tokens.
   """
   batch, prompt_len = tokens.shape
   cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
-  logits, variables = model.apply({"params": params, "cache": cache}, tokens,
-                                  positions=positions, segment_ids=segment_ids,
-                                  decode=True, mutable=["cache"])
+  logits, updated = model.apply({**variables, "cache": cache}, tokens,
+                                positions=positions, segment_ids=segment_ids,
+                                decode=True, mutable=["cache"])
   pick = functools.partial(choose_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
   rng, first_rng = jax.random.split(rng)
   first = pick(logits[:, -1], first_rng)
@@ -78,13 +79,13 @@ def generate_tokens(model, init_cache: Callable, params: Any, tokens: jax.Array,
 
   def step(carry, step_rng):
     cache, token, position = carry
-    logits, variables = model.apply({"params": params, "cache": cache}, token[:, None],
-                                    positions=position[:, None], segment_ids=ones,
-                                    decode=True, mutable=["cache"])
+    logits, updated = model.apply({**variables, "cache": cache}, token[:, None],
+                                  positions=position[:, None], segment_ids=ones,
+                                  decode=True, mutable=["cache"])
     next_token = pick(logits[:, -1], step_rng)
-    return (variables["cache"], next_token, position + 1), next_token
+    return (updated["cache"], next_token, position + 1), next_token
 
-  carry = (variables["cache"], first, positions[:, -1] + 1)
+  carry = (updated["cache"], first, positions[:, -1] + 1)
   _, rest = jax.lax.scan(step, carry, jax.random.split(rng, max_new_tokens - 1))
   return jnp.concatenate([first[:, None], rest.T], axis=1)
 
@@ -99,8 +100,9 @@ class Sampler:
         functools.partial(generate_tokens, model, init_cache),
         static_argnames=("max_new_tokens", "temperature", "top_k", "top_p"))
 
-  def __call__(self, params, prompts: Sequence[str], sample_config) -> list[str]:
-    """Completes each prompt; `sample_config` is `config.sample`."""
+  def __call__(self, variables, prompts: Sequence[str], sample_config) -> list[str]:
+    """Completes each prompt with the model's `variables` ({'params': ..., ...});
+    `sample_config` is `config.sample`."""
     tok = self.tokenizer
     encoded = [[tok.bos_id] + tok.encode(prompt) for prompt in prompts]
     max_new = int(sample_config.max_new_tokens)
@@ -115,7 +117,7 @@ class Sampler:
           "ask for fewer new tokens.")
     tokens, positions, segments = left_pad(encoded, tok.pad_id)
     new_tokens = self._generate(
-        params, tokens, positions, segments, jax.random.PRNGKey(sample_config.seed),
+        variables, tokens, positions, segments, jax.random.PRNGKey(sample_config.seed),
         max_new_tokens=max_new, temperature=float(sample_config.temperature),
         top_k=int(sample_config.top_k), top_p=float(sample_config.top_p))
     if not new_tokens.is_fully_addressable:  # Multi-host: every host gets every row.

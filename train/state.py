@@ -21,11 +21,26 @@ class TrainState:
     params: the model parameters (unboxed arrays).
     opt_state: the optimizer's state.
     rng: uint32 [2] key, split once per step for families that need noise.
+    model_state: the model's non-param collections (e.g. an MoE's 'balance'
+      biases), changed outside the gradient by `Task.update_model_state`;
+      {} for families without one.
   """
   step: jax.Array
   params: Any
   opt_state: Any
   rng: jax.Array
+  model_state: Any
+
+
+def split_variables(variables: dict) -> tuple[Any, dict]:
+  """Flax variables -> (params, the other collections)."""
+  rest = {name: value for name, value in variables.items() if name != "params"}
+  return variables["params"], rest
+
+
+def variables_of(state: "TrainState") -> dict:
+  """{'params': ..., **model_state}: what `model.apply` takes."""
+  return {"params": state.params, **state.model_state}
 
 
 def _is_spec(x) -> bool:
@@ -35,11 +50,11 @@ def _is_spec(x) -> bool:
 def logical_state_specs(model: nn.Module, task: Task, optimizer: optax.GradientTransformation,
                         batch: dict) -> TrainState:
   """Logical PartitionSpecs for every leaf of the state, without allocating it."""
-  boxed = jax.eval_shape(lambda: task.init_params(model, jax.random.PRNGKey(0), batch))
-  param_specs = nn.get_partition_spec(boxed)
+  boxed = jax.eval_shape(lambda: task.init_variables(model, jax.random.PRNGKey(0), batch))
+  param_specs, model_state_specs = split_variables(nn.get_partition_spec(boxed))
   abstract_params = jax.tree.map(
       lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
-      boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+      boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
   abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
   # Optimizer leaves shaped like a parameter (Adam's moments) follow its spec;
   # the rest (counts, Adafactor's factored rows) are replicated.
@@ -47,7 +62,7 @@ def logical_state_specs(model: nn.Module, task: Task, optimizer: optax.GradientT
       optimizer, lambda _, spec: spec, abstract_opt, param_specs,
       transform_non_params=lambda _: PartitionSpec(), is_leaf=_is_spec)
   return TrainState(step=PartitionSpec(), params=param_specs, opt_state=opt_specs,
-                    rng=PartitionSpec())
+                    rng=PartitionSpec(), model_state=model_state_specs)
 
 
 def state_shardings(model, task, optimizer, batch, mesh, rules) -> TrainState:
@@ -61,14 +76,15 @@ def init_state(model, task, optimizer, batch, seed: int, shardings: TrainState,
   """Initialises the state directly into `shardings` (never whole on one device).
 
   With `params` given (fine-tuning an imported model), they are placed as
-  sharded and only the optimizer state is created fresh.
+  sharded and the optimizer and model state are created fresh.
   """
   def init(rng, given_params):
     init_rng, state_rng = jax.random.split(rng)
-    if given_params is None:
-      given_params = nn.unbox(task.init_params(model, init_rng, batch))
-    return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=given_params,
-                      opt_state=optimizer.init(given_params), rng=state_rng)
+    params, model_state = split_variables(nn.unbox(task.init_variables(model, init_rng, batch)))
+    if given_params is not None:
+      params = given_params
+    return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                      opt_state=optimizer.init(params), rng=state_rng, model_state=model_state)
 
   param_shardings = None if params is None else shardings.params
   jitted = jax.jit(init, in_shardings=(None, param_shardings), out_shardings=shardings)
@@ -78,7 +94,9 @@ def init_state(model, task, optimizer, batch, seed: int, shardings: TrainState,
 def abstract_state(model, task, optimizer, batch) -> TrainState:
   """Shapes and dtypes of the state, for restoring a checkpoint into."""
   def init():
-    params = nn.unbox(task.init_params(model, jax.random.PRNGKey(0), batch))
+    params, model_state = split_variables(
+        nn.unbox(task.init_variables(model, jax.random.PRNGKey(0), batch)))
     return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                      opt_state=optimizer.init(params), rng=jax.random.PRNGKey(0))
+                      opt_state=optimizer.init(params), rng=jax.random.PRNGKey(0),
+                      model_state=model_state)
   return jax.eval_shape(init)

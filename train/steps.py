@@ -20,12 +20,16 @@ def train_step(state: TrainState, batch, *, model, task, optimizer, opt_config,
 
   The loss is summed over tokens and the gradient divided by the token count
   once, so accumulating `opt.grad_accum_steps` micro-batches gives the same
-  update as one large batch.
+  update as one large batch. The model state (non-param collections) is
+  updated by the task after the optimizer step, from the step's metric sums.
   """
   rng, step_rng = jax.random.split(state.rng)
-  grad_fn = jax.value_and_grad(
-      lambda params, micro, r: task.loss_sums(model, params, micro, r, opt_config),
-      has_aux=True)
+
+  def loss_fn(params, micro, micro_rng):
+    variables = {"params": params, **state.model_state}
+    return task.loss_sums(model, variables, micro, micro_rng, opt_config)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   num_micro = opt_config.grad_accum_steps
   if num_micro == 1:
     (_, metrics), grads = grad_fn(state.params, batch, step_rng)
@@ -44,13 +48,18 @@ def train_step(state: TrainState, batch, *, model, task, optimizer, opt_config,
   grads = jax.tree.map(lambda g: g / weight, grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  model_state = task.update_model_state(state.model_state, metrics, opt_config)
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                  learning_rate=schedule(state.step))
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
+                            model_state=model_state)
   return new_state, metrics
 
 
-def eval_step(params, batch, *, model, task, opt_config) -> dict:
-  """Metric sums of the task's loss on one batch (no gradient)."""
-  _, metrics = task.loss_sums(model, params, batch, jax.random.PRNGKey(0), opt_config)
+def eval_step(variables, batch, *, model, task, opt_config) -> dict:
+  """Metric sums of the task's loss on one batch (no gradient).
+
+  `variables` is {'params': ..., **model_state} (see `state.variables_of`).
+  """
+  _, metrics = task.loss_sums(model, variables, batch, jax.random.PRNGKey(0), opt_config)
   return metrics

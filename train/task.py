@@ -3,6 +3,11 @@
 The trainer, checkpointing and sharding are shared by every family; a `Task`
 holds what differs between a language model, an MoE with balance losses, or a
 diffusion UNet.
+
+Variables follow Flax: `{'params': ..., <other collections>}`. Only 'params'
+is trained by gradient; the other collections (the model state, e.g. an MoE's
+'balance' biases) are kept in `TrainState.model_state`, checkpointed with it,
+and changed after each step by `update_model_state`.
 """
 
 from typing import Any, Protocol
@@ -11,8 +16,10 @@ import flax.linen as nn
 import jax
 
 Batch = dict[str, jax.Array]
-# Metric name -> summed value; `weight` is the denominator of per-token means.
+# Metric name -> summed value (a scalar, or an array such as per-layer expert
+# loads); `weight` is the denominator of per-token means.
 MetricSums = dict[str, jax.Array]
+Variables = dict[str, Any]
 
 
 class Task(Protocol):
@@ -24,12 +31,20 @@ class Task(Protocol):
   def dummy_batch(self, batch_size: int, seq_len: int) -> Batch:
     """A batch of the right shapes and dtypes, for `init` and compilation."""
 
-  def init_params(self, model: nn.Module, rng: jax.Array, batch: Batch) -> Any:
-    """`model.init` on a dummy batch; returns the (logically boxed) params."""
+  def init_variables(self, model: nn.Module, rng: jax.Array, batch: Batch) -> Variables:
+    """`model.init` on a dummy batch; returns every collection (logically boxed)."""
 
-  def loss_sums(self, model: nn.Module, params: Any, batch: Batch, rng: jax.Array,
+  def loss_sums(self, model: nn.Module, variables: Variables, batch: Batch, rng: jax.Array,
                 opt_config) -> tuple[jax.Array, MetricSums]:
-    """Summed training loss (differentiated) and metric sums incl. 'weight'."""
+    """Summed training loss (differentiated in variables['params']) and metric sums
+    incl. 'weight'."""
 
-  def report(self, model: nn.Module, params: Any, config, print_fn) -> dict[str, float]:
+  def update_model_state(self, model_state: Variables, metrics: MetricSums,
+                         opt_config) -> Variables:
+    """The non-param collections after an optimizer step, from that step's metric sums."""
+
+  def summarize(self, sums: MetricSums) -> dict[str, Any]:
+    """Host-side metric sums of one or more steps -> the values logged (floats or arrays)."""
+
+  def report(self, model: nn.Module, variables: Variables, config, print_fn) -> dict[str, float]:
     """Runs after training: samples / scores, printed, returned as metrics."""

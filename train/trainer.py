@@ -36,9 +36,7 @@ class _Interval:
     self.sums, self.tokens, self.start = {}, 0, time.perf_counter()
 
   def add(self, step_metrics: dict, tokens: int) -> None:
-    for key, value in step_metrics.items():
-      self.sums[key] = self.sums.get(key, 0.0) + float(value)
-    self.sums["steps"] = self.sums.get("steps", 0.0) + 1
+    metrics_lib.add_sums(self.sums, dict(step_metrics, steps=1.0))
     self.tokens += tokens
 
 
@@ -81,10 +79,11 @@ class Trainer:
                           schedule=self.schedule),
         in_shardings=(self.state_shardings, self.batch_shardings),
         out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+    variable_shardings = state_lib.variables_of(self.state_shardings)
     self.eval_step = jax.jit(
         functools.partial(steps.eval_step, model=self.model, task=self.task,
                           opt_config=config.opt),
-        in_shardings=(self.state_shardings.params, self.batch_shardings))
+        in_shardings=(variable_shardings, self.batch_shardings))
 
   @contextlib.contextmanager
   def sharding_context(self):
@@ -111,13 +110,11 @@ class Trainer:
     _console(f"Resuming from the checkpoint at step {latest}.")
     return restored, latest
 
-  def evaluate(self, params, eval_batches) -> dict[str, float]:
+  def evaluate(self, variables, eval_batches) -> dict:
     sums = {}
     for local in eval_batches:
-      batch_metrics = jax.device_get(self.eval_step(params, self.global_batch(local)))
-      for key, value in batch_metrics.items():
-        sums[key] = sums.get(key, 0.0) + float(value)
-    return metrics_lib.means(sums)
+      metrics_lib.add_sums(sums, self.eval_step(variables, self.global_batch(local)))
+    return self.task.summarize(sums)
 
   def run(self) -> dict[str, float]:
     """Trains to `train.num_steps`, evaluating, logging and checkpointing."""
@@ -146,11 +143,11 @@ class Trainer:
       _check_finite(step, step_metrics)
       interval.add(step_metrics, tokens_per_step)
       if step % log_every == 0 or step == num_steps:
-        scalars = metrics_lib.means(interval.sums)
+        scalars = self.task.summarize(interval.sums)
         scalars["tokens_per_sec"] = interval.tokens / (time.perf_counter() - interval.start)
         if peak:
           scalars["mfu"] = scalars["tokens_per_sec"] * flops_per_token / (peak * self.mesh.size)
-        _console(metrics_lib.progress_line(step, num_steps, scalars))
+        _console(metrics_lib.progress_line(step, num_steps, scalars, self.task.console_keys))
         writer.write(step, scalars)
         final.update(scalars)
         interval.reset()
@@ -170,7 +167,7 @@ class Trainer:
           is_last = step == num_steps
           if eval_batches and (step % config.evals.every_steps == 0 or is_last):
             flush()
-            eval_scalars = self.evaluate(state.params, eval_batches)
+            eval_scalars = self.evaluate(state_lib.variables_of(state), eval_batches)
             writer.write(step, eval_scalars, split="eval")
             _console(f"eval at step {step}: loss {eval_scalars['loss']:.4f}")
             final.update({f"eval_{k}": v for k, v in eval_scalars.items()})
@@ -183,7 +180,8 @@ class Trainer:
       checkpointer.close()
       writer.close()
     with self.sharding_context():
-      final.update(self.task.report(self.model, state.params, config, _console))
+      final.update(self.task.report(self.model, state_lib.variables_of(state), config,
+                                    _console))
     return final
 
 

@@ -1,0 +1,223 @@
+"""Selected-block attention in Pallas (NSA's selection branch), forward and backward.
+
+    from pallas_kernels.nsa_selection import selected_block_attention
+    out = selected_block_attention(q, k, v, block_indices, block_size=64)
+
+Legend: b batch, t query length, s key/value length, h query heads, k kv heads
+(h % k == 0), g = h // k, d head dim, n selected blocks per query, B block size,
+nb = ceil(s / B). q [b, t, h, d], k and v [b, s, k, d], block_indices int
+[b, t, k, n]: the kv blocks query i of kv head c attends to (-1: unused slot).
+Semantics, including segment ids, are those of
+`nsa_selection_reference.selected_block_attention_reference`.
+
+The kernel family comes from `config.chip` (static data, a
+FlashAttentionConfig whose block sizes are ignored). Only the Mosaic TPU
+kernels exist so far (nsa_selection_tpu); a GPU chip raises ValueError.
+`interpret=True` runs the TPU kernels on CPU. Differentiable (custom_vjp) in
+q, k and v with Pallas backward kernels; block_indices get no gradient.
+
+Limits: the block table (b * k * t * n int32) and the dkv pair list
+(b * k * (t * n + nb)) are scalar-prefetched whole, so they must fit SMEM;
+long sequences need the call chunked over t (not done here).
+"""
+
+import functools
+import math
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from pallas_kernels import flash_attention_config as config_lib
+from pallas_kernels import nsa_selection_tpu as tpu
+from pallas_kernels.flash_attention_config import FlashAttentionConfig
+from pallas_kernels.flash_attention_tpu import LANES, SUBLANES
+from pallas_kernels.nsa_selection_tpu import Geometry
+
+_DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def selected_block_attention(q, k, v, block_indices, *, block_size: int, scale=None,
+                             q_segment_ids=None, kv_segment_ids=None, interpret=False,
+                             config=None):
+  """Each query attends (causally) to its selected kv blocks only.
+
+  Args:
+    q: [b, t, h, d]; k, v: [b, s, k, d]; float32 or bfloat16, one dtype.
+    block_indices: int [b, t, k, n]; entries outside 0 .. nb - 1 are unused
+      slots; the valid entries of one (b, i, c) should be distinct (a repeated
+      block is counted twice, as in the reference).
+    block_size: B (a multiple of 8 for the compiled TPU kernel).
+    scale: logit scale (a Python float), default 1 / sqrt(d).
+    q_segment_ids, kv_segment_ids: int [b, t], [b, s] (both or neither): query
+      i sees key j only if their ids are equal.
+    interpret: False, True (run on CPU), or a pltpu.InterpretParams.
+    config: FlashAttentionConfig naming the chip; None: TPU v5e when
+      interpreting, else the chip of jax.devices()[0].
+
+  Returns:
+    [b, t, h, d] in q.dtype; a query that sees no key gets 0.
+
+  Raises:
+    ValueError: for shapes, dtypes, block sizes or chips the kernels cannot serve.
+  """
+  _check(q, k, v, block_indices, q_segment_ids, kv_segment_ids, block_size)
+  b, t, h, d = q.shape
+  s, num_kv = k.shape[1], k.shape[2]
+  n = block_indices.shape[3]
+  scale = float(1.0 / math.sqrt(d) if scale is None else scale)
+  if config is None:
+    config = (config_lib.default_config("tpu_v5e") if interpret
+              else config_lib.default_config(_device_chip()))
+  if not isinstance(config, FlashAttentionConfig):
+    raise ValueError(f"config={config!r} must be a FlashAttentionConfig or None.")
+  if config.platform != "tpu":
+    raise ValueError(f"config.chip={config.chip!r}: selected_block_attention has only the "
+                     "Mosaic TPU kernel so far; use the reference (attention_impl='xla') on GPU.")
+  if not interpret and block_size % SUBLANES:
+    raise ValueError(f"block_size={block_size} must be a multiple of {SUBLANES} on TPU.")
+  if t == 0 or s == 0 or n == 0:
+    return jnp.zeros(q.shape, q.dtype)
+  nb = -(-s // block_size)
+  geo = Geometry(block=block_size, q_len=t, kv_len=s, padded_kv_len=nb * block_size,
+                 num_kv_heads=num_kv, group=h // num_kv, top_n=n, scale=scale,
+                 has_segments=q_segment_ids is not None)
+  interpret = interpret if isinstance(interpret, bool) else _hashable(interpret)
+  pad = geo.padded_kv_len - s
+  qk = q.reshape(b, t, num_kv, geo.group, d).transpose(0, 2, 1, 3, 4)
+  kk = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+  vk = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+  blk, act = block_table(block_indices, geo)
+  segs = None
+  if geo.has_segments:
+    kv_seg = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, pad)), mode="edge")
+    segs = (q_segment_ids.astype(jnp.int32).reshape(-1), kv_seg)
+  out = _core(qk, kk, vk, blk, act, segs, geo, interpret)
+  return out.transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
+
+
+def _device_chip() -> str:
+  chip = config_lib.chip_of_device(jax.devices()[0])
+  if chip is None:
+    raise ValueError("config=None and no selected-block kernel targets "
+                     f"{jax.devices()[0].device_kind!r}: pass interpret=True on CPU or "
+                     "an explicit config.")
+  return chip
+
+
+def _hashable(interpret):
+  hash(interpret)
+  return interpret
+
+
+def _check(q, k, v, idx, q_seg, kv_seg, block_size):
+  for name, x in (("q", q), ("k", k), ("v", v), ("block_indices", idx)):
+    if jnp.ndim(x) != 4:
+      raise ValueError(f"{name} must be 4-D; got shape {jnp.shape(x)}.")
+  if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+    raise ValueError(f"k {k.shape} and v {v.shape} must match each other, and q {q.shape} "
+                     "in batch and head_dim.")
+  if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+    raise ValueError(f"num_q_heads={q.shape[2]} must be a multiple of num_kv_heads={k.shape[2]}.")
+  if idx.shape[:3] != (q.shape[0], q.shape[1], k.shape[2]):
+    raise ValueError(f"block_indices must be [b, t, k, n] = {(*q.shape[:2], k.shape[2])} + "
+                     f"(n,); got {idx.shape}.")
+  if not jnp.issubdtype(idx.dtype, jnp.integer):
+    raise ValueError(f"block_indices must be integer; got {idx.dtype}.")
+  if not (q.dtype == k.dtype == v.dtype) or jnp.dtype(q.dtype) not in map(jnp.dtype, _DTYPES):
+    raise ValueError(f"q, k, v must share one dtype of float32/bfloat16; got {q.dtype}, "
+                     f"{k.dtype}, {v.dtype}.")
+  if not isinstance(block_size, int) or block_size <= 0:
+    raise ValueError(f"block_size={block_size!r} must be a positive int.")
+  if (q_seg is None) != (kv_seg is None):
+    raise ValueError("q_segment_ids and kv_segment_ids must be given together.")
+  if q_seg is not None and (q_seg.shape != q.shape[:2] or kv_seg.shape != k.shape[:2]):
+    raise ValueError(f"segment ids must be [b, t] = {q.shape[:2]} and [b, s] = {k.shape[:2]}; "
+                     f"got {q_seg.shape}, {kv_seg.shape}.")
+
+
+def block_table(block_indices, geo: Geometry):
+  """Scalar-prefetch block table: (blk, act) int32 [b * k * t * n].
+
+  act is 1 where the slot holds a valid block that starts at or before the
+  query. blk is the slot's block where active; elsewhere it repeats the last
+  active block before it (or the query's own block), so skipped steps of the
+  grid fetch nothing new.
+  """
+  idx = block_indices.astype(jnp.int32).transpose(0, 2, 1, 3)  # [b, k, t, n]
+  q_pos = jnp.arange(geo.q_len, dtype=jnp.int32)[:, None]
+  active = (idx >= 0) & (idx < geo.num_blocks) & (idx * geo.block <= q_pos)
+  slots = jnp.arange(geo.top_n, dtype=jnp.int32)
+  last = lax.cummax(jnp.where(active, slots, -1), axis=3)
+  prev = jnp.take_along_axis(idx, jnp.maximum(last, 0), axis=3)
+  own = jnp.minimum(q_pos // geo.block, geo.num_blocks - 1)
+  blk = jnp.where(last >= 0, prev, jnp.broadcast_to(own, idx.shape))
+  return blk.reshape(-1), active.astype(jnp.int32).reshape(-1)
+
+
+def pair_list(blk, act, geo: Geometry):
+  """The dkv kernel's (block, query) pairs, sorted by block per (batch, kv head).
+
+  Returns (pair_blk, pair_q) int32 [b * k * (t * n + nb)]; pair_q is -1 for
+  inactive slots and for the one no-op pair appended per block.
+  """
+  t, n, nb = geo.q_len, geo.top_n, geo.num_blocks
+  blk = blk.reshape(-1, t * n)
+  q_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, n)).reshape(-1)
+  q_of = jnp.where(act.reshape(-1, t * n) != 0, q_pos, -1)
+  rows = blk.shape[0]
+  blocks = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (rows, nb))
+  keys = jnp.concatenate([blk, blocks], axis=1)
+  qs = jnp.concatenate([q_of, jnp.full((rows, nb), -1, jnp.int32)], axis=1)
+  order = jnp.argsort(keys, axis=1, stable=True)
+  pair_blk = jnp.take_along_axis(keys, order, axis=1)
+  pair_q = jnp.take_along_axis(qs, order, axis=1)
+  return pair_blk.reshape(-1), pair_q.reshape(-1)
+
+
+def _rows(x):
+  """[b, k, t, g] -> [b, k, t, 8, g] sublane-replicated rows."""
+  return jnp.broadcast_to(x[:, :, :, None, :], (*x.shape[:3], SUBLANES, x.shape[3]))
+
+
+def _seg_operands(segs, geo: Geometry):
+  """(q_seg flat, kv_seg as [b, nb, 8, B] rows) or (None, None)."""
+  if segs is None:
+    return None, None
+  q_seg, kv_seg = segs
+  b = kv_seg.shape[0]
+  blocks = kv_seg.reshape(b, geo.num_blocks, 1, geo.block)
+  return q_seg, jnp.broadcast_to(blocks, (b, geo.num_blocks, SUBLANES, geo.block))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _core(q, k, v, blk, act, segs, geo, interpret):
+  return _forward(q, k, v, blk, act, segs, geo, interpret)[0]
+
+
+def _forward(q, k, v, blk, act, segs, geo, interpret):
+  q_seg, kv_rows = _seg_operands(segs, geo)
+  return tpu.forward(q, k, v, blk, act, q_seg, kv_rows, geo=geo, interpret=interpret)
+
+
+def _core_fwd(q, k, v, blk, act, segs, geo, interpret):
+  out, lse = _forward(q, k, v, blk, act, segs, geo, interpret)
+  return out, (q, k, v, blk, act, segs, out, lse)
+
+
+def _core_bwd(geo, interpret, res, do):
+  q, k, v, blk, act, segs, out, lse = res
+  delta = _rows(jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1))
+  q_seg, kv_rows = _seg_operands(segs, geo)
+  args = (q, k, v, do, lse, delta)
+  dq = tpu.backward_dq(*args, blk, act, q_seg, kv_rows, geo=geo, interpret=interpret)
+  pair_blk, pair_q = pair_list(blk, act, geo)
+  kv_col = None
+  if segs is not None:
+    kv_col = jnp.broadcast_to(segs[1][:, :, None], (*segs[1].shape, LANES))
+  dk, dv = tpu.backward_dkv(*args, pair_blk, pair_q, q_seg, kv_col, geo=geo,
+                            interpret=interpret)
+  return dq, dk, dv, None, None, None
+
+
+_core.defvjp(_core_fwd, _core_bwd)

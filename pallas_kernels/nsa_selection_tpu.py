@@ -1,0 +1,344 @@
+"""Mosaic TPU kernels of selected-block attention (NSA's selection branch).
+
+Kernel layout (the public wrapper transposes): q, o, do [b, k, t, g, d] (g query
+heads per kv head), k, v, dk, dv [b, k, sp, d] with sp = s padded to whole
+blocks of B, per-query statistics lse, delta [b, k, t, 8, g] (rows,
+sublane-replicated; log2 units), kv segment ids [b, nb, 8, B].
+
+Group-centric: the forward and dq grids are (b, k, t, n). One program owns one
+query position i of one kv head and its g query heads ([g, d] rows); step j
+loads the j-th selected kv block [B, d] once for the whole group, through an
+index map that reads the scalar-prefetched block table. Inactive slots
+(unused, or a block wholly after i) skip the math, and the table repeats the
+previous block for them so they issue no new DMA.
+
+dk/dv are scatter-free: an XLA prologue lists every (kv block, query) pair of a
+kv head sorted by block, with one extra no-op pair per block so that every
+block is visited (its output written, zeros if nobody chose it). The dkv grid
+(b, k, pairs) walks that list; consecutive steps of one block keep the same
+output block resident, accumulate in VMEM, and write it once at the block's
+last pair.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.tpu as pltpu
+import jax.numpy as jnp
+
+from pallas_kernels import flash_attention_masks as masks
+from pallas_kernels.flash_attention_tpu import LANES, LOG2E, SUBLANES, compiler_params, widen
+
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """Static shape data of one call.
+
+  Attributes:
+    block: B, keys per kv block.
+    q_len: t; kv_len: s; padded_kv_len: sp = nb * B.
+    num_kv_heads: k; group: g = h // k; top_n: n slots per query.
+    scale: logit scale (natural units).
+    has_segments: segment ids are given.
+  """
+  block: int
+  q_len: int
+  kv_len: int
+  padded_kv_len: int
+  num_kv_heads: int
+  group: int
+  top_n: int
+  scale: float
+  has_segments: bool
+
+  @property
+  def num_blocks(self) -> int:
+    return self.padded_kv_len // self.block
+
+  @property
+  def num_pairs(self) -> int:
+    """Length of the dkv pair list per (batch, kv head): t * n + nb."""
+    return self.q_len * self.top_n + self.num_blocks
+
+
+def _mask(geo: Geometry, q_pos, kv_pos, q_seg, kv_seg):
+  """Causal (+ padding, + segment) visibility of a tile; q_seg a scalar."""
+  mask = kv_pos <= q_pos
+  if geo.kv_len != geo.padded_kv_len:
+    mask = mask & (kv_pos < geo.kv_len)
+  if q_seg is not None:
+    mask = mask & (kv_seg == q_seg)
+  return mask
+
+
+def _slot(geo: Geometry, b, kh, i, j):
+  """Flat index of slot j of query i, kv head kh, batch b in the block table."""
+  return ((b * geo.num_kv_heads + kh) * geo.q_len + i) * geo.top_n + j
+
+
+def _split(refs, has_segments: bool, n_in: int):
+  """(blk, act, q_seg or None), inputs (+ kv_seg or None), rest."""
+  n_pre = 3 if has_segments else 2
+  pre, rest = refs[:n_pre], refs[n_pre:]
+  ins, rest = rest[:n_in], rest[n_in:]
+  kv_seg = None
+  if has_segments:
+    kv_seg, rest = rest[0], rest[1:]
+  return (pre[0], pre[1], pre[2] if has_segments else None), ins, kv_seg, rest
+
+
+def _fwd_kernel(*refs, geo: Geometry):
+  (blk_ref, act_ref, q_seg_ref), (q_ref, k_ref, v_ref), kv_seg_ref, rest = _split(
+      refs, geo.has_segments, 3)
+  o_ref, lse_ref, m_ref, l_ref, acc_ref = rest
+  b, kh, i, j = (pl.program_id(a) for a in range(4))
+  g, bk = geo.group, geo.block
+  slot = _slot(geo, b, kh, i, j)
+
+  @pl.when(j == 0)
+  def _init():
+    m_ref[...] = jnp.full(m_ref.shape, masks.M_INIT, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+  @pl.when(act_ref[slot] != 0)
+  def _step():
+    q, k, v = q_ref[...], k_ref[...], v_ref[...]
+    s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)
+    s = s * (geo.scale * LOG2E)  # [g, B]
+    kv_pos = blk_ref[slot] * bk + lax.broadcasted_iota(jnp.int32, (g, bk), 1)
+    seg = (q_seg_ref[b * geo.q_len + i], kv_seg_ref[:1, :]) if geo.has_segments else (None,) * 2
+    s = jnp.where(_mask(geo, i, kv_pos, *seg), s, -jnp.inf)
+    m_prev, l_prev = m_ref[...], l_ref[...]  # [g, 128]
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    alpha = jnp.exp2(m_prev - m_next)
+    p = jnp.exp2(s - widen(m_next, bk))
+    m_ref[...] = m_next
+    l_ref[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
+    pv = lax.dot_general(p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32)
+    acc_ref[...] = acc_ref[...] * widen(alpha, acc_ref.shape[1]) + pv
+
+  @pl.when(j == geo.top_n - 1)
+  def _finish():
+    l, m = l_ref[...], m_ref[...]
+    empty = l == 0.0
+    inv = jnp.where(empty, 0.0, 1.0 / jnp.where(empty, 1.0, l))
+    o_ref[...] = (acc_ref[...] * widen(inv, acc_ref.shape[1])).astype(o_ref.dtype)
+    lse = jnp.where(empty, masks.EMPTY_ROW_LSE,
+                    m + jnp.log(jnp.where(empty, 1.0, l)) * (1.0 / math.log(2.0)))
+    lse_ref[...] = jnp.transpose(lse)[:SUBLANES]  # [8, g] rows
+
+
+def _query_specs(geo: Geometry, head_dim: int):
+  """BlockSpecs of the (b, k, t, n) grids: q rows, kv block, stat rows, kv segs."""
+  g, bk = geo.group, geo.block
+
+  def q_map(b, kh, i, j, *_):
+    return b, kh, i, 0, 0
+
+  def kv_map(b, kh, i, j, blk_ref, *_):
+    return b, kh, blk_ref[_slot(geo, b, kh, i, j)], 0
+
+  def seg_map(b, kh, i, j, blk_ref, *_):
+    return b, blk_ref[_slot(geo, b, kh, i, j)], 0, 0
+
+  return (pl.BlockSpec((None, None, None, g, head_dim), q_map),
+          pl.BlockSpec((None, None, bk, head_dim), kv_map),
+          pl.BlockSpec((None, None, None, SUBLANES, g), q_map),
+          pl.BlockSpec((None, None, SUBLANES, bk), seg_map))
+
+
+def _prefetch(blk, act, q_seg):
+  return (blk, act) + ((q_seg,) if q_seg is not None else ())
+
+
+def forward(q, k, v, blk, act, q_seg, kv_seg, *, geo: Geometry, interpret):
+  """Forward pass.
+
+  Args:
+    q: [b, k, t, g, d]; k, v: [b, k, sp, d].
+    blk, act: int32 [b * k * t * n]: block of each slot, and 1 where it runs.
+    q_seg: int32 [b * t] or None; kv_seg: int32 [b, nb, 8, B] or None.
+
+  Returns:
+    out [b, k, t, g, d] in q.dtype; lse [b, k, t, 8, g] float32 (log2 units).
+  """
+  batch, num_kv, t, g, head_dim = q.shape
+  q_spec, kv_spec, row_spec, seg_spec = _query_specs(geo, head_dim)
+  in_specs = [q_spec, kv_spec, kv_spec] + ([seg_spec] if geo.has_segments else [])
+  operands = [q, k, v] + ([kv_seg] if geo.has_segments else [])
+  prefetch = _prefetch(blk, act, q_seg)
+  return pl.pallas_call(
+      functools.partial(_fwd_kernel, geo=geo),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=len(prefetch),
+          grid=(batch, num_kv, t, geo.top_n),
+          in_specs=in_specs, out_specs=[q_spec, row_spec],
+          scratch_shapes=[pltpu.VMEM((g, LANES), jnp.float32),
+                          pltpu.VMEM((g, LANES), jnp.float32),
+                          pltpu.VMEM((g, head_dim), jnp.float32)]),
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((batch, num_kv, t, SUBLANES, g), jnp.float32)],
+      compiler_params=compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+      name="nsa_selection_fwd",
+  )(*prefetch, *operands)
+
+
+def _dq_kernel(*refs, geo: Geometry):
+  (blk_ref, act_ref, q_seg_ref), ins, kv_seg_ref, rest = _split(refs, geo.has_segments, 6)
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
+  dq_ref, acc_ref, lse_col, delta_col = rest
+  b, kh, i, j = (pl.program_id(a) for a in range(4))
+  g, bk = geo.group, geo.block
+  slot = _slot(geo, b, kh, i, j)
+
+  @pl.when(j == 0)
+  def _init():
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    lse_col[...] = jnp.transpose(jnp.broadcast_to(lse_ref[:1, :], (LANES, g)))
+    delta_col[...] = jnp.transpose(jnp.broadcast_to(delta_ref[:1, :], (LANES, g)))
+
+  @pl.when(act_ref[slot] != 0)
+  def _step():
+    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+    s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)
+    p = jnp.exp2(s * (geo.scale * LOG2E) - widen(lse_col[...], bk))  # [g, B]
+    kv_pos = blk_ref[slot] * bk + lax.broadcasted_iota(jnp.int32, (g, bk), 1)
+    seg = (q_seg_ref[b * geo.q_len + i], kv_seg_ref[:1, :]) if geo.has_segments else (None,) * 2
+    p = jnp.where(_mask(geo, i, kv_pos, *seg), p, 0.0)
+    dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
+    ds = p * (dp - widen(delta_col[...], bk))
+    acc_ref[...] += lax.dot_general(ds.astype(k.dtype), k, _NN,
+                                    preferred_element_type=jnp.float32)
+
+  @pl.when(j == geo.top_n - 1)
+  def _finish():
+    dq_ref[...] = (acc_ref[...] * geo.scale).astype(dq_ref.dtype)
+
+
+def backward_dq(q, k, v, do, lse, delta, blk, act, q_seg, kv_seg, *, geo: Geometry, interpret):
+  """dq [b, k, t, g, d]; lse, delta [b, k, t, 8, g] rows; the rest as in `forward`."""
+  batch, num_kv, t, g, head_dim = q.shape
+  q_spec, kv_spec, row_spec, seg_spec = _query_specs(geo, head_dim)
+  in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
+  operands = [q, k, v, do, lse, delta]
+  if geo.has_segments:
+    in_specs.append(seg_spec)
+    operands.append(kv_seg)
+  prefetch = _prefetch(blk, act, q_seg)
+  return pl.pallas_call(
+      functools.partial(_dq_kernel, geo=geo),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=len(prefetch),
+          grid=(batch, num_kv, t, geo.top_n),
+          in_specs=in_specs, out_specs=q_spec,
+          scratch_shapes=[pltpu.VMEM((g, head_dim), jnp.float32),
+                          pltpu.VMEM((g, LANES), jnp.float32),
+                          pltpu.VMEM((g, LANES), jnp.float32)]),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+      name="nsa_selection_dq",
+  )(*prefetch, *operands)
+
+
+def _dkv_kernel(*refs, geo: Geometry):
+  (pair_blk, pair_q, q_seg_ref), ins, kv_seg_ref, rest = _split(refs, geo.has_segments, 6)
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
+  dk_ref, dv_ref, dk_acc, dv_acc = rest
+  b, kh, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  g, bk, num_pairs = geo.group, geo.block, geo.num_pairs
+  base = (b * geo.num_kv_heads + kh) * num_pairs
+  blk, qi = pair_blk[base + p], pair_q[base + p]
+  first = (p == 0) | (pair_blk[base + jnp.maximum(p - 1, 0)] != blk)
+  last = (p == num_pairs - 1) | (pair_blk[base + jnp.minimum(p + 1, num_pairs - 1)] != blk)
+
+  @pl.when(first)
+  def _init():
+    dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
+    dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
+
+  @pl.when(qi >= 0)
+  def _step():
+    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+    if g < SUBLANES:
+      # Products with g (< 8) rows or columns run in f32: Mosaic fails to verify
+      # the bf16 forms of a 1-row operand (MHA).
+      q, k, v, do = (x.astype(jnp.float32) for x in (q, k, v, do))
+    s_t = lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32)  # [B, g]
+    p_t = jnp.exp2(s_t * (geo.scale * LOG2E) - lse_ref[:1, :])
+    kv_pos = blk * bk + lax.broadcasted_iota(jnp.int32, (bk, g), 0)
+    seg = (None, None)
+    if geo.has_segments:
+      seg = (q_seg_ref[b * geo.q_len + qi], widen(kv_seg_ref[...], g))
+    p_t = jnp.where(_mask(geo, qi, kv_pos, *seg), p_t, 0.0)
+    dv_acc[...] += lax.dot_general(p_t.astype(do.dtype), do, _NN,
+                                   preferred_element_type=jnp.float32)
+    dp_t = lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32)
+    ds_t = p_t * (dp_t - delta_ref[:1, :])
+    dk_acc[...] += lax.dot_general(ds_t.astype(q.dtype), q, _NN,
+                                   preferred_element_type=jnp.float32)
+
+  @pl.when(last)
+  def _finish():
+    dk_ref[...] = (dk_acc[...] * geo.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+
+def backward_dkv(q, k, v, do, lse, delta, pair_blk, pair_q, q_seg, kv_seg_col, *,
+                 geo: Geometry, interpret):
+  """(dk, dv) [b, k, sp, d], summed over the group's heads and every query.
+
+  Args:
+    pair_blk, pair_q: int32 [b * k * pairs]: per (batch, kv head) the pair
+      list sorted by block; pair_q is the query position, -1 for a no-op.
+    kv_seg_col: int32 [b, sp, 128] lane-replicated kv segment ids, or None.
+    The rest as in `backward_dq`.
+  """
+  batch, num_kv, t, g, head_dim = q.shape
+  bk, num_pairs = geo.block, geo.num_pairs
+
+  def pair(b, kh, p, blk_ref, q_ref):
+    base = (b * num_kv + kh) * num_pairs + p
+    return blk_ref[base], jnp.maximum(q_ref[base], 0)
+
+  def q_map(b, kh, p, *pre):
+    return b, kh, pair(b, kh, p, *pre[:2])[1], 0, 0
+
+  def kv_map(b, kh, p, *pre):
+    return b, kh, pair(b, kh, p, *pre[:2])[0], 0
+
+  def seg_map(b, kh, p, *pre):
+    return b, pair(b, kh, p, *pre[:2])[0], 0
+
+  q_spec = pl.BlockSpec((None, None, None, g, head_dim), q_map)
+  row_spec = pl.BlockSpec((None, None, None, SUBLANES, g), q_map)
+  kv_spec = pl.BlockSpec((None, None, bk, head_dim), kv_map)
+  in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
+  operands = [q, k, v, do, lse, delta]
+  if geo.has_segments:
+    in_specs.append(pl.BlockSpec((None, bk, LANES), seg_map))
+    operands.append(kv_seg_col)
+  prefetch = _prefetch(pair_blk, pair_q, q_seg)
+  return pl.pallas_call(
+      functools.partial(_dkv_kernel, geo=geo),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=len(prefetch),
+          grid=(batch, num_kv, num_pairs),
+          in_specs=in_specs, out_specs=[kv_spec, kv_spec],
+          scratch_shapes=[pltpu.VMEM((bk, head_dim), jnp.float32),
+                          pltpu.VMEM((bk, head_dim), jnp.float32)]),
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=compiler_params(("parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+      name="nsa_selection_dkv",
+  )(*prefetch, *operands)
