@@ -33,3 +33,11 @@ def test_quickstart_runs(tmp_path, monkeypatch):
   assert "('embed', 'heads', 'head_dim')" in text and "('fsdp', 'tensor', None)" in text
   assert "logits: (1, 5, 512)" in text
   assert "step 12/12" in text
+
+
+def test_moe_colab_runs(tmp_path, monkeypatch):
+  monkeypatch.setenv("MOE_COLAB_STEPS", "4")
+  text = _text(_execute("moe.ipynb", str(tmp_path)))
+  assert text.count("step 4/4") == 2  # Both runs trained.
+  assert "aux-loss-free bias: final load imbalance per layer" in text
+  assert "bias per MoE layer and expert" in text and "'12+34=' ->" in text
