@@ -24,3 +24,20 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     kind = type(defaults[key])
     parsed[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
   return parsed
+
+
+def set_pretraining_run(config: ml_collections.ConfigDict, *, seq_len: int, batch: int) -> None:
+  """Run settings shared by the real-size configs: long rows, FSDP over every device,
+  rematerialised blocks, a 100k-step schedule, sparse logging and checkpoints."""
+  config.model.max_seq_len = seq_len
+  config.model.remat_policy = "dots_with_no_batch_dims_saveable"
+  config.data.seq_len = seq_len
+  config.data.global_batch_size = batch
+  config.opt.lr = 3e-4
+  config.opt.warmup_steps = 2000
+  config.train.num_steps = 100_000
+  config.train.log_every_steps = 100
+  config.evals.every_steps = 1000
+  config.checkpoint.every_steps = 1000
+  config.mesh.data = 1
+  config.mesh.fsdp = -1

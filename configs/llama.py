@@ -28,17 +28,6 @@ def get_config(arg=None):
    m.vocab_size, m.rope_theta, m.tie_embeddings) = SIZES[args.size]
   m.norm_eps = 1e-5
   if args.size != "tiny":
-    m.max_seq_len = args.seq_len
-    m.remat_policy = "dots_with_no_batch_dims_saveable"
-    config.data.seq_len = args.seq_len
-    config.data.global_batch_size = args.batch
-    config.opt.lr = 3e-4
-    config.opt.warmup_steps = 2000
-    config.train.num_steps = 100_000
-    config.train.log_every_steps = 100
-    config.evals.every_steps = 1000
-    config.checkpoint.every_steps = 1000
-    config.mesh.data = 1
-    config.mesh.fsdp = -1
+    common.set_pretraining_run(config, seq_len=args.seq_len, batch=args.batch)
   config.lock()
   return config

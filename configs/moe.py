@@ -43,21 +43,10 @@ def get_config(arg=None):
     return config
   for field, value in zip(_FIELDS, SIZES[args.size]):
     m[field] = value
-  m.max_seq_len = args.seq_len
-  m.remat_policy = "dots_with_no_batch_dims_saveable"
+  common.set_pretraining_run(config, seq_len=args.seq_len, batch=args.batch)
   if m.router == "sigmoid":  # DeepSeek-V3 balancing: bias updates + a small sequence loss.
     config.opt.moe_aux_loss = 0.0
     config.opt.moe_seq_aux_loss = 1e-4
     config.opt.moe_bias_update_rate = 1e-3
-  config.data.seq_len = args.seq_len
-  config.data.global_batch_size = args.batch
-  config.opt.lr = 3e-4
-  config.opt.warmup_steps = 2000
-  config.train.num_steps = 100_000
-  config.train.log_every_steps = 100
-  config.evals.every_steps = 1000
-  config.checkpoint.every_steps = 1000
-  config.mesh.data = 1
-  config.mesh.fsdp = -1
   config.lock()
   return config

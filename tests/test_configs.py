@@ -49,3 +49,25 @@ def test_command_line_override_errors_name_the_key(override, message, tmp_path):
        f"--workdir={tmp_path}", override], capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
   assert message in result.stderr
+
+
+@pytest.mark.parametrize("size", ["tiny", "mixtral_8x7b", "qwen2_moe_a2.7b",
+                                  "deepseek_v3_small"])
+def test_moe_sizes_build_valid_models(size):
+  """Every MoE size validates as a model config, and its model traces abstractly."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from models import moe as moe_model  # pylint: disable=g-import-not-at-top
+  from configs import moe  # pylint: disable=g-import-not-at-top
+  config = moe.get_config(f"size={size}")
+  assert config.model.family == "moe"
+  cfg = moe_model.MoeConfig.from_config_dict(config.model)
+  tokens = jax.numpy.zeros((1, 8), jax.numpy.int32)
+  shapes = jax.eval_shape(lambda: moe_model.Moe(cfg).init(jax.random.key(0), tokens))
+  gates = [x for path, x in jax.tree_util.tree_leaves_with_path(shapes["params"])
+           if "'experts'" in jax.tree_util.keystr(path) and "'gate'" in jax.tree_util.keystr(path)]
+  # [L_moe, E, e, m] scanned (real sizes), [E, e, m] per unrolled layer (tiny).
+  assert gates and all(x.shape[-3] == cfg.num_experts for x in gates)
+  if size == "deepseek_v3_small":
+    assert config.opt.moe_bias_update_rate > 0 and cfg.router == "sigmoid"
+  with pytest.raises(ValueError, match="Unknown moe size"):
+    moe.get_config("size=huge")
