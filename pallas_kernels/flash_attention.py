@@ -35,7 +35,7 @@ _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
+class Plan:
   """Everything static about one call: kernel family, tilings, interpret mode."""
   platform: str
   fwd: Tiling
@@ -72,32 +72,44 @@ def flash_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids
     ValueError: naming the argument, for shapes, dtypes, windows, segment ids or
       configs the kernels cannot serve.
   """
-  _check_inputs(q, k, v, q_segment_ids, kv_segment_ids)
+  check_inputs(q, k, v, q_segment_ids, kv_segment_ids)
   b, t, h, d = q.shape
   s, num_kv = k.shape[1], k.shape[2]
   window = masks.normalize_window(local_window_size, causal)
+  scale = static_scale(scale, d)
+  config = pick_config(config, interpret)
+  if t == 0 or s == 0:
+    return jnp.zeros(q.shape, q.dtype)  # no queries, or no keys: every row is empty
+  has_segments = q_segment_ids is not None
+  plan = make_plan(config.resolve(d), t, s, h // num_kv, window, has_segments,
+                    scale, interpret, q.dtype)
+  return run_padded(lambda *args: _core(*args, plan), q, k, v, q_segment_ids,
+                    kv_segment_ids, plan)
+
+
+def static_scale(scale, head_dim: int) -> float:
+  """The logit scale as a Python float (default 1 / sqrt(head_dim))."""
   if scale is None:
-    scale = 1.0 / math.sqrt(d)
+    scale = 1.0 / math.sqrt(head_dim)
   try:
-    scale = float(scale)
+    return float(scale)
   except (TypeError, jax.errors.ConcretizationTypeError):
     raise ValueError(f"scale={scale!r} must be a Python number (it is static).") from None
+
+
+def pick_config(config, interpret) -> FlashAttentionConfig:
+  """config, or the default one: of the device, or for interpret mode on CPU."""
   if config is None and interpret:
     gpu_params = type(interpret).__name__ == "InterpretGPUParams"
     config = config_lib.default_config("h100" if gpu_params else "tpu_v5e")
   elif config is None:
-    config = _device_config()
+    config = device_config()
   if not isinstance(config, FlashAttentionConfig):
     raise ValueError(f"config={config!r} must be a FlashAttentionConfig or None.")
-  if t == 0 or s == 0:
-    return jnp.zeros(q.shape, q.dtype)  # no queries, or no keys: every row is empty
-  has_segments = q_segment_ids is not None
-  plan = _make_plan(config.resolve(d), t, s, h // num_kv, window, has_segments,
-                    scale, interpret, q.dtype)
-  return _attention(q, k, v, q_segment_ids, kv_segment_ids, plan)
+  return config
 
 
-def _device_config() -> FlashAttentionConfig:
+def device_config() -> FlashAttentionConfig:
   """Default config of jax.devices()[0]; error on hosts no kernel targets."""
   device = jax.devices()[0]
   chip = config_lib.chip_of_device(device)
@@ -110,7 +122,7 @@ def _device_config() -> FlashAttentionConfig:
   return config_lib.default_config(chip)
 
 
-def _check_inputs(q, k, v, q_seg, kv_seg):
+def check_inputs(q, k, v, q_seg, kv_seg):
   for name, x in (("q", q), ("k", k), ("v", v)):
     if jnp.ndim(x) != 4:
       raise ValueError(f"{name} must be 4-D [batch, len, heads, head_dim]; got "
@@ -140,7 +152,7 @@ def _check_inputs(q, k, v, q_seg, kv_seg):
                          f"{jnp.shape(ids)} {ids.dtype}.")
 
 
-def _round_up(x: int, m: int) -> int:
+def round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
@@ -148,7 +160,7 @@ _BLOCK_NAMES = ("block_q", "block_kv", "block_q_dq", "block_kv_dq", "block_q_dkv
                 "block_kv_dkv")
 
 
-def _make_plan(cfg, t, s, group, window, has_segments, scale, interpret, dtype):
+def make_plan(cfg, t, s, group, window, has_segments, scale, interpret, dtype):
   """Block sizes per kernel and the padded lengths every kernel can tile.
 
   TPU blocks shrink to short sequences (to a multiple of 128, or of 8 when
@@ -164,13 +176,13 @@ def _make_plan(cfg, t, s, group, window, has_segments, scale, interpret, dtype):
         if getattr(cfg, name) % 128:
           raise ValueError(f"config.{name}={getattr(cfg, name)} must be a multiple "
                            "of 128 for the TPU kernel.")
-    clamp = lambda block, n: min(block, _round_up(n, align))
+    clamp = lambda block, n: min(block, round_up(n, align))
     pairs = [(clamp(cfg.block_q, t), clamp(cfg.block_kv, s)),
              (clamp(cfg.block_q_dq, t), clamp(cfg.block_kv_dq, s)),
              (clamp(cfg.block_q_dkv, t), clamp(cfg.block_kv_dkv, s))]
     q_multiple = math.lcm(*(bq for bq, _ in pairs))
     kv_multiple = math.lcm(*(bkv for _, bkv in pairs))
-    interpret = _freeze(interpret)
+    interpret = freeze_interpret(interpret)
   else:
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
       raise ValueError(f"q.dtype={jnp.dtype(dtype)}: the Mosaic GPU kernel takes "
@@ -187,15 +199,15 @@ def _make_plan(cfg, t, s, group, window, has_segments, scale, interpret, dtype):
     kv_multiple = math.lcm(cfg.block_kv, cfg.block_kv_dq, wgs * cfg.block_kv_dkv)
     if interpret is True:
       interpret = gpu_ops.interpret_params()
-    interpret = _freeze(interpret)
-  padded_t, padded_s = _round_up(t, q_multiple), _round_up(s, kv_multiple)
+    interpret = freeze_interpret(interpret)
+  padded_t, padded_s = round_up(t, q_multiple), round_up(s, kv_multiple)
   tilings = [Tiling(block_q=bq, block_kv=bkv, q_len=t, kv_len=s, padded_q_len=padded_t,
                     padded_kv_len=padded_s, window=window, has_segments=has_segments,
                     scale=scale, group=group) for bq, bkv in pairs]
-  return _Plan(cfg.platform, *tilings, config=cfg, interpret=interpret)
+  return Plan(cfg.platform, *tilings, config=cfg, interpret=interpret)
 
 
-def _freeze(interpret):
+def freeze_interpret(interpret):
   """bool stays bool; a params object must be hashable (frozen dataclasses are)."""
   if isinstance(interpret, (bool, int)):
     return bool(interpret)
@@ -203,7 +215,7 @@ def _freeze(interpret):
   return interpret
 
 
-def _pad_axis(x, axis: int, size: int, mode="constant"):
+def pad_axis(x, axis: int, size: int, mode="constant"):
   pad = size - x.shape[axis]
   if pad == 0:
     return x
@@ -212,31 +224,32 @@ def _pad_axis(x, axis: int, size: int, mode="constant"):
   return jnp.pad(x, widths, mode=mode)
 
 
-def _attention(q, k, v, q_seg, kv_seg, plan: _Plan):
-  """Pads (and for TPU transposes to head-major), runs the core, undoes both."""
+def run_padded(core, q, k, v, q_seg, kv_seg, plan: Plan):
+  """Pads (and for TPU transposes to head-major), runs core(q, k, v, q_seg, kv_seg)
+  in the kernel layout, undoes both."""
   t, d = q.shape[1], q.shape[3]
   tq, tk = plan.fwd.padded_q_len, plan.fwd.padded_kv_len
   if q_seg is not None:
     # Edge padding keeps per-block segment ranges tight; padded keys are masked
     # by length and padded queries are dropped.
-    q_seg = _pad_axis(q_seg.astype(jnp.int32), 1, tq, mode="edge")
-    kv_seg = _pad_axis(kv_seg.astype(jnp.int32), 1, tk, mode="edge")
+    q_seg = pad_axis(q_seg.astype(jnp.int32), 1, tq, mode="edge")
+    kv_seg = pad_axis(kv_seg.astype(jnp.int32), 1, tk, mode="edge")
   if plan.platform == "tpu":
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
-    q = _pad_axis(q, 2, tq)
-    k, v = _pad_axis(k, 2, tk), _pad_axis(v, 2, tk)
-    out = _core(q, k, v, q_seg, kv_seg, plan)
+    q = pad_axis(q, 2, tq)
+    k, v = pad_axis(k, 2, tk), pad_axis(v, 2, tk)
+    out = core(q, k, v, q_seg, kv_seg)
     return out[:, :, :t].transpose(0, 2, 1, 3)
   # GPU: head_dim to a multiple of 64 (zero columns change no score).
-  padded_d = _round_up(d, 64)
-  q = _pad_axis(_pad_axis(q, 1, tq), 3, padded_d)
-  k = _pad_axis(_pad_axis(k, 1, tk), 3, padded_d)
-  v = _pad_axis(_pad_axis(v, 1, tk), 3, padded_d)
-  out = _core(q, k, v, q_seg, kv_seg, plan)
+  padded_d = round_up(d, 64)
+  q = pad_axis(pad_axis(q, 1, tq), 3, padded_d)
+  k = pad_axis(pad_axis(k, 1, tk), 3, padded_d)
+  v = pad_axis(pad_axis(v, 1, tk), 3, padded_d)
+  out = core(q, k, v, q_seg, kv_seg)
   return out[:, :t, :, :d]
 
 
-def _forward(q, k, v, q_seg, kv_seg, plan: _Plan):
+def _forward(q, k, v, q_seg, kv_seg, plan: Plan):
   """(out, lse [b, h, t] f32) in the platform's kernel layout."""
   if plan.platform == "tpu":
     return tpu_fwd.forward(q, k, v, q_seg, kv_seg, tiling=plan.fwd, interpret=plan.interpret)
@@ -256,18 +269,25 @@ def _core_fwd(q, k, v, q_seg, kv_seg, plan):
 
 def _core_bwd(plan, res, do):
   q, k, v, q_seg, kv_seg, out, lse = res
-  delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
-  if plan.platform == "tpu":  # [b, h, t, d]: delta is [b, h, t] already.
+  delta = row_delta(out, do, plan.platform)
+  if plan.platform == "tpu":
     args = (q, k, v, do, lse, delta, q_seg, kv_seg)
     dq = tpu_bwd.backward_dq(*args, tiling=plan.dq, interpret=plan.interpret)
     dk, dv = tpu_bwd.backward_dkv(*args, tiling=plan.dkv, interpret=plan.interpret)
-  else:  # [b, t, h, d]: delta [b, t, h] -> [b, h, t].
-    args = (q, k, v, do, lse, delta.transpose(0, 2, 1), q_seg, kv_seg)
+  else:
+    args = (q, k, v, do, lse, delta, q_seg, kv_seg)
     kw = dict(slots=plan.config.max_concurrent_steps, wgs=plan.config.compute_wgs_bwd,
               interpret=plan.interpret)
     dq = gpu_bwd.backward_dq(*args, tiling=plan.dq, **kw)
     dk, dv = gpu_bwd.backward_dkv(*args, tiling=plan.dkv, **kw)
   return dq, dk, dv, None, None
+
+
+def row_delta(out, do, platform: str):
+  """rowsum(do * out) in f32, [b, h, t] from either kernel layout."""
+  delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+  # TPU layout [b, h, t, d] gives [b, h, t]; GPU [b, t, h, d] gives [b, t, h].
+  return delta if platform == "tpu" else delta.transpose(0, 2, 1)
 
 
 _core.defvjp(_core_fwd, _core_bwd)

@@ -72,12 +72,41 @@ def mask_scores(s, *, tiling: Tiling, ops: Ops, q_pos0, kv_pos0, q_ids, kv_ids,
   q_axis, kv_axis = (1, 0) if transposed else (0, 1)
   q_pos = q_pos0 + ops.iota(shape, q_axis)
   kv_pos = kv_pos0 + ops.iota(shape, kv_axis)
-  extra = {}
+  mask = masks.visible(q_pos, kv_pos, window=tiling.window, kv_len=tiling.padded_kv)
   if q_ids is not None:
-    extra = dict(q_seg=bcast(q_ids, shape, q_axis), kv_seg=bcast(kv_ids, shape, kv_axis))
-  mask = masks.visible(q_pos, kv_pos, window=tiling.window, kv_len=tiling.padded_kv,
-                       **extra)
+    mask = mask & segment_mask(q_ids, kv_ids, shape, transposed)
   return jnp.where(mask, s, -jnp.inf)
+
+
+def segment_mask(q_ids, kv_ids, shape, transposed: bool):
+  """bool tile: query and key share a segment (ids are per-row / per-column vectors)."""
+  q_axis, kv_axis = (1, 0) if transposed else (0, 1)
+  return bcast(q_ids, shape, q_axis) == bcast(kv_ids, shape, kv_axis)
+
+
+def softmax_init(ops: Ops, rows: int, head_dim: int):
+  """(acc [rows, d], running max [rows], row sum [rows]) of an online softmax."""
+  return (ops.full((rows, head_dim), 0.0), ops.full((rows,), masks.M_INIT),
+          ops.full((rows,), 0.0))
+
+
+def softmax_update(s, acc, m, l):
+  """One online-softmax step on masked log2 scores s [rows, cols].
+
+  Returns p (unnormalized probabilities), the rescaled acc, the new max and sum.
+  """
+  m_next = jnp.maximum(m, s.max(axis=1))
+  alpha = jnp.exp2(m - m_next)
+  p = jnp.exp2(s - bcast(m_next, s.shape, 0))
+  return p, acc * bcast(alpha, acc.shape, 0), m_next, l * alpha + p.sum(axis=1)
+
+
+def softmax_result(acc, m, l):
+  """(acc / l, log2 log-sum-exp); a row that saw no key gets 0 and EMPTY_ROW_LSE."""
+  empty = l == 0.0
+  safe_l = jnp.where(empty, 1.0, l)
+  lse = jnp.where(empty, masks.EMPTY_ROW_LSE, m + jnp.log(safe_l) * (1.0 / math.log(2.0)))
+  return acc / bcast(safe_l, acc.shape, 0), lse
 
 
 def _fwd_kernel(*refs, tiling: Tiling, slots: int, ops: Ops):
@@ -130,24 +159,16 @@ def _fwd_kernel(*refs, tiling: Tiling, slots: int, ops: Ops):
         full = tile_is_full(tiling, q_block, kv_block, stat_refs, b)
         s = lax.cond(full, lambda x: x, masked, s)
       plgpu.barrier_arrive(k_consumed.at[slot])
-      m_next = jnp.maximum(m, s.max(axis=1))
-      alpha = jnp.exp2(m - m_next)
-      p = jnp.exp2(s - bcast(m_next, s.shape, 0))
-      l = l * alpha + p.sum(axis=1)
-      acc = acc * bcast(alpha, acc.shape, 0)
+      p, acc, m_next, l = softmax_update(s, acc, m, l)
       plgpu.barrier_wait(v_ready.at[slot])
       acc = ops.matmul_acc(acc, p.astype(v_ring.dtype), v_ring.at[slot])
       plgpu.barrier_arrive(v_consumed.at[slot])
       return acc, m_next, l
 
-    init = (ops.full((bq, head_dim), 0.0), ops.full((bq,), masks.M_INIT),
-            ops.full((bq,), 0.0))
-    acc, m, l = lax.fori_loop(0, num_steps, step, init)
-    empty = l == 0.0
-    safe_l = jnp.where(empty, 1.0, l)
-    q_smem.at[wg][...] = (acc / bcast(safe_l, acc.shape, 0)).astype(q_smem.dtype)
-    lse_smem.at[wg][...] = jnp.where(empty, masks.EMPTY_ROW_LSE,
-                                     m + jnp.log(safe_l) * (1.0 / math.log(2.0)))
+    acc, m, l = lax.fori_loop(0, num_steps, step, softmax_init(ops, bq, head_dim))
+    out, lse = softmax_result(acc, m, l)
+    q_smem.at[wg][...] = out.astype(q_smem.dtype)
+    lse_smem.at[wg][...] = lse
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_smem.at[wg], o_ref.at[b, pl.ds(row0, bq), h])
     plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, bq)])

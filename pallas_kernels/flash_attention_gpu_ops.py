@@ -106,11 +106,15 @@ class Stream:
     consumed: barrier array [slots] (one arrival per compute warpgroup) the
       consumers arrive on when done with the slot, or None to share the slot
       release of the previous stream.
+    when: None, or step -> traced bool: copy only on steps where it holds (the
+      consumer must wait on `ready` under the same condition). Only for
+      streams with consumed=None.
   """
   src: object
   ring: object
   ready: object
   consumed: object = None
+  when: object = None
 
 
 def produce_ring(streams, num_steps, num_slots: int):
@@ -124,8 +128,12 @@ def produce_ring(streams, num_steps, num_slots: int):
     for stream in streams:
       if wait and stream.consumed is not None:
         plgpu.barrier_wait(stream.consumed.at[slot])
-      plgpu.copy_gmem_to_smem(stream.src(step), stream.ring.at[slot],
-                              stream.ready.at[slot])
+      copy = lambda stream=stream: plgpu.copy_gmem_to_smem(
+          stream.src(step), stream.ring.at[slot], stream.ready.at[slot])
+      if stream.when is None:
+        copy()
+      else:
+        pl.when(stream.when(step))(copy)
 
   for t in range(num_slots):
     @pl.when(t < num_steps)

@@ -115,17 +115,10 @@ def _fwd_kernel(*refs, tiling: Tiling, num_steps: int):
   lo, hi = kv_lo[b * tiling.num_q_blocks + i], kv_hi[b * tiling.num_q_blocks + i]
   kv_block = lo + j
 
-  @pl.when(j == 0)
-  def _init():
-    m_ref[...] = jnp.full(m_ref.shape, masks.M_INIT, jnp.float32)
-    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+  pl.when(j == 0)(lambda: softmax_init(m_ref, l_ref, acc_ref))
 
   def step(masked: bool):
-    q, k, v = q_ref[...], k_ref[...], v_ref[...]
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                        preferred_element_type=jnp.float32)
-    s = s * (tiling.scale * LOG2E)  # [bq, bkv]
+    s = log2_scores(q_ref[...], k_ref[...], tiling.scale)  # [bq, bkv]
     if masked:
       rows = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bkv), 0)
       cols = kv_block * bkv + lax.broadcasted_iota(jnp.int32, (bq, bkv), 1)
@@ -135,28 +128,49 @@ def _fwd_kernel(*refs, tiling: Tiling, num_steps: int):
       mask = masks.visible(rows, cols, window=tiling.window,
                            kv_len=tiling.padded_kv, **seg)
       s = jnp.where(mask, s, -jnp.inf)
-    m_prev, l_prev = m_ref[...], l_ref[...]  # [bq, 128]
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    alpha = jnp.exp2(m_prev - m_next)
-    p = jnp.exp2(s - widen(m_next, bkv))
-    m_ref[...] = m_next
-    l_ref[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                         preferred_element_type=jnp.float32)
-    acc_ref[...] = acc_ref[...] * widen(alpha, acc_ref.shape[1]) + pv
+    softmax_step(s, v_ref[...], m_ref, l_ref, acc_ref)
 
   full = tile_is_full(tiling, i, kv_block, seg_refs, b)
   run_tile(kv_block < hi, full, tiling.needs_mask, step)
+  pl.when(j == num_steps - 1)(lambda: softmax_finish(o_ref, lse_ref, m_ref, l_ref, acc_ref))
 
-  @pl.when(j == num_steps - 1)
-  def _finish():
-    l, m = l_ref[...], m_ref[...]
-    empty = l == 0.0
-    inv = jnp.where(empty, 0.0, 1.0 / jnp.where(empty, 1.0, l))
-    o_ref[...] = (acc_ref[...] * widen(inv, acc_ref.shape[1])).astype(o_ref.dtype)
-    lse = jnp.where(empty, masks.EMPTY_ROW_LSE,
-                    m + jnp.log(jnp.where(empty, 1.0, l)) * (1.0 / math.log(2.0)))
-    lse_ref[...] = jnp.transpose(lse)[:SUBLANES]  # [8, bq] rows
+
+def log2_scores(q, k, scale: float):
+  """f32 [bq, bkv] = q @ k.T * scale * log2(e) (scores in log2 units)."""
+  s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  return s * (scale * LOG2E)
+
+
+def softmax_init(m_ref, l_ref, acc_ref):
+  """Running max, row sum and output accumulator of an online softmax."""
+  m_ref[...] = jnp.full(m_ref.shape, masks.M_INIT, jnp.float32)
+  l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+  acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+
+def softmax_step(s, v, m_ref, l_ref, acc_ref):
+  """One online-softmax step: s [bq, bkv] masked log2 scores, v [bkv, d]."""
+  bkv = s.shape[1]
+  m_prev, l_prev = m_ref[...], l_ref[...]  # [bq, 128]
+  m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+  alpha = jnp.exp2(m_prev - m_next)
+  p = jnp.exp2(s - widen(m_next, bkv))
+  m_ref[...] = m_next
+  l_ref[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
+  pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                       preferred_element_type=jnp.float32)
+  acc_ref[...] = acc_ref[...] * widen(alpha, acc_ref.shape[1]) + pv
+
+
+def softmax_finish(o_ref, lse_ref, m_ref, l_ref, acc_ref):
+  """Normalized output and [8, bq] log2 log-sum-exp rows; empty rows get 0 / EMPTY_ROW_LSE."""
+  l, m = l_ref[...], m_ref[...]
+  empty = l == 0.0
+  inv = jnp.where(empty, 0.0, 1.0 / jnp.where(empty, 1.0, l))
+  o_ref[...] = (acc_ref[...] * widen(inv, acc_ref.shape[1])).astype(o_ref.dtype)
+  lse = jnp.where(empty, masks.EMPTY_ROW_LSE,
+                  m + jnp.log(jnp.where(empty, 1.0, l)) * (1.0 / math.log(2.0)))
+  lse_ref[...] = jnp.transpose(lse)[:SUBLANES]  # [8, bq] rows
 
 
 def forward(q, k, v, q_seg, kv_seg, *, tiling: Tiling, interpret):

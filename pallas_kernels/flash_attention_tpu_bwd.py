@@ -54,9 +54,7 @@ def _dq_kernel(*refs, tiling: Tiling, num_steps: int):
     delta_col[...] = jnp.transpose(jnp.broadcast_to(delta_ref[:1, :], (LANES, bq)))
 
   def step(masked: bool):
-    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)
-    p = jnp.exp2(s * (tiling.scale * LOG2E) - widen(lse_col[...], bkv))
+    mask = None
     if masked:
       rows = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bkv), 0)
       cols = kv_block * bkv + lax.broadcasted_iota(jnp.int32, (bq, bkv), 1)
@@ -65,11 +63,8 @@ def _dq_kernel(*refs, tiling: Tiling, num_steps: int):
         extra = dict(q_seg=widen(seg[0][...], bkv), kv_seg=seg[1][:1, :])
       mask = masks.visible(rows, cols, window=tiling.window,
                            kv_len=tiling.padded_kv, **extra)
-      p = jnp.where(mask, p, 0.0)
-    dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
-    ds = p * (dp - widen(delta_col[...], bkv))
-    acc_ref[...] += lax.dot_general(ds.astype(k.dtype), k, _NN,
-                                    preferred_element_type=jnp.float32)
+    dq_step(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_col[...], delta_col[...],
+            acc_ref, scale=tiling.scale, mask=mask)
 
   full = fwd_lib.tile_is_full(tiling, i, kv_block, seg_stats, b)
   fwd_lib.run_tile(kv_block < hi, full, tiling.needs_mask, step)
@@ -97,9 +92,7 @@ def _dkv_kernel(*refs, tiling: Tiling, num_steps: int):
     dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
   def step(masked: bool):
-    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    s_t = lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32)  # [bkv, bq]
-    p_t = jnp.exp2(s_t * (tiling.scale * LOG2E) - lse_ref[:1, :])
+    mask = None
     if masked:
       kv_pos = j * bkv + lax.broadcasted_iota(jnp.int32, (bkv, bq), 0)
       q_pos = q_block * bq + lax.broadcasted_iota(jnp.int32, (bkv, bq), 1)
@@ -108,13 +101,8 @@ def _dkv_kernel(*refs, tiling: Tiling, num_steps: int):
         extra = dict(q_seg=seg[0][:1, :], kv_seg=widen(seg[1][...], bq))
       mask = masks.visible(q_pos, kv_pos, window=tiling.window,
                            kv_len=tiling.padded_kv, **extra)
-      p_t = jnp.where(mask, p_t, 0.0)
-    dv_acc[...] += lax.dot_general(p_t.astype(do.dtype), do, _NN,
-                                   preferred_element_type=jnp.float32)
-    dp_t = lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32)
-    ds_t = p_t * (dp_t - delta_ref[:1, :])
-    dk_acc[...] += lax.dot_general(ds_t.astype(q.dtype), q, _NN,
-                                   preferred_element_type=jnp.float32)
+    dkv_step(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[:1, :],
+             delta_ref[:1, :], dk_acc, dv_acc, scale=tiling.scale, mask=mask)
 
   full = fwd_lib.tile_is_full(tiling, q_block, j, seg_stats, b)
   fwd_lib.run_tile(q_block < hi, full, tiling.needs_mask, step)
@@ -123,6 +111,33 @@ def _dkv_kernel(*refs, tiling: Tiling, num_steps: int):
   def _finish():
     dk_ref[...] = (dk_acc[...] * tiling.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+
+def dq_step(q, k, v, do, lse_col, delta_col, acc_ref, *, scale: float, mask):
+  """acc_ref [bq, d] += ds @ k for one tile; lse/delta [bq, 128] columns; mask None or [bq, bkv]."""
+  bkv = k.shape[0]
+  s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)
+  p = jnp.exp2(s * (scale * LOG2E) - widen(lse_col, bkv))
+  if mask is not None:
+    p = jnp.where(mask, p, 0.0)
+  dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
+  ds = p * (dp - widen(delta_col, bkv))
+  acc_ref[...] += lax.dot_general(ds.astype(k.dtype), k, _NN,
+                                  preferred_element_type=jnp.float32)
+
+
+def dkv_step(q, k, v, do, lse_row, delta_row, dk_acc, dv_acc, *, scale: float, mask):
+  """dk/dv accumulators [bkv, d] += one transposed tile; lse/delta [1, bq] rows; mask None or [bkv, bq]."""
+  s_t = lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32)  # [bkv, bq]
+  p_t = jnp.exp2(s_t * (scale * LOG2E) - lse_row)
+  if mask is not None:
+    p_t = jnp.where(mask, p_t, 0.0)
+  dv_acc[...] += lax.dot_general(p_t.astype(do.dtype), do, _NN,
+                                 preferred_element_type=jnp.float32)
+  dp_t = lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32)
+  ds_t = p_t * (dp_t - delta_row)
+  dk_acc[...] += lax.dot_general(ds_t.astype(q.dtype), q, _NN,
+                                 preferred_element_type=jnp.float32)
 
 
 def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, *, tiling: Tiling, interpret):
