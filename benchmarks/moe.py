@@ -5,7 +5,7 @@
 
 One layer, forward + backward (gradients of params and input for a random
 output cotangent), on the current default device. Rows:
-  dropless   MoeFeedForward(impl='dropless'): sort + jax.lax.ragged_dot.
+  dropless   MoeFeedForward(impl="dropless"): sort + grouped matmul (ragged_dot; tiled on CPU).
   capacity   MoeFeedForward(impl='capacity', --capacity_factor): fixed buffers.
   dense      SwiGLU with hidden k * m: the same active parameters per token.
 Both MoE rows include the router and the load statistics.

@@ -1,4 +1,4 @@
-"""Expert computation for routed tokens: dropless (sort + ragged_dot), capacity, dense reference.
+"""Expert computation for routed tokens: dropless (sort + grouped matmul), capacity, dense reference.
 
 Pure functions, no Flax. Every expert is a SwiGLU: down(silu(x @ gate) * (x @ up)).
 
@@ -6,12 +6,11 @@ Shapes: n tokens, e embed, m expert hidden, E experts, k experts per token,
 a = n * k assignments, g capacity groups, s tokens per group, C capacity (slots
 per expert per group). Expert weights: gate/up [E, e, m], down [E, m, e].
 
-`jax.lax.ragged_dot(lhs [a, e], rhs [E, e, m], group_sizes [E])` multiplies
-row block i (rows sum(sizes[:i]) .. sum(sizes[:i+1])) by rhs[i]; rows past
-sum(group_sizes) come out as zeros and get zero gradient (checked on jax
-0.10.2), which the expert-parallel path relies on for its padding rows. On
-XLA:CPU ragged_dot is several times slower than the equivalent dense einsums
-(see benchmarks/moe.py); it is meant for GPU and TPU.
+The grouped matmul (layers/grouped_matmul.py: `jax.lax.ragged_dot` on GPU and
+TPU, expert-tiled einsums on CPU, where ragged_dot is ~8x slower) multiplies
+row block i (rows sum(sizes[:i]) .. sum(sizes[:i+1])) by expert i's weights;
+rows past sum(group_sizes) come out as zeros and get zero gradient (checked on
+jax 0.10.2), which the expert-parallel path relies on for its padding rows.
 
 Capacity groups: the MoE layer passes one group per sequence (g = b, s = t),
 as GShard's groups, so which assignments are dropped never depends on how
@@ -25,13 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-
-def swiglu_grouped(xs: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
-                   group_sizes: jax.Array) -> jax.Array:
-  """Rows xs [a, e] sorted by expert, group_sizes [E] int32 -> [a, e] (zeros past the groups)."""
-  h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, group_sizes))
-  h = checkpoint_name(h * jax.lax.ragged_dot(xs, up, group_sizes), "moe_hidden")
-  return jax.lax.ragged_dot(h, down, group_sizes)
+from layers.grouped_matmul import swiglu_grouped
 
 
 def swiglu_batched(buffers: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
@@ -82,7 +75,7 @@ def dropless(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: jax.Arr
   """Every assignment computed: x [n, e], weights/indices [n, k] -> [n, e].
 
   Sorts the n*k assignments by expert, gathers their rows, runs three grouped
-  matmuls (ragged_dot) and scatters the results back. Differentiable in x,
+  matmuls (grouped_matmul) and scatters the results back. Differentiable in x,
   weights and the expert weights.
   """
   n, k = indices.shape
