@@ -57,7 +57,10 @@ class NativeSparseAttention(nn.Module):
   Segment ids (packed rows) are supported: every branch attends within the
   query's segment, a compressed block counts only if it lies wholly inside
   the segment, and the forced "first block" is the block of the segment's
-  first token.
+  first token. Id 0 (padding) is an ordinary segment here: padding attends to
+  earlier padding, real tokens never to padding. Blocks are counted in slots,
+  so a left-padded prompt's blocks are shifted by its padding, exactly as for a
+  document packed at that offset in training.
 
   In decode mode the layer keeps a 'cache' collection: cached_key_{cmp,slc,win}
   and cached_value_{cmp,slc,win} [b, s, k, d] (keys after RoPE),
@@ -80,9 +83,10 @@ class NativeSparseAttention(nn.Module):
       count toward n).
     window: sliding-window length (the query and the window - 1 before it).
     attention_impl: 'auto' | 'xla' | 'pallas'. 'pallas' runs the selection
-      kernel (pallas_kernels/nsa_selection, TPU kernels; interpreted on CPU)
-      and flash attention for the window; 'xla' runs einsum references;
-      'auto' is 'pallas' on TPU, else 'xla'.
+      kernel (pallas_kernels/nsa_selection: Mosaic TPU kernels on TPU chips, the
+      Mosaic GPU forward on h100/h200, interpreted on CPU) and flash attention
+      for the window; 'xla' runs einsum references; 'auto' is 'pallas' on TPU,
+      else 'xla'. Decoding always uses the einsum path.
     attention_chip: the kernels' target chip ('' : interpret on CPU, else the
       local device's chip).
     dtype, param_dtype: computation and parameter dtypes.

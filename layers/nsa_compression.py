@@ -92,7 +92,8 @@ def grouped_attention(q, k, v, mask):
   logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
   mask = mask[:, :, None]
   logits = jnp.where(mask, logits * d ** -0.5, jnp.finfo(jnp.float32).min)
-  peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  peak = jax.lax.stop_gradient(
+      jnp.max(logits, axis=-1, keepdims=True, initial=jnp.finfo(jnp.float32).min))
   p = jnp.where(mask, jnp.exp(logits - peak), 0.0)
   denom = jnp.sum(p, axis=-1, keepdims=True)
   probs = p / jnp.where(denom == 0.0, 1.0, denom)

@@ -18,7 +18,7 @@ _HI = jax.lax.Precision.HIGHEST
 def _softmax_rows(logits, mask):
   """Softmax over the last axis within mask; rows without any True are 0."""
   logits = jnp.where(mask, logits, -jnp.inf)
-  peak = jnp.max(jnp.where(mask, logits, -1e30), axis=-1, keepdims=True)
+  peak = jnp.max(jnp.where(mask, logits, -1e30), axis=-1, keepdims=True, initial=-1e30)
   p = jnp.where(mask, jnp.exp(logits - peak), 0.0)
   total = p.sum(axis=-1, keepdims=True)
   return p / jnp.where(total > 0, total, 1.0)

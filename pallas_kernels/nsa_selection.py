@@ -11,10 +11,13 @@ Semantics, including segment ids, are those of
 `nsa_selection_reference.selected_block_attention_reference`.
 
 The kernel family comes from `config.chip` (static data, a
-FlashAttentionConfig whose block sizes are ignored). Only the Mosaic TPU
-kernels exist so far (nsa_selection_tpu); a GPU chip raises ValueError.
-`interpret=True` runs the TPU kernels on CPU. Differentiable (custom_vjp) in
-q, k and v with Pallas backward kernels; block_indices get no gradient.
+FlashAttentionConfig whose block sizes are ignored): TPU chips run the Mosaic
+TPU kernels (nsa_selection_tpu; forward and Pallas backward), GPU chips
+(h100, h200) the Mosaic GPU forward (nsa_selection_gpu; bfloat16/float16,
+d % 64 == 0, g <= 64) with the reference's VJP as backward.
+`interpret=True` runs the chosen kernels on CPU (the TPU ones by default; a
+GPU config or the GPU interpreter's params select the GPU one).
+Differentiable (custom_vjp) in q, k and v; block_indices get no gradient.
 
 Limits: the block table (b * k * t * n int32) and the dkv pair list
 (b * k * (t * n + nb)) are scalar-prefetched whole, so they must fit SMEM;
@@ -29,6 +32,9 @@ from jax import lax
 import jax.numpy as jnp
 
 from pallas_kernels import flash_attention_config as config_lib
+from pallas_kernels import flash_attention_gpu_ops as gpu_ops
+from pallas_kernels import nsa_selection_gpu as gpu
+from pallas_kernels import nsa_selection_reference as reference
 from pallas_kernels import nsa_selection_tpu as tpu
 from pallas_kernels.flash_attention_config import FlashAttentionConfig
 from pallas_kernels.flash_attention_tpu import LANES, SUBLANES
@@ -51,9 +57,11 @@ def selected_block_attention(q, k, v, block_indices, *, block_size: int, scale=N
     scale: logit scale (a Python float), default 1 / sqrt(d).
     q_segment_ids, kv_segment_ids: int [b, t], [b, s] (both or neither): query
       i sees key j only if their ids are equal.
-    interpret: False, True (run on CPU), or a pltpu.InterpretParams.
+    interpret: False, True (run on CPU), a pltpu.InterpretParams (TPU) or the
+      Mosaic GPU interpreter's params (flash_attention_gpu_ops.interpret_params).
     config: FlashAttentionConfig naming the chip; None: TPU v5e when
-      interpreting, else the chip of jax.devices()[0].
+      interpreting (h100 with GPU interpreter params), else the chip of
+      jax.devices()[0].
 
   Returns:
     [b, t, h, d] in q.dtype; a query that sees no key gets 0.
@@ -66,15 +74,19 @@ def selected_block_attention(q, k, v, block_indices, *, block_size: int, scale=N
   s, num_kv = k.shape[1], k.shape[2]
   n = block_indices.shape[3]
   scale = float(1.0 / math.sqrt(d) if scale is None else scale)
-  if config is None:
-    config = (config_lib.default_config("tpu_v5e") if interpret
-              else config_lib.default_config(_device_chip()))
+  if config is None and interpret:
+    gpu_params = type(interpret).__name__ == "InterpretGPUParams"
+    config = config_lib.default_config("h100" if gpu_params else "tpu_v5e")
+  elif config is None:
+    config = config_lib.default_config(_device_chip())
   if not isinstance(config, FlashAttentionConfig):
     raise ValueError(f"config={config!r} must be a FlashAttentionConfig or None.")
-  if config.platform != "tpu":
-    raise ValueError(f"config.chip={config.chip!r}: selected_block_attention has only the "
-                     "Mosaic TPU kernel so far; use the reference (attention_impl='xla') on GPU.")
-  if not interpret and block_size % SUBLANES:
+  if config.platform == "gpu":
+    _check_gpu(q, k, block_size)
+  elif config.platform != "tpu":
+    raise ValueError(f"config.chip={config.chip!r}: no selected-block kernel for platform "
+                     f"{config.platform!r}.")
+  elif not interpret and block_size % SUBLANES:
     raise ValueError(f"block_size={block_size} must be a multiple of {SUBLANES} on TPU.")
   if t == 0 or s == 0 or n == 0:
     return jnp.zeros(q.shape, q.dtype)
@@ -82,6 +94,11 @@ def selected_block_attention(q, k, v, block_indices, *, block_size: int, scale=N
   geo = Geometry(block=block_size, q_len=t, kv_len=s, padded_kv_len=nb * block_size,
                  num_kv_heads=num_kv, group=h // num_kv, top_n=n, scale=scale,
                  has_segments=q_segment_ids is not None)
+  if config.platform == "gpu":
+    if interpret is True:
+      interpret = gpu_ops.interpret_params()
+    segs = None if q_segment_ids is None else (q_segment_ids, kv_segment_ids)
+    return _gpu_core(q, k, v, block_indices, segs, geo, _hashable(interpret) or False)
   interpret = interpret if isinstance(interpret, bool) else _hashable(interpret)
   pad = geo.padded_kv_len - s
   qk = q.reshape(b, t, num_kv, geo.group, d).transpose(0, 2, 1, 3, 4)
@@ -103,6 +120,22 @@ def _device_chip() -> str:
                      f"{jax.devices()[0].device_kind!r}: pass interpret=True on CPU or "
                      "an explicit config.")
   return chip
+
+
+def _check_gpu(q, k, block_size):
+  """The Mosaic GPU kernel's limits (wgmma tiles), as ValueErrors naming the field."""
+  if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise ValueError(f"q.dtype={jnp.dtype(q.dtype)}: the Mosaic GPU selection kernel takes "
+                     "bfloat16 or float16 (wgmma operands).")
+  if q.shape[3] % 64:
+    raise ValueError(f"head_dim={q.shape[3]} must be a multiple of 64 for the Mosaic GPU "
+                     "selection kernel.")
+  if block_size % 16:
+    raise ValueError(f"block_size={block_size} must be a multiple of 16 for the Mosaic GPU "
+                     "selection kernel.")
+  if q.shape[2] // k.shape[2] > gpu.ROWS:
+    raise ValueError(f"num_q_heads / num_kv_heads = {q.shape[2] // k.shape[2]} must be <= "
+                     f"{gpu.ROWS} for the Mosaic GPU selection kernel.")
 
 
 def _hashable(interpret):
@@ -221,3 +254,40 @@ def _core_bwd(geo, interpret, res, do):
 
 
 _core.defvjp(_core_fwd, _core_bwd)
+
+
+def _padded(x, geo: Geometry, mode="constant"):
+  """x [b, s, ...] zero- (or edge-) padded to [b, nb * B, ...]."""
+  widths = [(0, 0), (0, geo.padded_kv_len - geo.kv_len)] + [(0, 0)] * (x.ndim - 2)
+  return jnp.pad(x, widths, mode=mode)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _gpu_core(q, k, v, block_indices, segs, geo, interpret):
+  """Mosaic GPU forward on the public layout: [b, t, h, d]."""
+  blk, act = block_table(block_indices, geo)
+  shape = (q.shape[0], geo.num_kv_heads, geo.q_len, geo.top_n)
+  q_seg = kv_seg = None
+  if segs is not None:
+    q_seg = segs[0].astype(jnp.int32)
+    kv_seg = _padded(segs[1].astype(jnp.int32), geo, mode="edge")
+  return gpu.forward(q, _padded(k, geo), _padded(v, geo), blk.reshape(shape), act.reshape(shape),
+                     q_seg, kv_seg, block=geo.block, kv_len=geo.kv_len, scale=geo.scale,
+                     interpret=interpret)
+
+
+def _gpu_core_fwd(q, k, v, block_indices, segs, geo, interpret):
+  return _gpu_core(q, k, v, block_indices, segs, geo, interpret), (q, k, v, block_indices, segs)
+
+
+def _gpu_core_bwd(geo, interpret, res, do):
+  """The reference's VJP (no GPU backward kernel yet)."""
+  del interpret
+  q, k, v, block_indices, segs = res
+  ids = {} if segs is None else dict(q_segment_ids=segs[0], kv_segment_ids=segs[1])
+  attend = lambda q, k, v: reference.selected_block_attention_reference(  # noqa: E731
+      q, k, v, block_indices, block_size=geo.block, scale=geo.scale, **ids)
+  return (*jax.vjp(attend, q, k, v)[1](do), None, None)
+
+
+_gpu_core.defvjp(_gpu_core_fwd, _gpu_core_bwd)

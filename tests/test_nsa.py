@@ -1,8 +1,12 @@
-"""NativeSparseAttention: against the plain reference, causality, selection rules, training.
+"""NativeSparseAttention: against the plain reference, causality, selection rules,
+KV-cache decoding, training.
 
 Small sizes throughout: compress_block 8, stride 4, select_block 16, top_n 4,
 window 32 at t = 100 (7 selection blocks, so selection is really sparse).
+Variants, the interpreted-kernel layer check and training run with -m slow.
 """
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -14,16 +18,27 @@ import pytest
 from layers import nsa_compression as cmp_lib
 from layers.nsa import NativeSparseAttention
 from layers.nsa_reference import nsa_reference
+from models.llama import Llama, LlamaConfig, init_cache
+from train import sampling
 
 SIZES = dict(num_heads=4, num_kv_heads=2, head_dim=16, compress_block=8, compress_stride=4,
              select_block=16, select_top_n=4, window=32)
 B, T, E = 2, 100, 32
 
 
+# Unoptimized XLA compiles these small programs several times faster (init most).
+_FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def _run_fast(fn, *args):
+  """fn(*args), jitted and compiled without XLA's optimization passes."""
+  return jax.jit(fn).lower(*args).compile(_FAST_COMPILE)(*args)
+
+
 def _setup(impl="xla", seed=0, **overrides):
   layer = NativeSparseAttention(attention_impl=impl, **{**SIZES, **overrides})
   x = jax.random.normal(jax.random.key(seed), (B, T, E))
-  params = nn.unbox(layer.init(jax.random.key(seed + 1), x))["params"]
+  params = nn.unbox(_run_fast(layer.init, jax.random.key(seed + 1), x))["params"]
   return layer, params, x
 
 
@@ -32,8 +47,11 @@ def _packed_ids():
   return jnp.stack([jnp.ones(T, jnp.int32), 1 + (jnp.arange(T) >= 45).astype(jnp.int32)])
 
 
-@pytest.mark.parametrize("segments", [False, True])
-@pytest.mark.parametrize("overrides", [{}, dict(select_top_n=5, select_local_blocks=1)])
+@pytest.mark.parametrize("segments, overrides", [
+    (True, {}),
+    pytest.param(False, {}, marks=pytest.mark.slow),
+    pytest.param(True, dict(select_top_n=5, select_local_blocks=1), marks=pytest.mark.slow),
+    pytest.param(False, dict(select_top_n=5, select_local_blocks=1), marks=pytest.mark.slow)])
 def test_matches_reference(segments, overrides):
   layer, params, x = _setup(**overrides)
   ids = _packed_ids() if segments else None
@@ -42,6 +60,7 @@ def test_matches_reference(segments, overrides):
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_pallas_matches_xla_with_grads():
   """impl='pallas' (selection kernel + flash window, interpreted) = 'xla', values and grads."""
   ids = _packed_ids()
@@ -59,6 +78,21 @@ def test_pallas_matches_xla_with_grads():
   for path, a, b in zip(jax.tree_util.tree_leaves_with_path(gp_x), jax.tree.leaves(gp_x),
                         jax.tree.leaves(gp_p)):
     np.testing.assert_allclose(b, a, atol=1e-4, rtol=1e-4, err_msg=str(path[0]))
+
+
+@pytest.mark.slow
+def test_pallas_on_h100_matches_xla():
+  """attention_chip='h100': the Mosaic GPU selection kernel and GPU flash window
+  (interpreted), bfloat16, against the xla path with the same parameters."""
+  sizes = dict(head_dim=64, dtype=jnp.bfloat16, attention_chip="h100")
+  layer, params, x = _setup("xla", **sizes)
+  ids = _packed_ids()
+  x = x.astype(jnp.bfloat16)
+  want = _run_fast(lambda x: layer.apply({"params": params}, x, segment_ids=ids), x)
+  kernels = NativeSparseAttention(attention_impl="pallas", **{**SIZES, **sizes})
+  got = _run_fast(lambda x: kernels.apply({"params": params}, x, segment_ids=ids), x)
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  assert np.max(np.abs(got - want)) < 3e-2 * max(1.0, np.max(np.abs(want)))
 
 
 def test_causal():
@@ -116,6 +150,7 @@ def test_overlap_weights_paper_multiplicities():
   np.testing.assert_allclose(w.sum(1), 2.0)  # every compressed block counted l/m times
 
 
+@pytest.mark.slow
 def test_gradients_finite_and_nonzero():
   layer, params, x = _setup()
   loss = lambda p: jnp.mean(layer.apply({"params": p}, x) ** 2)  # noqa: E731
@@ -126,6 +161,7 @@ def test_gradients_finite_and_nonzero():
     assert np.max(np.abs(g)) > 0, path
 
 
+@pytest.mark.slow
 def test_training_reduces_loss():
   """A few Adam steps on a fixed random regression target lower the loss."""
   layer, params, x = _setup()
@@ -147,11 +183,118 @@ def test_training_reduces_loss():
   assert losses[-1] < 0.9 * losses[0], losses
 
 
-def test_rejects_decode_and_bad_config():
-  layer, params, x = _setup()
-  with pytest.raises(ValueError, match="decode"):
-    layer.apply({"params": params}, x, decode=True)
+def test_rejects_bad_config():
   with pytest.raises(ValueError, match="select_top_n"):
     _setup(select_top_n=2)
   with pytest.raises(ValueError, match="attention_impl"):
     _setup("cudnn")
+  with pytest.raises(ValueError, match="num_heads"):
+    _setup(num_heads=3)
+
+
+def _left_padded(pad: int):
+  """Segment ids and positions [B, T] as train.sampling.left_pad makes them: row 1
+  starts with `pad` padding slots (segment 0), row 0 has none."""
+  ids = np.ones((B, T), np.int32)
+  ids[1, :pad] = 0
+  positions = np.maximum(np.cumsum(ids, axis=1) - 1, 0).astype(np.int32)
+  return jnp.asarray(ids), jnp.asarray(positions)
+
+
+def _decode(layer, params, x, positions, ids, *, prefill: int, cache_len: int):
+  """Prefill `prefill` tokens, then decode the rest one at a time.
+
+  Returns the outputs [B, T, E] and chosen blocks [B, T, k, n], concatenated.
+  """
+  shapes = jax.eval_shape(lambda: layer.init(
+      jax.random.key(0), jnp.zeros((B, cache_len, E)), decode=True))["cache"]
+  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.unbox(shapes))
+  step = jax.jit(lambda cache, x, pos, ids: layer.apply(
+      {"params": params, "cache": cache}, x, positions=pos, segment_ids=ids, decode=True,
+      mutable=["cache", "intermediates"]))
+  outs, chosen = [], []
+  for lo, hi in [(0, prefill)] + [(i, i + 1) for i in range(prefill, x.shape[1])]:
+    y, state = step(cache, x[:, lo:hi], positions[:, lo:hi], ids[:, lo:hi])
+    cache = state["cache"]
+    outs.append(y)
+    chosen.append(state["intermediates"]["block_indices"][0])
+  assert int(cache["cache_index"]) == x.shape[1]
+  return jnp.concatenate(outs, axis=1), jnp.concatenate(chosen, axis=1)
+
+
+@pytest.mark.parametrize("pad", [0, 21])
+def test_decode_matches_full_forward(pad):
+  """Prefill 30 tokens, then one at a time, into a cache longer than the sequence: the
+  outputs (padding rows included) and chosen blocks equal one full forward's. pad=21
+  left-pads row 1, so compressed and selection blocks straddle the padding."""
+  layer, params, x = _setup(seed=4)
+  ids, positions = _left_padded(pad)
+  full, state = jax.jit(lambda x: layer.apply(
+      {"params": params}, x, positions=positions, segment_ids=ids,
+      mutable=["intermediates"]))(x)
+  got, chosen = _decode(layer, params, x, positions, ids, prefill=30, cache_len=T + 12)
+  np.testing.assert_allclose(got, full, atol=2e-5, rtol=2e-5)
+  np.testing.assert_array_equal(chosen, state["intermediates"]["block_indices"][0])
+
+
+def test_shorter_than_a_compressed_block():
+  """t = 6 < compress_block (no compressed block yet, as when sampling a short prompt):
+  the layer matches the reference, and decoding matches the full forward."""
+  layer, params, x = _setup()
+  ids, positions = (a[:, :6] for a in _left_padded(2))
+  x = x[:, :6]
+  full = _run_fast(lambda x: layer.apply({"params": params}, x, positions=positions,
+                                         segment_ids=ids), x)
+  want = _run_fast(lambda x: nsa_reference(layer, params, x, positions=positions,
+                                           segment_ids=ids), x)
+  np.testing.assert_allclose(full, want, atol=2e-5, rtol=2e-5)
+  got, _ = _decode(layer, params, x, positions, ids, prefill=3, cache_len=7)
+  np.testing.assert_allclose(got, full, atol=2e-5, rtol=2e-5)
+
+
+def test_decode_sees_a_changed_token_only_from_its_slot_on():
+  """Decoding x with token 60 changed matches the full forward of x before slot 60 and
+  departs from it at 60 and later (past the window, through compressed blocks)."""
+  layer, params, x = _setup(seed=5)
+  ids, positions = _left_padded(0)
+  full = jax.jit(lambda x: layer.apply({"params": params}, x))(x)
+  changed = x.at[:, 60].add(3.0)
+  got, _ = _decode(layer, params, changed, positions, ids, prefill=10, cache_len=T)
+  np.testing.assert_allclose(got[:, :60], full[:, :60], atol=2e-5, rtol=2e-5)
+  diff = np.max(np.abs(np.asarray(got - full)), axis=(0, 2))
+  assert diff[60] > 1e-2 and np.min(diff[60:]) > 1e-5, diff[60:]
+
+
+def test_greedy_sampling_with_an_nsa_model():
+  """train.sampling.generate_tokens on a 2-layer Llama with NSA blocks (left-padded
+  prompts): every new token is the argmax of one full forward over prompt + tokens."""
+  cfg = LlamaConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    head_dim=8, mlp_dim=48, max_seq_len=32, rope_theta=10_000.0, norm_eps=1e-6,
+                    tie_embeddings=False, attention_impl="xla", scan_layers=True,
+                    remat_policy="none", dtype="float32", param_dtype="float32",
+                    attention="nsa", nsa_compress_block=4, nsa_compress_stride=2,
+                    nsa_select_block=4, nsa_select_top_n=3, nsa_window=6)
+  model = Llama(cfg)
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(1, 64, 11).tolist(), rng.integers(1, 64, 6).tolist()]
+  tokens, positions, ids = sampling.left_pad(prompts, pad_id=0)
+  variables = _run_fast(model.init, jax.random.key(0), tokens)
+  new = jax.jit(functools.partial(
+      sampling.generate_tokens, model, init_cache, max_new_tokens=12, temperature=0.0,
+      top_k=0, top_p=1.0))(variables, tokens, positions, ids, jax.random.key(1))
+  new = np.asarray(new)
+  p = tokens.shape[1]
+  whole = np.concatenate([tokens, new], axis=1)
+  ids = np.concatenate([ids, np.ones_like(new)], axis=1)
+  positions = np.maximum(np.cumsum(ids, axis=1) - 1, 0)
+  logits = jax.jit(model.apply)(variables, whole, positions=positions, segment_ids=ids)
+  np.testing.assert_array_equal(np.argmax(logits[:, p - 1:-1], axis=-1), new)
+  assert len(set(new.ravel().tolist())) > 3  # not a degenerate constant stream
+
+
+def test_decode_rejects_more_tokens_than_the_cache():
+  layer, params, x = _setup()
+  shapes = jax.eval_shape(lambda: layer.init(jax.random.key(0), x[:, :8], decode=True))
+  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.unbox(shapes["cache"]))
+  with pytest.raises(ValueError, match="cache of length 8"):
+    layer.apply({"params": params, "cache": cache}, x[:, :9], decode=True, mutable=["cache"])

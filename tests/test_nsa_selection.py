@@ -1,5 +1,8 @@
 """Selected-block attention kernels (interpret mode) against the plain-jnp reference, and lowering.
 
+TPU kernels (forward, dq, dkv) and the Mosaic GPU forward; by default one
+representative case of each and one lowering each, the sweeps with -m slow.
+
 Every case checks the output and the q, k, v gradients on random block tables
 with unused slots (-1) and blocks after the query (skipped). Interpreted
 outputs start as NaN, so a dk/dv block the pair list never visits would fail.
@@ -15,6 +18,7 @@ import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 from pallas_kernels import flash_attention_config as config_lib
+from pallas_kernels import flash_attention_gpu_ops as gpu_ops
 from pallas_kernels.nsa_selection import selected_block_attention
 from pallas_kernels.nsa_selection_reference import selected_block_attention_reference
 
@@ -54,12 +58,16 @@ class Case:
     return (q, k, v), idx, kw, do
 
 
+def _slow(case):
+  return pytest.param(case, marks=pytest.mark.slow)
+
+
 CASES = [
-    Case(),
-    Case(h=4, kh=4, n=1, block=16),  # MHA, one slot
-    Case(h=8, kh=2, n=5, t=29, s=29),  # GQA 4, all blocks can be chosen
-    Case(h=2, kh=1, n=2, t=41, s=53, block=16),  # MQA, more keys than queries
-    Case(segments=True, n=4),
+    Case(segments=True, n=4),  # the default representative: GQA 2, segments, unused slots
+    _slow(Case()),
+    _slow(Case(h=4, kh=4, n=1, block=16)),  # MHA, one slot
+    _slow(Case(h=8, kh=2, n=5, t=29, s=29)),  # GQA 4, all blocks can be chosen
+    _slow(Case(h=2, kh=1, n=2, t=41, s=53, block=16)),  # MQA, more keys than queries
 ]
 
 
@@ -99,6 +107,7 @@ def test_matches_reference(case):
     _close(g, w, case.dtype)
 
 
+@pytest.mark.slow
 def test_bfloat16():
   case = Case(dtype=jnp.bfloat16, h=4, kh=2, n=3)
   got, want = _run(case, seed=1)
@@ -106,6 +115,7 @@ def test_bfloat16():
     _close(g, w, case.dtype)
 
 
+@pytest.mark.slow
 def test_strict_interpreter():
   """NaN memory, out-of-bounds reads raise, races detected."""
   params = pltpu.InterpretParams(uninitialized_memory="nan", out_of_bounds_reads="raise",
@@ -116,15 +126,15 @@ def test_strict_interpreter():
     _close(g, w, case.dtype)
 
 
+@pytest.mark.slow
 def test_unchosen_blocks_get_zero_gradient():
   """Blocks no query selects: dk = dv = 0 exactly (their pair-list no-ops write zeros)."""
   case = Case(b=1, t=40, s=40, n=1)
   (q, k, v), _, _, do = case.inputs(3)
   idx = jnp.zeros((1, 40, 2, 1), jnp.int32)  # everyone picks block 0
-  fn = lambda k, v: selected_block_attention(  # noqa: E731
+  fn = lambda q, k, v: selected_block_attention(  # noqa: E731
       q, k, v, idx, block_size=8, interpret=True)
-  _, vjp = jax.vjp(fn, k, v)
-  dk, dv = vjp(do)
+  _, _, dk, dv = _fwd_bwd(fn, q, k, v, do)
   assert np.all(np.asarray(dk[:, 8:]) == 0) and np.all(np.asarray(dv[:, 8:]) == 0)
   assert np.max(np.abs(np.asarray(dv[:, :8]))) > 0
 
@@ -135,12 +145,75 @@ def test_rejects_bad_inputs():
   idx = jnp.zeros((1, 8, 2, 1), jnp.int32)
   with pytest.raises(ValueError, match="block_indices must be"):
     selected_block_attention(q, k, k, idx[:, :, :1], block_size=8, interpret=True)
-  with pytest.raises(ValueError, match="only the Mosaic TPU kernel"):
-    selected_block_attention(q, k, k, idx, block_size=8,
-                             config=config_lib.FlashAttentionConfig("h100"))
+  h100 = config_lib.FlashAttentionConfig("h100")
+  with pytest.raises(ValueError, match="bfloat16 or float16"):
+    selected_block_attention(q, k, k, idx, block_size=16, config=h100)
+  with pytest.raises(ValueError, match="head_dim=16 must be a multiple of 64"):
+    selected_block_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
+                             k.astype(jnp.bfloat16), idx, block_size=16, config=h100)
   with pytest.raises(ValueError, match="multiple of 8"):
     selected_block_attention(q, k, k, idx, block_size=12,
                              config=config_lib.FlashAttentionConfig("tpu_v5e"))
+
+
+GPU_CASES = [
+    Case(b=1, t=21, s=21, d=64, block=16, n=2, segments=True, dtype=jnp.bfloat16),
+    _slow(Case(b=2, t=19, s=35, h=8, kh=1, d=64, block=16, n=3, dtype=jnp.bfloat16)),  # MQA
+]
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_gpu_kernel_matches_reference(case):
+  """Mosaic GPU forward, interpreted (NaN-filled SMEM, out-of-bounds reads raise), and its
+  reference-VJP backward, through the public entry point with an h100 config."""
+  got, want = _run_gpu(case, seed=4, interpret=True)
+  for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+    assert np.max(np.abs(np.asarray(w, np.float32))) > 0, name
+    _close(g, w, case.dtype)
+
+
+@pytest.mark.slow
+def test_gpu_kernel_has_no_races():
+  case = Case(b=1, t=17, s=17, d=64, block=16, n=2, segments=True, dtype=jnp.bfloat16)
+  params = dataclasses.replace(gpu_ops.interpret_params(), detect_races=True)
+  got, want = _run_gpu(case, seed=5, interpret=params)
+  _close(got[0], want[0], case.dtype)
+
+
+def _run_gpu(case: Case, seed: int, interpret):
+  (q, k, v), idx, kw, do = case.inputs(seed)
+  h100 = config_lib.FlashAttentionConfig("h100")
+  fn = lambda q, k, v: selected_block_attention(  # noqa: E731
+      q, k, v, idx, block_size=case.block, interpret=interpret, config=h100, **kw)
+  ref = lambda q, k, v: selected_block_attention_reference(  # noqa: E731
+      q, k, v, idx, block_size=case.block, **kw)
+  return _fwd_bwd(fn, q, k, v, do), _fwd_bwd(ref, q, k, v, do)
+
+
+@pytest.mark.parametrize("chip, segments", [
+    ("h100", True), pytest.param("h200", False, marks=pytest.mark.slow)])
+def test_lowers_for_cuda(chip, segments):
+  """The forward lowers to one Mosaic GPU custom call (the backward is XLA)."""
+  cfg = config_lib.default_config(chip)
+  b, t, kv_heads, group, head_dim, n, block = 1, 1000, 2, 16, 128, 16, 64
+  sd = jax.ShapeDtypeStruct
+  args = [sd((b, t, kv_heads * group, head_dim), jnp.bfloat16),
+          sd((b, t, kv_heads, head_dim), jnp.bfloat16),
+          sd((b, t, kv_heads, head_dim), jnp.bfloat16), sd((b, t, kv_heads, n), jnp.int32)]
+  if segments:
+    args.append(sd((b, t), jnp.int32))
+
+  def fn(q, k, v, idx, ids=None):
+    attend = lambda q, k, v: selected_block_attention(  # noqa: E731
+        q, k, v, idx, block_size=block, q_segment_ids=ids, kv_segment_ids=ids, config=cfg)
+    out, vjp = jax.vjp(attend, q, k, v)
+    return out, vjp(out)
+
+  mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+      device_kind=cfg.device_kind, num_cores=1, platform="cuda"))
+  with use_abstract_mesh(mesh):
+    text = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
+  assert text.count("@mosaic_gpu_v2") == 1
 
 
 def _export_tpu(chip: str, head_dim: int, group: int, segments: bool):
@@ -166,7 +239,9 @@ def _export_tpu(chip: str, head_dim: int, group: int, segments: bool):
 
 
 @pytest.mark.parametrize("chip, head_dim, group, segments", [
-    ("tpu_v5e", 128, 16, True), ("tpu_v5e", 64, 1, False), ("tpu_v6e", 128, 8, False)])
+    ("tpu_v5e", 128, 16, True),
+    pytest.param("tpu_v5e", 64, 1, False, marks=pytest.mark.slow),
+    pytest.param("tpu_v6e", 128, 8, False, marks=pytest.mark.slow)])
 def test_lowers_for_tpu(chip, head_dim, group, segments):
   """Forward, dq and dkv kernels lower to Mosaic TPU custom calls (compiled on hardware)."""
   text = _export_tpu(chip, head_dim, group, segments).mlir_module()
