@@ -13,9 +13,16 @@ pairs summed over heads), backward 2.5x. `ratio` = dense flash (no mask) time /
 block-sparse time. The block map's build time (numpy, once per mask and
 geometry, outside the step) is printed on its own.
 
-NSA: `nsa_rows` times NSA forward/backward callables registered in
-NSA_IMPLEMENTATIONS against dense causal flash at 8k..64k (filled in by the
-NSA work; nothing is registered here).
+NSA: `nsa_rows` (--nsa) times the callables registered in NSA_IMPLEMENTATIONS
+against dense causal flash at 8k..64k (H = 64, K = 4, d = 128). Registered:
+NativeSparseAttention's attention core (layers/nsa.py past its projections;
+top-16 blocks of 64, compression 32 / 16, window 512), on the path the layer
+picks for the device, named in the row: 'pallas' on TPU chips (Mosaic TPU
+selection kernel, flash attention for the window), the einsum path ('xla')
+elsewhere. On GPU that means the einsum path: the selection branch has no
+Pallas forward+backward kernel there yet (the Mosaic GPU forward is not the
+layer's default), so GPU NSA rows measure XLA einsums over dense [t, s] masks
+and scores (quadratic memory: expect n/a cells, out of memory, at long S).
 
 Timing is benchmarks/attention.py's: random inputs, two alternated sets,
 warm-up, median of --iters runs, CUPTI device timers on GPU when available.
@@ -23,15 +30,19 @@ warm-up, median of --iters runs, CUPTI device timers on GPU when available.
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import attention as dense_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from layers import nsa as nsa_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from layers import nsa_compression as nsa_cmp  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pallas_kernels import flash_attention_config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pallas_kernels.block_sparse_attention import (  # pylint: disable=g-import-not-at-top,wrong-import-position
     CausalMask, ChunkedCausalMask, LocalMask, PrefixLMMask, block_sparse_attention,
@@ -41,8 +52,76 @@ from pallas_kernels.flash_attention import flash_attention  # pylint: disable=g-
 DENSITIES = (1.0, 0.5, 0.25, 0.125, 0.06)
 
 # name -> callable(q, k, v) -> out, with q [b, t, h, d], k/v [b, s, k, d]
-# (causal NSA attention). The NSA work registers its forward here.
+# (causal NSA attention); filled in below.
 NSA_IMPLEMENTATIONS = {}
+
+# NSA settings of the rows (the paper's, and the layer's defaults).
+NSA_SETTINGS = dict(compress_block=32, compress_stride=16, select_block=64, select_top_n=16,
+                    window=512)
+
+
+class NSACore(nsa_lib.NativeSparseAttention):
+  """NativeSparseAttention past its projections: q [b, t, h, d], k, v [b, s, k, d] -> [b, t, h, d].
+
+  Runs the layer's own branches (`_forward`: compression MLPs, compressed
+  attention, top-n selection, selected-block and sliding-window attention) with
+  one k, v shared by the three branches, and averages them (fixed gates: the
+  gate projection is the layer's, not attention).
+  """
+
+  @nn.compact
+  def __call__(self, q, k, v):
+    self._check()
+    kw = dict(block=self.compress_block, stride=self.compress_stride, dtype=self.dtype,
+              param_dtype=self.param_dtype)
+    compressors = (nsa_cmp.CompressKV(name="compress_key", **kw),
+                   nsa_cmp.CompressKV(name="compress_value", **kw))
+    branches = nsa_lib.BRANCHES
+    outs, _ = self._forward(q, dict.fromkeys(branches, k), dict.fromkeys(branches, v), None,
+                            compressors)
+    return (sum(o.astype(jnp.float32) for o in outs) / len(outs)).astype(q.dtype)
+
+
+def nsa_path(chip: str | None) -> str:
+  """attention_impl of the NSA rows: 'pallas' on TPU chips, else 'xla' (einsum).
+
+  GPU gets 'xla' as the layer's 'auto' does: no Pallas forward+backward for the
+  selection branch there yet.
+  """
+  return "pallas" if chip and config_lib.default_config(chip).platform == "tpu" else "xla"
+
+
+@functools.lru_cache(maxsize=None)
+def _nsa_params(num_heads: int, num_kv_heads: int, head_dim: int, dtype: str):
+  """Fixed parameters of NSACore (the compression MLPs), made once per geometry.
+
+  Concrete even when called while the timed function is traced, so they are
+  constants of the timed program, not part of it.
+  """
+  core = NSACore(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                 attention_impl="xla", dtype=dtype, **NSA_SETTINGS)
+  t = 2 * NSA_SETTINGS["select_block"]  # Parameters do not depend on t.
+  with jax.ensure_compile_time_eval():
+    q = jnp.zeros((1, t, num_heads, head_dim), dtype)
+    kv = jnp.zeros((1, t, num_kv_heads, head_dim), dtype)
+    return jax.jit(core.init)(jax.random.key(0), q, kv, kv)
+
+
+def nsa_layer_core(path: str, chip: str | None):
+  """callable(q, k, v) -> NSACore output on `path` ('pallas' | 'xla')."""
+  def fn(q, k, v):
+    core = NSACore(num_heads=q.shape[2], num_kv_heads=k.shape[2], head_dim=q.shape[3],
+                   attention_impl=path, attention_chip=chip if path == "pallas" else "",
+                   dtype=q.dtype, **NSA_SETTINGS)
+    params = _nsa_params(q.shape[2], k.shape[2], q.shape[3], jnp.dtype(q.dtype).name)
+    return core.apply(params, q, k, v)
+  return fn
+
+
+_CHIP = config_lib.chip_of_device(jax.devices()[0])
+_PATH = nsa_path(_CHIP)
+NSA_IMPLEMENTATIONS["core pallas (TPU)" if _PATH == "pallas" else "core xla einsum"] = (
+    nsa_layer_core(_PATH, _CHIP))
 
 
 @dataclasses.dataclass(frozen=True)
