@@ -29,6 +29,7 @@ setuptools.setup(
     extras_require={
         "test": [
             "pytest",
+            "pytest-xdist",
             "torch==2.13.0",
             "transformers>=5",
             "nbclient",

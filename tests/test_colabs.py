@@ -37,6 +37,7 @@ def test_quickstart_runs(tmp_path, monkeypatch):
 
 def test_moe_colab_runs(tmp_path, monkeypatch):
   monkeypatch.setenv("MOE_COLAB_STEPS", "4")
+  monkeypatch.setenv("MOE_COLAB_SMALL", "1")
   text = _text(_execute("moe.ipynb", str(tmp_path)))
   assert text.count("step 4/4") == 2  # Both runs trained.
   assert "aux-loss-free bias: final load imbalance per layer" in text

@@ -362,8 +362,9 @@ def _loss_and_grads(layer, variables, x, mask):
 @pytest.mark.parametrize("mesh_sizes, rules", [
     (dict(data=2, expert=4), _EP_RULES),
     (dict(tensor=2, expert=2, fsdp=2), _EP_RULES),
-    (dict(data=2, expert=2, tensor=2), _REPLICATED_RULES),
-    (dict(data=4, tensor=2), _REPLICATED_RULES),  # No expert parallelism, still per shard.
+    pytest.param(dict(data=2, expert=2, tensor=2), _REPLICATED_RULES, marks=pytest.mark.slow),
+    # No expert parallelism, still per shard.
+    pytest.param(dict(data=4, tensor=2), _REPLICATED_RULES, marks=pytest.mark.slow),
 ], ids=["data2-expert4", "tensor2-expert2-fsdp2", "tokens-replicated-over-expert", "data4-tensor2"])
 def test_expert_parallel_matches_one_device(impl, mesh_sizes, rules):
   b, t, e = 8, 4, 8
