@@ -109,3 +109,14 @@ def test_cluster_detection_from_launcher_environment():
   assert not distributed.cluster_detected({"SLURM_NTASKS": "1"})
   assert distributed.cluster_detected({"TPU_WORKER_HOSTNAMES": "a,b"})
   assert not distributed.cluster_detected({})
+
+
+def test_checkpoint_compatibility_ignores_compute_only_fields():
+  """A model may resume under another attention or MoE implementation, not another shape."""
+  from train import checkpoint  # pylint: disable=g-import-not-at-top
+  saved = {"num_experts": 8, "moe_impl": "dropless", "capacity_factor": 1.25,
+           "attention_impl": "xla"}
+  same_params = dict(saved, moe_impl="capacity", capacity_factor=2.0, attention_impl="pallas")
+  assert checkpoint.model_config_differences(saved, same_params) == []
+  assert checkpoint.model_config_differences(saved, dict(saved, num_experts=4)) == [
+      "model.num_experts: checkpoint has 8, config has 4"]

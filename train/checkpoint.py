@@ -28,7 +28,8 @@ from train import families
 ITEMS = ("params", "model_state", "train_state", "data_iter", "config")
 # Fields that change how a model computes but not its parameters: a checkpoint
 # trained with one value loads under another.
-COMPUTE_ONLY_FIELDS = ("attention_impl", "attention_chip", "remat_policy", "dtype")
+COMPUTE_ONLY_FIELDS = ("attention_impl", "attention_chip", "remat_policy", "dtype", "moe_impl",
+                       "capacity_factor")
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
