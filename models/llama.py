@@ -231,8 +231,12 @@ class Llama(nn.Module):
                         count=self.config.num_layers, first_index=0, scan_name="layers")
 
 
-def init_cache(config: LlamaConfig, batch_size: int, max_length: int):
+def init_cache(config: LlamaConfig, batch_size: int, max_length: int, *,
+               model_class: type[nn.Module] = Llama):
   """A zero KV cache for `batch_size` rows of up to `max_length` tokens.
+
+  `model_class` is the decoder built from `config` (Llama, or a subclass such
+  as models.moe.Moe).
 
   Returns the 'cache' collection pytree (leaves are nn.Partitioned boxes with
   logical axes; `nn.get_partition_spec` gives their specs, `nn.unbox` plain
@@ -241,7 +245,7 @@ def init_cache(config: LlamaConfig, batch_size: int, max_length: int):
   and cache_index []; stacked with a leading [L] axis when scan_layers.
   Callers keep prompt + generated tokens <= max_length.
   """
-  model = Llama(config)
+  model = model_class(config)
   tokens = jnp.zeros((batch_size, max_length), jnp.int32)
   shapes = jax.eval_shape(
       lambda: model.init(jax.random.key(0), tokens, decode=True))["cache"]

@@ -16,6 +16,7 @@ Shapes: b batch, t sequence, e embed, E experts, L layers.
 """
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -107,13 +108,8 @@ class Moe(llama.Llama):
                               scan_name="moe_layers")
 
 
-def init_cache(config: MoeConfig, batch_size: int, max_length: int):
-  """A zero KV cache (see `models.llama.init_cache`)."""
-  model = Moe(config)
-  tokens = jnp.zeros((batch_size, max_length), jnp.int32)
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), tokens, decode=True))["cache"]
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+# A zero KV cache (see `models.llama.init_cache`).
+init_cache = functools.partial(llama.init_cache, model_class=Moe)
 
 
 _LAYER_NAME = re.compile(r"layers_(\d+)$")

@@ -3,9 +3,11 @@
 import subprocess
 import sys
 
+import jax
 import pytest
 
-from configs import common, llama, llama_tiny
+from configs import common, llama, llama_tiny, moe
+from models import moe as moe_model
 
 
 def test_tiny_is_locked_and_typed():
@@ -55,9 +57,6 @@ def test_command_line_override_errors_name_the_key(override, message, tmp_path):
                                   "deepseek_v3_small"])
 def test_moe_sizes_build_valid_models(size):
   """Every MoE size validates as a model config, and its model traces abstractly."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from models import moe as moe_model  # pylint: disable=g-import-not-at-top
-  from configs import moe  # pylint: disable=g-import-not-at-top
   config = moe.get_config(f"size={size}")
   assert config.model.family == "moe"
   cfg = moe_model.MoeConfig.from_config_dict(config.model)

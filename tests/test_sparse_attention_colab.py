@@ -1,24 +1,11 @@
 """colabs/sparse_attention.ipynb runs top to bottom on CPU (kernels interpreted)."""
 
-import os
-
-import nbformat
-from nbclient import NotebookClient
-
-NOTEBOOK = os.path.join(os.path.dirname(__file__), os.pardir, "colabs",
-                        "sparse_attention.ipynb")
+import colab_runner
 
 
 def test_sparse_attention_colab_runs(tmp_path, monkeypatch):
   monkeypatch.setenv("SPARSE_COLAB_SMALL", "1")
-  notebook = nbformat.read(NOTEBOOK, as_version=4)
-  for cell in notebook.cells:
-    if cell.cell_type == "code":
-      assert not cell.outputs and cell.execution_count is None, "saved with outputs"
-  NotebookClient(notebook, timeout=600, kernel_name="python3",
-                 resources={"metadata": {"path": str(tmp_path)}}).execute()
-  text = "\n".join(out.get("text", "") for cell in notebook.cells
-                   if cell.cell_type == "code" for out in cell.outputs)
+  text = colab_runner.run("sparse_attention.ipynb", str(tmp_path))
   # Kernel vs reference: out, dq, dk, dv for each of the two masks (f32 on CPU).
   errors = [l for l in text.splitlines() if "max |kernel - reference|" in l]
   assert len(errors) == 8, text

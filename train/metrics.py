@@ -19,8 +19,8 @@ def _scalar_or_array(value):
 
 def add_sums(total: dict, sums: dict) -> None:
   """Adds one step's metric sums (scalars or arrays) into `total` in place."""
-  for key, value in sums.items():
-    value = np.asarray(jax.device_get(value), np.float64)
+  for key, value in jax.device_get(sums).items():  # One transfer for the whole dict.
+    value = np.asarray(value, np.float64)
     total[key] = total[key] + value if key in total else value
 
 
