@@ -16,13 +16,12 @@ geometry, outside the step) is printed on its own.
 NSA: `nsa_rows` (--nsa) times the callables registered in NSA_IMPLEMENTATIONS
 against dense causal flash at 8k..64k (H = 64, K = 4, d = 128). Registered:
 NativeSparseAttention's attention core (layers/nsa.py past its projections;
-top-16 blocks of 64, compression 32 / 16, window 512), on the path the layer
-picks for the device, named in the row: 'pallas' on TPU chips (Mosaic TPU
-selection kernel, flash attention for the window), the einsum path ('xla')
-elsewhere. On GPU that means the einsum path: the selection branch has no
-Pallas forward+backward kernel there yet (the Mosaic GPU forward is not the
-layer's default), so GPU NSA rows measure XLA einsums over dense [t, s] masks
-and scores (quadratic memory: expect n/a cells, out of memory, at long S).
+top-16 blocks of 64, compression 32 / 16, window 512) with
+attention_impl='pallas' (the selection kernels of pallas_kernels/nsa_selection
+for the device's chip, forward and backward, and flash attention for the
+window; interpreted on CPU), and off TPU also with 'xla' (einsums over dense
+[t, s] masks and scores, the layer's 'auto' on GPU until the GPU kernels are
+validated there; quadratic memory: expect n/a cells, out of memory, at long S).
 
 Timing is benchmarks/attention.py's: random inputs, two alternated sets,
 warm-up, median of --iters runs, CUPTI device timers on GPU when available.
@@ -82,13 +81,10 @@ class NSACore(nsa_lib.NativeSparseAttention):
     return (sum(o.astype(jnp.float32) for o in outs) / len(outs)).astype(q.dtype)
 
 
-def nsa_path(chip: str | None) -> str:
-  """attention_impl of the NSA rows: 'pallas' on TPU chips, else 'xla' (einsum).
-
-  GPU gets 'xla' as the layer's 'auto' does: no Pallas forward+backward for the
-  selection branch there yet.
-  """
-  return "pallas" if chip and config_lib.default_config(chip).platform == "tpu" else "xla"
+def nsa_paths(chip: str | None) -> tuple[str, ...]:
+  """attention_impl values of the NSA rows: 'pallas', and 'xla' (einsum) off TPU."""
+  on_tpu = chip is not None and config_lib.default_config(chip).platform == "tpu"
+  return ("pallas",) if on_tpu else ("pallas", "xla")
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,9 +115,8 @@ def nsa_layer_core(path: str, chip: str | None):
 
 
 _CHIP = config_lib.chip_of_device(jax.devices()[0])
-_PATH = nsa_path(_CHIP)
-NSA_IMPLEMENTATIONS["core pallas (TPU)" if _PATH == "pallas" else "core xla einsum"] = (
-    nsa_layer_core(_PATH, _CHIP))
+for _path in nsa_paths(_CHIP):
+  NSA_IMPLEMENTATIONS[f"core {_path}"] = nsa_layer_core(_path, _CHIP)
 
 
 @dataclasses.dataclass(frozen=True)

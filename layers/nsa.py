@@ -83,8 +83,8 @@ class NativeSparseAttention(nn.Module):
       count toward n).
     window: sliding-window length (the query and the window - 1 before it).
     attention_impl: 'auto' | 'xla' | 'pallas'. 'pallas' runs the selection
-      kernel (pallas_kernels/nsa_selection: Mosaic TPU kernels on TPU chips, the
-      Mosaic GPU forward on h100/h200, interpreted on CPU) and flash attention
+      kernels (pallas_kernels/nsa_selection: Mosaic TPU kernels on TPU chips,
+      Mosaic GPU kernels on h100/h200, interpreted on CPU) and flash attention
       for the window; 'xla' runs einsum references; 'auto' is 'pallas' on TPU,
       else 'xla'. Decoding always uses the einsum path.
     attention_chip: the kernels' target chip ('' : interpret on CPU, else the

@@ -12,9 +12,10 @@ Semantics, including segment ids, are those of
 
 The kernel family comes from `config.chip` (static data, a
 FlashAttentionConfig whose block sizes are ignored): TPU chips run the Mosaic
-TPU kernels (nsa_selection_tpu; forward and Pallas backward), GPU chips
-(h100, h200) the Mosaic GPU forward (nsa_selection_gpu; bfloat16/float16,
-d % 64 == 0, g <= 64) with the reference's VJP as backward.
+TPU kernels (nsa_selection_tpu), GPU chips (h100, h200) the Mosaic GPU
+kernels (nsa_selection_gpu forward, nsa_selection_gpu_bwd dq and dk/dv;
+bfloat16/float16, d % 64 == 0, B % 64 == 0, g <= 64); both forward and
+Pallas backward.
 `interpret=True` runs the chosen kernels on CPU (the TPU ones by default; a
 GPU config or the GPU interpreter's params select the GPU one).
 Differentiable (custom_vjp) in q, k and v; block_indices get no gradient.
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 from pallas_kernels import flash_attention_config as config_lib
 from pallas_kernels import flash_attention_gpu_ops as gpu_ops
 from pallas_kernels import nsa_selection_gpu as gpu
-from pallas_kernels import nsa_selection_reference as reference
+from pallas_kernels import nsa_selection_gpu_bwd as gpu_bwd
 from pallas_kernels import nsa_selection_tpu as tpu
 from pallas_kernels.flash_attention_config import FlashAttentionConfig
 from pallas_kernels.flash_attention_tpu import LANES, SUBLANES
@@ -130,9 +131,9 @@ def _check_gpu(q, k, block_size):
   if q.shape[3] % 64:
     raise ValueError(f"head_dim={q.shape[3]} must be a multiple of 64 for the Mosaic GPU "
                      "selection kernel.")
-  if block_size % 16:
-    raise ValueError(f"block_size={block_size} must be a multiple of 16 for the Mosaic GPU "
-                     "selection kernel.")
+  if block_size % gpu.ROWS:
+    raise ValueError(f"block_size={block_size} must be a multiple of {gpu.ROWS} for the Mosaic "
+                     "GPU selection kernels (the dk/dv wgmma tile; model.nsa_select_block).")
   if q.shape[2] // k.shape[2] > gpu.ROWS:
     raise ValueError(f"num_q_heads / num_kv_heads = {q.shape[2] // k.shape[2]} must be <= "
                      f"{gpu.ROWS} for the Mosaic GPU selection kernel.")
@@ -262,32 +263,46 @@ def _padded(x, geo: Geometry, mode="constant"):
   return jnp.pad(x, widths, mode=mode)
 
 
+def _gpu_operands(block_indices, segs, geo: Geometry):
+  """(blk, act) [b, k, t, n] and the int32 (q_seg, kv_seg padded) or (None, None)."""
+  blk, act = block_table(block_indices, geo)
+  shape = (block_indices.shape[0], geo.num_kv_heads, geo.q_len, geo.top_n)
+  if segs is None:
+    return blk.reshape(shape), act.reshape(shape), None, None
+  q_seg = segs[0].astype(jnp.int32)
+  kv_seg = _padded(segs[1].astype(jnp.int32), geo, mode="edge")
+  return blk.reshape(shape), act.reshape(shape), q_seg, kv_seg
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _gpu_core(q, k, v, block_indices, segs, geo, interpret):
-  """Mosaic GPU forward on the public layout: [b, t, h, d]."""
-  blk, act = block_table(block_indices, geo)
-  shape = (q.shape[0], geo.num_kv_heads, geo.q_len, geo.top_n)
-  q_seg = kv_seg = None
-  if segs is not None:
-    q_seg = segs[0].astype(jnp.int32)
-    kv_seg = _padded(segs[1].astype(jnp.int32), geo, mode="edge")
-  return gpu.forward(q, _padded(k, geo), _padded(v, geo), blk.reshape(shape), act.reshape(shape),
-                     q_seg, kv_seg, block=geo.block, kv_len=geo.kv_len, scale=geo.scale,
-                     interpret=interpret)
+  """Mosaic GPU kernels on the public layout: [b, t, h, d]."""
+  return _gpu_forward(q, k, v, block_indices, segs, geo, interpret)[0]
+
+
+def _gpu_forward(q, k, v, block_indices, segs, geo, interpret):
+  blk, act, q_seg, kv_seg = _gpu_operands(block_indices, segs, geo)
+  return gpu.forward(q, _padded(k, geo), _padded(v, geo), blk, act, q_seg, kv_seg,
+                     block=geo.block, kv_len=geo.kv_len, scale=geo.scale, interpret=interpret)
 
 
 def _gpu_core_fwd(q, k, v, block_indices, segs, geo, interpret):
-  return _gpu_core(q, k, v, block_indices, segs, geo, interpret), (q, k, v, block_indices, segs)
+  out, lse = _gpu_forward(q, k, v, block_indices, segs, geo, interpret)
+  return out, (q, k, v, block_indices, segs, out, lse)
 
 
 def _gpu_core_bwd(geo, interpret, res, do):
-  """The reference's VJP (no GPU backward kernel yet)."""
-  del interpret
-  q, k, v, block_indices, segs = res
-  ids = {} if segs is None else dict(q_segment_ids=segs[0], kv_segment_ids=segs[1])
-  attend = lambda q, k, v: reference.selected_block_attention_reference(  # noqa: E731
-      q, k, v, block_indices, block_size=geo.block, scale=geo.scale, **ids)
-  return (*jax.vjp(attend, q, k, v)[1](do), None, None)
+  q, k, v, block_indices, segs, out, lse = res
+  blk, act, q_seg, kv_seg = _gpu_operands(block_indices, segs, geo)
+  delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+  shape = gpu_bwd.Shape(block=geo.block, kv_len=geo.kv_len, num_blocks=geo.num_blocks,
+                        top_n=geo.top_n, scale=geo.scale, has_segments=segs is not None)
+  args = (q, _padded(k, geo), _padded(v, geo), do.astype(q.dtype), lse, delta, blk, act,
+          q_seg, kv_seg)
+  dq = gpu_bwd.backward_dq(*args, shape=shape, interpret=interpret)
+  dk, dv = gpu_bwd.backward_dkv(*args, shape=shape, interpret=interpret)
+  s = geo.kv_len
+  return dq, dk[:, :s], dv[:, :s], None, None
 
 
 _gpu_core.defvjp(_gpu_core_fwd, _gpu_core_bwd)

@@ -12,9 +12,10 @@ computes), wgmma computes scores and p @ v, and an online softmax (log2
 units, exp2) accumulates. Inactive slots re-fetch an already valid block and
 are masked out whole, so the loop has no branches.
 
-A first GPU version: one warpgroup, no warp specialization; the backward pass
-is the reference's VJP (see nsa_selection). Operands must be bfloat16 or
-float16, d a multiple of 64, B a multiple of 16 and g <= 64.
+A first GPU version: one warpgroup, no warp specialization. The forward also
+stores the rows' log-sum-exp (log2 units) for the backward kernels
+(nsa_selection_gpu_bwd). Operands must be bfloat16 or float16, d a multiple
+of 64, B a multiple of 64 (the backward's wgmma M tile) and g <= 64.
 """
 
 import functools
@@ -31,14 +32,35 @@ from pallas_kernels.flash_attention_gpu_ops import TRANSFORMS, Ops, bcast
 ROWS = 64  # wgmma M tile: query rows (heads of the group, zero-padded) per CTA.
 
 
+def pad_rows(x, num_kv: int):
+  """[b, t, h, ...] -> [b, t, k * ROWS, ...]: each group's g heads zero-padded to ROWS."""
+  b, t, h = x.shape[:3]
+  g = h // num_kv
+  grouped = x.reshape(b, t, num_kv, g, *x.shape[3:])
+  widths = ((0, 0),) * 3 + ((0, ROWS - g),) + ((0, 0),) * (x.ndim - 3)
+  return jnp.pad(grouped, widths).reshape(b, t, num_kv * ROWS, *x.shape[3:])
+
+
+def unpad_rows(x, num_kv: int, g: int):
+  """Inverse of pad_rows: [b, t, k * ROWS, ...] -> [b, t, k * g, ...]."""
+  b, t = x.shape[:2]
+  grouped = x.reshape(b, t, num_kv, ROWS, *x.shape[3:])[:, :, :, :g]
+  return grouped.reshape(b, t, num_kv * g, *x.shape[3:])
+
+
+def visible(kv_pos, q_pos, kv_len: int, active=True):
+  """Causal + padding visibility of kv positions for the query at q_pos."""
+  return (kv_pos <= q_pos) & (kv_pos < kv_len) & active
+
+
 def _fwd_kernel(*refs, block: int, kv_len: int, top_n: int, scale: float, has_segments: bool,
                 ops: Ops):
   if has_segments:
-    (q_ref, k_ref, v_ref, blk_ref, act_ref, q_seg_ref, kv_seg_ref, o_ref,
-     q_smem, k_ring, v_ring, ids_ring, q_bar, k_ready, v_ready, ids_ready) = refs
+    (q_ref, k_ref, v_ref, blk_ref, act_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref,
+     q_smem, lse_smem, k_ring, v_ring, ids_ring, q_bar, k_ready, v_ready, ids_ready) = refs
   else:
-    (q_ref, k_ref, v_ref, blk_ref, act_ref, o_ref,
-     q_smem, k_ring, v_ring, q_bar, k_ready, v_ready) = refs
+    (q_ref, k_ref, v_ref, blk_ref, act_ref, o_ref, lse_ref,
+     q_smem, lse_smem, k_ring, v_ring, q_bar, k_ready, v_ready) = refs
   i, c, b = lax.axis_index("q"), lax.axis_index("kv_heads"), lax.axis_index("batch")
   head_dim = q_ref.shape[-1]
   rows = pl.ds(c * ROWS, ROWS)
@@ -62,24 +84,26 @@ def _fwd_kernel(*refs, block: int, kv_len: int, top_n: int, scale: float, has_se
     # Slot (j + 1) % 2 was last read by step j - 1, whose wgmmas have completed.
     pl.when(j + 1 < top_n)(lambda: fetch(j + 1))
     kv_pos = blk_ref[b, c, i, j] * block + ops.iota((ROWS, block), 1)
-    visible = (kv_pos <= i) & (kv_pos < kv_len) & (act_ref[b, c, i, j] != 0)
+    seen = visible(kv_pos, i, kv_len, act_ref[b, c, i, j] != 0)
     plgpu.barrier_wait(k_ready.at[slot])
     s = ops.matmul_nt(q_smem, k_ring.at[slot], (ROWS, block)) * (scale * LOG2E)
     if has_segments:
       plgpu.barrier_wait(ids_ready.at[slot])
       kv_ids = ops.load_vector(ids_ring.at[slot], axis=0)
-      visible = visible & (bcast(kv_ids, s.shape, 1) == q_id)
-    s = jnp.where(visible, s, -jnp.inf)
+      seen = seen & (bcast(kv_ids, s.shape, 1) == q_id)
+    s = jnp.where(seen, s, -jnp.inf)
     p, acc, m_next, l = softmax_update(s, acc, m, l)
     plgpu.barrier_wait(v_ready.at[slot])
     acc = ops.matmul_acc(acc, p.astype(v_ring.dtype), v_ring.at[slot])
     return acc, m_next, l
 
   acc, m, l = lax.fori_loop(0, top_n, step, softmax_init(ops, ROWS, head_dim))
-  out, _ = softmax_result(acc, m, l)
+  out, lse = softmax_result(acc, m, l)
   q_smem[...] = out.astype(q_smem.dtype)
+  lse_smem[...] = lse
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b, i, rows])
+  plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, i, rows])
   plgpu.wait_smem_to_gmem(0)
 
 
@@ -96,15 +120,16 @@ def forward(q, k, v, blk, act, q_seg, kv_seg, *, block: int, kv_len: int, scale:
     interpret: False, or the Mosaic GPU interpreter's params.
 
   Returns:
-    [b, t, h, d] in q.dtype.
+    out [b, t, h, d] in q.dtype; lse [b, t, k * ROWS] float32, the log2-unit
+    log-sum-exp of every (padded) row (nsa_selection_gpu_bwd reads it).
   """
   b, t, h, d = q.shape
   num_kv, top_n = k.shape[2], blk.shape[3]
   g = h // num_kv
-  qp = jnp.pad(q.reshape(b, t, num_kv, g, d), ((0, 0),) * 3 + ((0, ROWS - g), (0, 0)))
-  qp = qp.reshape(b, t, num_kv * ROWS, d)
+  qp = pad_rows(q, num_kv)
   has_segments = q_seg is not None
   scratch = [plgpu.SMEM((ROWS, d), q.dtype, transforms=TRANSFORMS),
+             plgpu.SMEM((ROWS,), jnp.float32),
              plgpu.SMEM((2, block, d), q.dtype, transforms=TRANSFORMS),
              plgpu.SMEM((2, block, d), q.dtype, transforms=TRANSFORMS)]
   if has_segments:
@@ -115,12 +140,13 @@ def forward(q, k, v, blk, act, q_seg, kv_seg, *, block: int, kv_len: int, scale:
   kernel = plgpu.kernel(
       functools.partial(_fwd_kernel, block=block, kv_len=kv_len, top_n=top_n, scale=scale,
                         has_segments=has_segments, ops=Ops(interpret=bool(interpret))),
-      out_type=jax.ShapeDtypeStruct(qp.shape, q.dtype),
+      out_type=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
+                jax.ShapeDtypeStruct(qp.shape[:3], jnp.float32)],
       scratch_types=scratch,
       grid=(t, num_kv, b),
       grid_names=("q", "kv_heads", "batch"),
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret or None,
   )
-  out = kernel(*operands)
-  return out.reshape(b, t, num_kv, ROWS, d)[:, :, :, :g].reshape(b, t, h, d)
+  out, lse = kernel(*operands)
+  return unpad_rows(out, num_kv, g), lse

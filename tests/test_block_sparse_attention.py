@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import block_sparse_map as map_lib
+from pallas_kernels import flash_attention_config as config_lib
 from pallas_kernels import block_sparse_masks as masks_lib
 from pallas_kernels.block_sparse_attention import (BlockMap, BlockMask, CausalMask,
                                                    ChunkedCausalMask, FullMask, LocalMask,
@@ -369,3 +370,30 @@ def test_prebuilt_map_equals_mask_call_and_reference_matches_jax_nn():
   want = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
   np.testing.assert_allclose(block_sparse_attention_reference(q, k, v, bm), want, atol=2e-5)
   np.testing.assert_allclose(got, want, atol=5e-5)
+
+
+def _hardware_config(platform: str):
+  """The default tuned config of the local chip, or skip when it is not a `platform` chip."""
+  chip = config_lib.chip_of_device(jax.devices()[0])
+  if chip is None or config_lib.default_config(chip).platform != platform:
+    pytest.skip(f"needs a {platform.upper()} kernel target; have {jax.devices()[0].device_kind}")
+  return config_lib.default_config(chip)
+
+
+HARDWARE_CASES = {
+    "causal_window_segments": Case(CausalMask() & LocalMask(700, 0), t=1500, s=1500, h=8,
+                                   kh=2, d=128, segments=3),
+    "random_blocks_25": Case(_per_head_blocks(7, 8, 2000, 2100, 128, 0.25), t=2000, s=2100,
+                             h=8, kh=4, d=128),
+    "chunked_or_prefix_mqa_hd64": Case(ChunkedCausalMask(256) | PrefixLMMask(300), t=1100,
+                                       s=1100, h=4, kh=1, d=64),
+}
+
+
+@pytest.mark.parametrize("platform", [pytest.param("gpu", marks=pytest.mark.gpu),
+                                      pytest.param("tpu", marks=pytest.mark.tpu)])
+@pytest.mark.parametrize("name", sorted(HARDWARE_CASES))
+def test_kernels_on_hardware(name, platform):
+  """The real Mosaic GPU / TPU kernels (bf16) with the chip's default tuned config."""
+  check(dataclasses.replace(HARDWARE_CASES[name], dtype=jnp.bfloat16),
+        config=_hardware_config(platform), interpret=False, seed=sum(map(ord, name)))

@@ -1,6 +1,6 @@
 """Selected-block attention kernels (interpret mode) against the plain-jnp reference, and lowering.
 
-TPU kernels (forward, dq, dkv) and the Mosaic GPU forward; by default one
+TPU and Mosaic GPU kernels (forward, dq, dkv each); by default one
 representative case of each and one lowering each, the sweeps with -m slow.
 
 Every case checks the output and the q, k, v gradients on random block tables
@@ -19,6 +19,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 from pallas_kernels import flash_attention_config as config_lib
 from pallas_kernels import flash_attention_gpu_ops as gpu_ops
+from pallas_kernels import nsa_selection_gpu_bwd as gpu_bwd
 from pallas_kernels.nsa_selection import selected_block_attention
 from pallas_kernels.nsa_selection_reference import selected_block_attention_reference
 
@@ -157,27 +158,54 @@ def test_rejects_bad_inputs():
 
 
 GPU_CASES = [
-    Case(b=1, t=21, s=21, d=64, block=16, n=2, segments=True, dtype=jnp.bfloat16),
-    _slow(Case(b=2, t=19, s=35, h=8, kh=1, d=64, block=16, n=3, dtype=jnp.bfloat16)),  # MQA
+    Case(b=1, t=150, s=150, d=64, block=64, n=2, segments=True, dtype=jnp.bfloat16),
+    _slow(Case(b=2, t=70, s=140, h=8, kh=1, d=64, block=64, n=2, dtype=jnp.bfloat16)),  # MQA
 ]
 
 
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
-def test_gpu_kernel_matches_reference(case):
-  """Mosaic GPU forward, interpreted (NaN-filled SMEM, out-of-bounds reads raise), and its
-  reference-VJP backward, through the public entry point with an h100 config."""
+def test_gpu_kernel_matches_reference(case, monkeypatch):
+  """Mosaic GPU forward, dq and dk/dv kernels, interpreted (NaN-filled SMEM, out-of-bounds
+  reads raise), through the public entry point with an h100 config. Few pairs per dk/dv
+  CTA, so the busiest blocks are split across CTAs and their partials summed."""
+  monkeypatch.setattr(gpu_bwd, "PAIRS_PER_CTA", 16)
   got, want = _run_gpu(case, seed=4, interpret=True)
   for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
     assert np.max(np.abs(np.asarray(w, np.float32))) > 0, name
     _close(g, w, case.dtype)
 
 
+def test_gpu_work_items_cover_every_active_pair_once():
+  """The dk/dv work list: each item walks <= C pairs of one block, every active (block,
+  query) pair is walked by exactly one item, and inactive slots by none."""
+  rng = np.random.default_rng(0)
+  b, kh, t, n, nb, c = 2, 3, 40, 4, 6, 5
+  blk = rng.integers(0, nb, (b, kh, t, n)).astype(np.int32)
+  act = (rng.random((b, kh, t, n)) < 0.7).astype(np.int32)
+  act[0, 0, :, 0] = 1
+  blk[0, 0, :, 0] = 0  # one block every query selects: split over ceil(t / c) items.
+  pair_q, item_block, lo, hi = map(np.asarray, gpu_bwd.work_items(
+      jnp.asarray(blk), jnp.asarray(act), num_blocks=nb, pairs_per_cta=c))
+  assert item_block.shape[-1] == nb + -(-t * n // c)
+  for i in range(b):
+    for j in range(kh):
+      want = sorted((blk[i, j, q, s], q) for q in range(t) for s in range(n) if act[i, j, q, s])
+      got = []
+      for w in range(item_block.shape[-1]):
+        assert 0 <= hi[i, j, w] - lo[i, j, w] <= c
+        got += [(item_block[i, j, w], pair_q[i, j, p]) for p in range(lo[i, j, w], hi[i, j, w])]
+      assert all(m < nb for m, _ in got)
+      assert sorted(got) == want
+
+
 @pytest.mark.slow
 def test_gpu_kernel_has_no_races():
-  case = Case(b=1, t=17, s=17, d=64, block=16, n=2, segments=True, dtype=jnp.bfloat16)
+  """Forward, dq and dk/dv under the interpreter's race detector."""
+  case = Case(b=1, t=80, s=80, d=64, block=64, n=2, segments=True, dtype=jnp.bfloat16)
   params = dataclasses.replace(gpu_ops.interpret_params(), detect_races=True)
   got, want = _run_gpu(case, seed=5, interpret=params)
-  _close(got[0], want[0], case.dtype)
+  for g, w in zip(got, want):
+    _close(g, w, case.dtype)
 
 
 def _run_gpu(case: Case, seed: int, interpret):
@@ -193,7 +221,7 @@ def _run_gpu(case: Case, seed: int, interpret):
 @pytest.mark.parametrize("chip, segments", [
     ("h100", True), pytest.param("h200", False, marks=pytest.mark.slow)])
 def test_lowers_for_cuda(chip, segments):
-  """The forward lowers to one Mosaic GPU custom call (the backward is XLA)."""
+  """Forward, dq and dk/dv lower to Mosaic GPU custom calls."""
   cfg = config_lib.default_config(chip)
   b, t, kv_heads, group, head_dim, n, block = 1, 1000, 2, 16, 128, 16, 64
   sd = jax.ShapeDtypeStruct
@@ -213,7 +241,7 @@ def test_lowers_for_cuda(chip, segments):
       device_kind=cfg.device_kind, num_cores=1, platform="cuda"))
   with use_abstract_mesh(mesh):
     text = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
-  assert text.count("@mosaic_gpu_v2") == 1
+  assert text.count("@mosaic_gpu_v2") == 3
 
 
 def _export_tpu(chip: str, head_dim: int, group: int, segments: bool):
@@ -246,3 +274,31 @@ def test_lowers_for_tpu(chip, head_dim, group, segments):
   """Forward, dq and dkv kernels lower to Mosaic TPU custom calls (compiled on hardware)."""
   text = _export_tpu(chip, head_dim, group, segments).mlir_module()
   assert text.count("@tpu_custom_call") == 3
+
+
+HARDWARE_CASES = [
+    Case(b=1, t=2000, s=2000, h=16, kh=2, d=128, block=64, n=16, segments=True,
+         dtype=jnp.bfloat16),
+    Case(b=2, t=1100, s=1300, h=8, kh=8, d=64, block=64, n=4, dtype=jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("platform", [pytest.param("gpu", marks=pytest.mark.gpu),
+                                      pytest.param("tpu", marks=pytest.mark.tpu)])
+@pytest.mark.parametrize("case", HARDWARE_CASES, ids=str)
+def test_kernels_on_hardware(case, platform):
+  """The real kernels (forward, dq, dk/dv) on a Hopper GPU or a TPU, against the f32 reference."""
+  chip = config_lib.chip_of_device(jax.devices()[0])
+  if chip is None or config_lib.default_config(chip).platform != platform:
+    pytest.skip(f"needs a {platform.upper()} kernel target; have {jax.devices()[0].device_kind}")
+  (q, k, v), idx, kw, do = case.inputs(6)
+  cfg = config_lib.default_config(chip)
+  fn = lambda q, k, v: selected_block_attention(  # noqa: E731
+      q, k, v, idx, block_size=case.block, config=cfg, **kw)
+  ref = lambda q, k, v: selected_block_attention_reference(  # noqa: E731
+      q, k, v, idx, block_size=case.block, **kw)
+  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+  got = _fwd_bwd(fn, q, k, v, do)
+  want = _fwd_bwd(ref, f32(q), f32(k), f32(v), f32(do))
+  for g, w in zip(got, want):
+    _close(g, w, case.dtype)
