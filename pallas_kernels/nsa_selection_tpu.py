@@ -22,7 +22,6 @@ last pair.
 
 import dataclasses
 import functools
-import math
 
 import jax
 from jax import lax
@@ -30,11 +29,9 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.tpu as pltpu
 import jax.numpy as jnp
 
-from pallas_kernels import flash_attention_masks as masks
-from pallas_kernels.flash_attention_tpu import LANES, LOG2E, SUBLANES, compiler_params, widen
-
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_NN = (((1,), (0,)), ((), ()))  # a @ b
+from pallas_kernels.flash_attention_tpu import (LANES, SUBLANES, compiler_params, log2_scores,
+                                                softmax_finish, softmax_init, softmax_step, widen)
+from pallas_kernels.flash_attention_tpu_bwd import dkv_step, dq_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,36 +101,19 @@ def _fwd_kernel(*refs, geo: Geometry):
 
   @pl.when(j == 0)
   def _init():
-    m_ref[...] = jnp.full(m_ref.shape, masks.M_INIT, jnp.float32)
-    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    softmax_init(m_ref, l_ref, acc_ref)
 
   @pl.when(act_ref[slot] != 0)
   def _step():
-    q, k, v = q_ref[...], k_ref[...], v_ref[...]
-    s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)
-    s = s * (geo.scale * LOG2E)  # [g, B]
+    s = log2_scores(q_ref[...], k_ref[...], geo.scale)  # [g, B]
     kv_pos = blk_ref[slot] * bk + lax.broadcasted_iota(jnp.int32, (g, bk), 1)
     seg = (q_seg_ref[b * geo.q_len + i], kv_seg_ref[:1, :]) if geo.has_segments else (None,) * 2
     s = jnp.where(_mask(geo, i, kv_pos, *seg), s, -jnp.inf)
-    m_prev, l_prev = m_ref[...], l_ref[...]  # [g, 128]
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    alpha = jnp.exp2(m_prev - m_next)
-    p = jnp.exp2(s - widen(m_next, bk))
-    m_ref[...] = m_next
-    l_ref[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-    pv = lax.dot_general(p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32)
-    acc_ref[...] = acc_ref[...] * widen(alpha, acc_ref.shape[1]) + pv
+    softmax_step(s, v_ref[...], m_ref, l_ref, acc_ref)
 
   @pl.when(j == geo.top_n - 1)
   def _finish():
-    l, m = l_ref[...], m_ref[...]
-    empty = l == 0.0
-    inv = jnp.where(empty, 0.0, 1.0 / jnp.where(empty, 1.0, l))
-    o_ref[...] = (acc_ref[...] * widen(inv, acc_ref.shape[1])).astype(o_ref.dtype)
-    lse = jnp.where(empty, masks.EMPTY_ROW_LSE,
-                    m + jnp.log(jnp.where(empty, 1.0, l)) * (1.0 / math.log(2.0)))
-    lse_ref[...] = jnp.transpose(lse)[:SUBLANES]  # [8, g] rows
+    softmax_finish(o_ref, lse_ref, m_ref, l_ref, acc_ref)
 
 
 def _query_specs(geo: Geometry, head_dim: int):
@@ -208,16 +188,10 @@ def _dq_kernel(*refs, geo: Geometry):
 
   @pl.when(act_ref[slot] != 0)
   def _step():
-    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)
-    p = jnp.exp2(s * (geo.scale * LOG2E) - widen(lse_col[...], bk))  # [g, B]
     kv_pos = blk_ref[slot] * bk + lax.broadcasted_iota(jnp.int32, (g, bk), 1)
     seg = (q_seg_ref[b * geo.q_len + i], kv_seg_ref[:1, :]) if geo.has_segments else (None,) * 2
-    p = jnp.where(_mask(geo, i, kv_pos, *seg), p, 0.0)
-    dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
-    ds = p * (dp - widen(delta_col[...], bk))
-    acc_ref[...] += lax.dot_general(ds.astype(k.dtype), k, _NN,
-                                    preferred_element_type=jnp.float32)
+    dq_step(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_col[...], delta_col[...],
+            acc_ref, scale=geo.scale, mask=_mask(geo, i, kv_pos, *seg))
 
   @pl.when(j == geo.top_n - 1)
   def _finish():
@@ -273,19 +247,12 @@ def _dkv_kernel(*refs, geo: Geometry):
       # Products with g (< 8) rows or columns run in f32: Mosaic fails to verify
       # the bf16 forms of a 1-row operand (MHA).
       q, k, v, do = (x.astype(jnp.float32) for x in (q, k, v, do))
-    s_t = lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32)  # [B, g]
-    p_t = jnp.exp2(s_t * (geo.scale * LOG2E) - lse_ref[:1, :])
     kv_pos = blk * bk + lax.broadcasted_iota(jnp.int32, (bk, g), 0)
     seg = (None, None)
     if geo.has_segments:
       seg = (q_seg_ref[b * geo.q_len + qi], widen(kv_seg_ref[...], g))
-    p_t = jnp.where(_mask(geo, qi, kv_pos, *seg), p_t, 0.0)
-    dv_acc[...] += lax.dot_general(p_t.astype(do.dtype), do, _NN,
-                                   preferred_element_type=jnp.float32)
-    dp_t = lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32)
-    ds_t = p_t * (dp_t - delta_ref[:1, :])
-    dk_acc[...] += lax.dot_general(ds_t.astype(q.dtype), q, _NN,
-                                   preferred_element_type=jnp.float32)
+    dkv_step(q, k, v, do, lse_ref[:1, :], delta_ref[:1, :], dk_acc, dv_acc, scale=geo.scale,
+             mask=_mask(geo, qi, kv_pos, *seg))
 
   @pl.when(last)
   def _finish():
