@@ -17,6 +17,8 @@ import jax.extend as jex
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from pallas_kernels.flash_attention_config import MAX_HEAD_DIM as _PALLAS_MAX_HEAD_DIM
+
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -36,9 +38,13 @@ def default_backend() -> str:
 def resolve_impl(impl: str, *, backend: str, dtype, head_dim: int) -> str:
   """Turns 'auto' into a concrete implementation for `backend`; others pass through.
 
-  'auto' picks cuDNN flash attention on CUDA when it supports the dtype (bf16 or
-  fp16) and head dim (a multiple of 8, at most 128), and the XLA reference
-  everywhere else.
+  'auto' picks the fastest implementation that runs:
+  - CUDA: cuDNN flash attention when it takes the dtype (bf16 or fp16) and head
+    dim (a multiple of 8, at most 128); else Treadle's Pallas kernel for bf16
+    or fp16 (head_dim up to 256); else the XLA reference.
+  - TPU: the Pallas kernel (float32 or bfloat16, head_dim up to 256), the only
+    flash implementation there; the XLA reference materializes [b, h, t, s].
+  - anywhere else (CPU): the XLA reference (Pallas would run interpreted).
 
   Raises:
     ValueError: for an implementation name not in IMPLEMENTATIONS.
@@ -47,9 +53,17 @@ def resolve_impl(impl: str, *, backend: str, dtype, head_dim: int) -> str:
     raise ValueError(f"attention_impl={impl!r}; choose one of {IMPLEMENTATIONS}.")
   if impl != "auto":
     return impl
-  cudnn_ok = (jnp.dtype(dtype) in [jnp.dtype(d) for d in _CUDNN_DTYPES]
-              and head_dim % 8 == 0 and head_dim <= 128)
-  return "cudnn" if backend == "cuda" and cudnn_ok else "xla"
+  dtype = jnp.dtype(dtype)
+  half = dtype in [jnp.dtype(d) for d in _CUDNN_DTYPES]
+  pallas_head_dim = head_dim <= _PALLAS_MAX_HEAD_DIM
+  if backend == "cuda":
+    if half and head_dim % 8 == 0 and head_dim <= 128:
+      return "cudnn"
+    return "pallas" if half and pallas_head_dim else "xla"
+  if backend == "tpu":
+    tpu_dtype = dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+    return "pallas" if tpu_dtype and pallas_head_dim else "xla"
+  return "xla"
 
 
 def attention_mask(t: int, s: int, *, q_segment_ids: jax.Array | None = None,

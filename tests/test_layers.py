@@ -136,10 +136,13 @@ def test_resolve_impl():
   assert attention_ops.default_backend() == "cpu"
   resolve = attention_ops.resolve_impl
   assert resolve("auto", backend="cpu", dtype=jnp.bfloat16, head_dim=64) == "xla"
-  assert resolve("auto", backend="tpu", dtype=jnp.bfloat16, head_dim=64) == "xla"
+  assert resolve("auto", backend="tpu", dtype=jnp.bfloat16, head_dim=64) == "pallas"
+  assert resolve("auto", backend="tpu", dtype=jnp.float16, head_dim=64) == "xla"
+  assert resolve("auto", backend="tpu", dtype=jnp.float32, head_dim=512) == "xla"
   assert resolve("auto", backend="cuda", dtype=jnp.bfloat16, head_dim=64) == "cudnn"
   assert resolve("auto", backend="cuda", dtype=jnp.float32, head_dim=64) == "xla"
-  assert resolve("auto", backend="cuda", dtype=jnp.bfloat16, head_dim=60) == "xla"
+  assert resolve("auto", backend="cuda", dtype=jnp.bfloat16, head_dim=60) == "pallas"
+  assert resolve("auto", backend="cuda", dtype=jnp.float16, head_dim=256) == "pallas"
   assert resolve("pallas", backend="cpu", dtype=jnp.float32, head_dim=64) == "pallas"
   with pytest.raises(ValueError, match="attention_impl='flash'.*xla"):
     resolve("flash", backend="cpu", dtype=jnp.float32, head_dim=64)
