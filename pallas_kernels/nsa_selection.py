@@ -20,9 +20,9 @@ Pallas backward.
 GPU config or the GPU interpreter's params select the GPU one).
 Differentiable (custom_vjp) in q, k and v; block_indices get no gradient.
 
-Limits: the block table (b * k * t * n int32) and the dkv pair list
-(b * k * (t * n + nb)) are scalar-prefetched whole, so they must fit SMEM;
-long sequences need the call chunked over t (not done here).
+The TPU kernels scalar-prefetch their tables into SMEM, so long sequences run
+as a loop over query chunks (nsa_selection_tpu_core); the GPU kernels read
+their tables from global memory.
 """
 
 import functools
@@ -36,9 +36,9 @@ from pallas_kernels import flash_attention_config as config_lib
 from pallas_kernels import flash_attention_gpu_ops as gpu_ops
 from pallas_kernels import nsa_selection_gpu as gpu
 from pallas_kernels import nsa_selection_gpu_bwd as gpu_bwd
-from pallas_kernels import nsa_selection_tpu as tpu
+from pallas_kernels import nsa_selection_tpu_core as tpu_core
 from pallas_kernels.flash_attention_config import FlashAttentionConfig
-from pallas_kernels.flash_attention_tpu import LANES, SUBLANES
+from pallas_kernels.flash_attention_tpu import SUBLANES
 from pallas_kernels.nsa_selection_tpu import Geometry
 
 _DTYPES = (jnp.float32, jnp.bfloat16)
@@ -101,16 +101,15 @@ def selected_block_attention(q, k, v, block_indices, *, block_size: int, scale=N
     segs = None if q_segment_ids is None else (q_segment_ids, kv_segment_ids)
     return _gpu_core(q, k, v, block_indices, segs, geo, _hashable(interpret) or False)
   interpret = interpret if isinstance(interpret, bool) else _hashable(interpret)
-  pad = geo.padded_kv_len - s
   qk = q.reshape(b, t, num_kv, geo.group, d).transpose(0, 2, 1, 3, 4)
-  kk = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-  vk = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+  kk = _padded(k, geo).transpose(0, 2, 1, 3)
+  vk = _padded(v, geo).transpose(0, 2, 1, 3)
   blk, act = block_table(block_indices, geo)
-  segs = None
+  q_seg = kv_seg = None
   if geo.has_segments:
-    kv_seg = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, pad)), mode="edge")
-    segs = (q_segment_ids.astype(jnp.int32).reshape(-1), kv_seg)
-  out = _core(qk, kk, vk, blk, act, segs, geo, interpret)
+    q_seg = q_segment_ids.astype(jnp.int32)
+    kv_seg = _padded(kv_segment_ids.astype(jnp.int32), geo, mode="edge")
+  out = tpu_core.attention(qk, kk, vk, blk, act, q_seg, kv_seg, geo=geo, interpret=interpret)
   return out.transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
 
 
@@ -171,7 +170,7 @@ def _check(q, k, v, idx, q_seg, kv_seg, block_size):
 
 
 def block_table(block_indices, geo: Geometry):
-  """Scalar-prefetch block table: (blk, act) int32 [b * k * t * n].
+  """The kernels' block table: (blk, act) int32 [b, k, t, n].
 
   act is 1 where the slot holds a valid block that starts at or before the
   query. blk is the slot's block where active; elsewhere it repeats the last
@@ -186,75 +185,7 @@ def block_table(block_indices, geo: Geometry):
   prev = jnp.take_along_axis(idx, jnp.maximum(last, 0), axis=3)
   own = jnp.minimum(q_pos // geo.block, geo.num_blocks - 1)
   blk = jnp.where(last >= 0, prev, jnp.broadcast_to(own, idx.shape))
-  return blk.reshape(-1), active.astype(jnp.int32).reshape(-1)
-
-
-def pair_list(blk, act, geo: Geometry):
-  """The dkv kernel's (block, query) pairs, sorted by block per (batch, kv head).
-
-  Returns (pair_blk, pair_q) int32 [b * k * (t * n + nb)]; pair_q is -1 for
-  inactive slots and for the one no-op pair appended per block.
-  """
-  t, n, nb = geo.q_len, geo.top_n, geo.num_blocks
-  blk = blk.reshape(-1, t * n)
-  q_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, n)).reshape(-1)
-  q_of = jnp.where(act.reshape(-1, t * n) != 0, q_pos, -1)
-  rows = blk.shape[0]
-  blocks = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (rows, nb))
-  keys = jnp.concatenate([blk, blocks], axis=1)
-  qs = jnp.concatenate([q_of, jnp.full((rows, nb), -1, jnp.int32)], axis=1)
-  order = jnp.argsort(keys, axis=1, stable=True)
-  pair_blk = jnp.take_along_axis(keys, order, axis=1)
-  pair_q = jnp.take_along_axis(qs, order, axis=1)
-  return pair_blk.reshape(-1), pair_q.reshape(-1)
-
-
-def _rows(x):
-  """[b, k, t, g] -> [b, k, t, 8, g] sublane-replicated rows."""
-  return jnp.broadcast_to(x[:, :, :, None, :], (*x.shape[:3], SUBLANES, x.shape[3]))
-
-
-def _seg_operands(segs, geo: Geometry):
-  """(q_seg flat, kv_seg as [b, nb, 8, B] rows) or (None, None)."""
-  if segs is None:
-    return None, None
-  q_seg, kv_seg = segs
-  b = kv_seg.shape[0]
-  blocks = kv_seg.reshape(b, geo.num_blocks, 1, geo.block)
-  return q_seg, jnp.broadcast_to(blocks, (b, geo.num_blocks, SUBLANES, geo.block))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _core(q, k, v, blk, act, segs, geo, interpret):
-  return _forward(q, k, v, blk, act, segs, geo, interpret)[0]
-
-
-def _forward(q, k, v, blk, act, segs, geo, interpret):
-  q_seg, kv_rows = _seg_operands(segs, geo)
-  return tpu.forward(q, k, v, blk, act, q_seg, kv_rows, geo=geo, interpret=interpret)
-
-
-def _core_fwd(q, k, v, blk, act, segs, geo, interpret):
-  out, lse = _forward(q, k, v, blk, act, segs, geo, interpret)
-  return out, (q, k, v, blk, act, segs, out, lse)
-
-
-def _core_bwd(geo, interpret, res, do):
-  q, k, v, blk, act, segs, out, lse = res
-  delta = _rows(jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1))
-  q_seg, kv_rows = _seg_operands(segs, geo)
-  args = (q, k, v, do, lse, delta)
-  dq = tpu.backward_dq(*args, blk, act, q_seg, kv_rows, geo=geo, interpret=interpret)
-  pair_blk, pair_q = pair_list(blk, act, geo)
-  kv_col = None
-  if segs is not None:
-    kv_col = jnp.broadcast_to(segs[1][:, :, None], (*segs[1].shape, LANES))
-  dk, dv = tpu.backward_dkv(*args, pair_blk, pair_q, q_seg, kv_col, geo=geo,
-                            interpret=interpret)
-  return dq, dk, dv, None, None, None
-
-
-_core.defvjp(_core_fwd, _core_bwd)
+  return blk, active.astype(jnp.int32)
 
 
 def _padded(x, geo: Geometry, mode="constant"):
@@ -266,12 +197,11 @@ def _padded(x, geo: Geometry, mode="constant"):
 def _gpu_operands(block_indices, segs, geo: Geometry):
   """(blk, act) [b, k, t, n] and the int32 (q_seg, kv_seg padded) or (None, None)."""
   blk, act = block_table(block_indices, geo)
-  shape = (block_indices.shape[0], geo.num_kv_heads, geo.q_len, geo.top_n)
   if segs is None:
-    return blk.reshape(shape), act.reshape(shape), None, None
+    return blk, act, None, None
   q_seg = segs[0].astype(jnp.int32)
   kv_seg = _padded(segs[1].astype(jnp.int32), geo, mode="edge")
-  return blk.reshape(shape), act.reshape(shape), q_seg, kv_seg
+  return blk, act, q_seg, kv_seg
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))

@@ -40,7 +40,8 @@ class Geometry:
 
   Attributes:
     block: B, keys per kv block.
-    q_len: t; kv_len: s; padded_kv_len: sp = nb * B.
+    q_len: queries per kernel call (a chunk of t, see nsa_selection.query_chunk);
+    kv_len: s; padded_kv_len: sp = nb * B.
     num_kv_heads: k; group: g = h // k; top_n: n slots per query.
     scale: logit scale (natural units).
     has_segments: segment ids are given.
@@ -81,18 +82,18 @@ def _slot(geo: Geometry, b, kh, i, j):
 
 
 def _split(refs, has_segments: bool, n_in: int):
-  """(blk, act, q_seg or None), inputs (+ kv_seg or None), rest."""
-  n_pre = 3 if has_segments else 2
+  """(table, table, q_offset, q_seg or None), inputs, kv_seg or None, rest."""
+  n_pre = 4 if has_segments else 3
   pre, rest = refs[:n_pre], refs[n_pre:]
   ins, rest = rest[:n_in], rest[n_in:]
   kv_seg = None
   if has_segments:
     kv_seg, rest = rest[0], rest[1:]
-  return (pre[0], pre[1], pre[2] if has_segments else None), ins, kv_seg, rest
+  return (*pre[:3], pre[3] if has_segments else None), ins, kv_seg, rest
 
 
 def _fwd_kernel(*refs, geo: Geometry):
-  (blk_ref, act_ref, q_seg_ref), (q_ref, k_ref, v_ref), kv_seg_ref, rest = _split(
+  (blk_ref, act_ref, q_off, q_seg_ref), (q_ref, k_ref, v_ref), kv_seg_ref, rest = _split(
       refs, geo.has_segments, 3)
   o_ref, lse_ref, m_ref, l_ref, acc_ref = rest
   b, kh, i, j = (pl.program_id(a) for a in range(4))
@@ -108,7 +109,7 @@ def _fwd_kernel(*refs, geo: Geometry):
     s = log2_scores(q_ref[...], k_ref[...], geo.scale)  # [g, B]
     kv_pos = blk_ref[slot] * bk + lax.broadcasted_iota(jnp.int32, (g, bk), 1)
     seg = (q_seg_ref[b * geo.q_len + i], kv_seg_ref[:1, :]) if geo.has_segments else (None,) * 2
-    s = jnp.where(_mask(geo, i, kv_pos, *seg), s, -jnp.inf)
+    s = jnp.where(_mask(geo, q_off[0] + i, kv_pos, *seg), s, -jnp.inf)
     softmax_step(s, v_ref[...], m_ref, l_ref, acc_ref)
 
   @pl.when(j == geo.top_n - 1)
@@ -135,16 +136,17 @@ def _query_specs(geo: Geometry, head_dim: int):
           pl.BlockSpec((None, None, SUBLANES, bk), seg_map))
 
 
-def _prefetch(blk, act, q_seg):
-  return (blk, act) + ((q_seg,) if q_seg is not None else ())
+def _prefetch(table_a, table_b, q_offset, q_seg):
+  return (table_a, table_b, q_offset) + ((q_seg,) if q_seg is not None else ())
 
 
-def forward(q, k, v, blk, act, q_seg, kv_seg, *, geo: Geometry, interpret):
+def forward(q, k, v, blk, act, q_offset, q_seg, kv_seg, *, geo: Geometry, interpret):
   """Forward pass.
 
   Args:
     q: [b, k, t, g, d]; k, v: [b, k, sp, d].
     blk, act: int32 [b * k * t * n]: block of each slot, and 1 where it runs.
+    q_offset: int32 [1], position of the call's first query (t queries from it).
     q_seg: int32 [b * t] or None; kv_seg: int32 [b, nb, 8, B] or None.
 
   Returns:
@@ -154,7 +156,7 @@ def forward(q, k, v, blk, act, q_seg, kv_seg, *, geo: Geometry, interpret):
   q_spec, kv_spec, row_spec, seg_spec = _query_specs(geo, head_dim)
   in_specs = [q_spec, kv_spec, kv_spec] + ([seg_spec] if geo.has_segments else [])
   operands = [q, k, v] + ([kv_seg] if geo.has_segments else [])
-  prefetch = _prefetch(blk, act, q_seg)
+  prefetch = _prefetch(blk, act, q_offset, q_seg)
   return pl.pallas_call(
       functools.partial(_fwd_kernel, geo=geo),
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -173,7 +175,7 @@ def forward(q, k, v, blk, act, q_seg, kv_seg, *, geo: Geometry, interpret):
 
 
 def _dq_kernel(*refs, geo: Geometry):
-  (blk_ref, act_ref, q_seg_ref), ins, kv_seg_ref, rest = _split(refs, geo.has_segments, 6)
+  (blk_ref, act_ref, q_off, q_seg_ref), ins, kv_seg_ref, rest = _split(refs, geo.has_segments, 6)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
   dq_ref, acc_ref, lse_col, delta_col = rest
   b, kh, i, j = (pl.program_id(a) for a in range(4))
@@ -191,14 +193,15 @@ def _dq_kernel(*refs, geo: Geometry):
     kv_pos = blk_ref[slot] * bk + lax.broadcasted_iota(jnp.int32, (g, bk), 1)
     seg = (q_seg_ref[b * geo.q_len + i], kv_seg_ref[:1, :]) if geo.has_segments else (None,) * 2
     dq_step(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_col[...], delta_col[...],
-            acc_ref, scale=geo.scale, mask=_mask(geo, i, kv_pos, *seg))
+            acc_ref, scale=geo.scale, mask=_mask(geo, q_off[0] + i, kv_pos, *seg))
 
   @pl.when(j == geo.top_n - 1)
   def _finish():
     dq_ref[...] = (acc_ref[...] * geo.scale).astype(dq_ref.dtype)
 
 
-def backward_dq(q, k, v, do, lse, delta, blk, act, q_seg, kv_seg, *, geo: Geometry, interpret):
+def backward_dq(q, k, v, do, lse, delta, blk, act, q_offset, q_seg, kv_seg, *, geo: Geometry,
+                interpret):
   """dq [b, k, t, g, d]; lse, delta [b, k, t, 8, g] rows; the rest as in `forward`."""
   batch, num_kv, t, g, head_dim = q.shape
   q_spec, kv_spec, row_spec, seg_spec = _query_specs(geo, head_dim)
@@ -207,7 +210,7 @@ def backward_dq(q, k, v, do, lse, delta, blk, act, q_seg, kv_seg, *, geo: Geomet
   if geo.has_segments:
     in_specs.append(seg_spec)
     operands.append(kv_seg)
-  prefetch = _prefetch(blk, act, q_seg)
+  prefetch = _prefetch(blk, act, q_offset, q_seg)
   return pl.pallas_call(
       functools.partial(_dq_kernel, geo=geo),
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -225,7 +228,8 @@ def backward_dq(q, k, v, do, lse, delta, blk, act, q_seg, kv_seg, *, geo: Geomet
 
 
 def _dkv_kernel(*refs, geo: Geometry):
-  (pair_blk, pair_q, q_seg_ref), ins, kv_seg_ref, rest = _split(refs, geo.has_segments, 6)
+  (pair_blk, pair_q, q_off, q_seg_ref), ins, kv_seg_ref, rest = _split(
+      refs, geo.has_segments, 6)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
   dk_ref, dv_ref, dk_acc, dv_acc = rest
   b, kh, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -252,7 +256,7 @@ def _dkv_kernel(*refs, geo: Geometry):
     if geo.has_segments:
       seg = (q_seg_ref[b * geo.q_len + qi], widen(kv_seg_ref[...], g))
     dkv_step(q, k, v, do, lse_ref[:1, :], delta_ref[:1, :], dk_acc, dv_acc, scale=geo.scale,
-             mask=_mask(geo, qi, kv_pos, *seg))
+             mask=_mask(geo, q_off[0] + qi, kv_pos, *seg))
 
   @pl.when(last)
   def _finish():
@@ -260,13 +264,15 @@ def _dkv_kernel(*refs, geo: Geometry):
     dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def backward_dkv(q, k, v, do, lse, delta, pair_blk, pair_q, q_seg, kv_seg_col, *,
+def backward_dkv(q, k, v, do, lse, delta, pair_blk, pair_q, q_offset, q_seg, kv_seg_col, *,
                  geo: Geometry, interpret):
-  """(dk, dv) [b, k, sp, d], summed over the group's heads and every query.
+  """(dk, dv) [b, k, sp, d] float32, summed over the group's heads and the call's queries.
 
   Args:
     pair_blk, pair_q: int32 [b * k * pairs]: per (batch, kv head) the pair
-      list sorted by block; pair_q is the query position, -1 for a no-op.
+      list sorted by block; pair_q is the query's index in the call (its
+      position minus q_offset), -1 for a no-op.
+    q_offset: int32 [1], position of the call's first query.
     kv_seg_col: int32 [b, sp, 128] lane-replicated kv segment ids, or None.
     The rest as in `backward_dq`.
   """
@@ -294,7 +300,7 @@ def backward_dkv(q, k, v, do, lse, delta, pair_blk, pair_q, q_seg, kv_seg_col, *
   if geo.has_segments:
     in_specs.append(pl.BlockSpec((None, bk, LANES), seg_map))
     operands.append(kv_seg_col)
-  prefetch = _prefetch(pair_blk, pair_q, q_seg)
+  prefetch = _prefetch(pair_blk, pair_q, q_offset, q_seg)
   return pl.pallas_call(
       functools.partial(_dkv_kernel, geo=geo),
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -303,8 +309,8 @@ def backward_dkv(q, k, v, do, lse, delta, pair_blk, pair_q, q_seg, kv_seg_col, *
           in_specs=in_specs, out_specs=[kv_spec, kv_spec],
           scratch_shapes=[pltpu.VMEM((bk, head_dim), jnp.float32),
                           pltpu.VMEM((bk, head_dim), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, jnp.float32),
+                 jax.ShapeDtypeStruct(v.shape, jnp.float32)],
       compiler_params=compiler_params(("parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name="nsa_selection_dkv",

@@ -20,8 +20,10 @@ from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 from pallas_kernels import flash_attention_config as config_lib
 from pallas_kernels import flash_attention_gpu_ops as gpu_ops
 from pallas_kernels import nsa_selection_gpu_bwd as gpu_bwd
+from pallas_kernels import nsa_selection_tpu_core as tpu_core
 from pallas_kernels.nsa_selection import selected_block_attention
 from pallas_kernels.nsa_selection_reference import selected_block_attention_reference
+from pallas_kernels.nsa_selection_tpu import Geometry
 
 _TOL = {jnp.float32: 5e-5, jnp.bfloat16: 3e-2}
 
@@ -125,6 +127,30 @@ def test_strict_interpreter():
   got, want = _run(case, seed=2, interpret=params)
   for g, w in zip(got, want):
     _close(g, w, case.dtype)
+
+
+def test_long_sequences_run_in_query_chunks(monkeypatch):
+  """With SMEM room for 10 queries' tables, 37 queries run as 4 chunks (the last one
+  padded) through the forward, dq and the dk/dv sum over chunks; no room is an error."""
+  case = Case(segments=True, n=4)
+  geo = dataclasses.replace(_geometry(case), q_len=case.t)
+  fixed = 2 * case.b * case.kh * geo.num_blocks + 1
+  per_query = 2 * case.b * case.kh * case.n + case.b
+  monkeypatch.setattr(tpu_core, "SMEM_TABLE_WORDS", fixed + 10 * per_query)
+  assert tpu_core.query_chunk(case.b, geo) == 10
+  got, want = _run(case, seed=8)
+  for g, w in zip(got, want):
+    _close(g, w, case.dtype)
+  monkeypatch.setattr(tpu_core, "SMEM_TABLE_WORDS", fixed + per_query - 1)
+  with pytest.raises(ValueError, match="shard the batch"):
+    _run(case, seed=8)
+
+
+def _geometry(case: Case):
+  nb = -(-case.s // case.block)
+  return Geometry(block=case.block, q_len=case.t, kv_len=case.s, padded_kv_len=nb * case.block,
+                  num_kv_heads=case.kh, group=case.h // case.kh, top_n=case.n, scale=1.0,
+                  has_segments=case.segments)
 
 
 @pytest.mark.slow
