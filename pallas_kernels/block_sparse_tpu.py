@@ -27,11 +27,26 @@ from pallas_kernels import flash_attention_masks as masks
 from pallas_kernels import flash_attention_tpu as ftpu
 from pallas_kernels import flash_attention_tpu_bwd as ftpu_bwd
 from pallas_kernels.block_sparse_map import KernelMap
-from pallas_kernels.flash_attention_tpu import LANES, SUBLANES, widen
+from pallas_kernels.flash_attention_tpu import LANES, SMEM_PREFETCH_WORDS, SUBLANES, widen
 
 
-def _prefetch(kmap: KernelMap):
-  return tuple(jnp.asarray(x) for x in kmap.arrays())
+def _prefetch(kmap: KernelMap, q_seg, kv_seg, block_q: int, block_kv: int):
+  """Scalar-prefetch operands: the map's arrays, then the segment statistics.
+
+  Raises:
+    ValueError: when they would not fit the SMEM_PREFETCH_WORDS budget.
+  """
+  arrays = tuple(jnp.asarray(x) for x in kmap.arrays())
+  if q_seg is not None:
+    arrays += _seg_stats(q_seg, kv_seg, block_q, block_kv)
+  words = sum(x.size for x in arrays)
+  if words > SMEM_PREFETCH_WORDS:
+    raise ValueError(
+        f"the block map and segment statistics need {words} int32 words of TPU SMEM, over "
+        f"the {SMEM_PREFETCH_WORDS} a call may prefetch: use larger tiles "
+        "(config.block_q / block_kv and their dq/dkv twins), share one mask across heads, or "
+        "shard heads or batch over more devices.")
+  return arrays
 
 
 def _has_partial(kmap: KernelMap) -> bool:
@@ -128,9 +143,8 @@ def forward(q, k, v, q_seg, kv_seg, *, kmap: KernelMap, scale: float, interpret)
               pl.BlockSpec((None, None, bkv, head_dim), kv_map),
               pl.BlockSpec((None, bq, bkv), mask_map)]
   operands = [q, k, v, jnp.asarray(kmap.partial_masks)]
-  prefetch = _prefetch(kmap)
+  prefetch = _prefetch(kmap, q_seg, kv_seg, bq, bkv)
   if q_seg is not None:
-    prefetch += _seg_stats(q_seg, kv_seg, bq, bkv)
     in_specs += [pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, *_: (b, i, 0)),
                  pl.BlockSpec((None, SUBLANES, bkv),
                               lambda b, h, i, j, *refs: (b, 0, col(refs, h, i, j)))]
@@ -205,9 +219,8 @@ def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, *, kmap: KernelMap, scal
   in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, mask_spec]
   operands = [q, k, v, do, ftpu.sublane_replicated(lse), ftpu.sublane_replicated(delta),
               jnp.asarray(kmap.partial_masks)]
-  prefetch = _prefetch(kmap)
+  prefetch = _prefetch(kmap, q_seg, kv_seg, bq, bkv)
   if q_seg is not None:
-    prefetch += _seg_stats(q_seg, kv_seg, bq, bkv)
     in_specs += [pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, *_: (b, i, 0)),
                  pl.BlockSpec((None, SUBLANES, bkv),
                               lambda b, h, i, j, *refs: (b, 0, col(refs, h, i, j)))]
@@ -294,9 +307,8 @@ def backward_dkv(q, k, v, do, lse, delta, q_seg, kv_seg, *, kmap: KernelMap, sca
   in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, mask_spec]
   operands = [q, k, v, do, ftpu.sublane_replicated(lse), ftpu.sublane_replicated(delta),
               jnp.asarray(kmap.partial_masks)]
-  prefetch = _prefetch(kmap)
+  prefetch = _prefetch(kmap, q_seg, kv_seg, bq, bkv)
   if q_seg is not None:
-    prefetch += _seg_stats(q_seg, kv_seg, bq, bkv)
     in_specs += [pl.BlockSpec((None, SUBLANES, bq),
                               lambda b, kh, j, t, *refs: (b, 0, q_of(refs, kh, j, t)[1])),
                  pl.BlockSpec((None, bkv, LANES), lambda b, kh, j, t, *_: (b, j, 0))]

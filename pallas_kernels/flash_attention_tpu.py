@@ -26,6 +26,9 @@ from pallas_kernels.flash_attention_masks import Tiling
 
 LANES = 128
 SUBLANES = 8
+# int32 words of scalar-prefetched tables one kernel call may hold in SMEM:
+# half of the 1 MiB of TPU v4 .. v6e, the rest left to Mosaic.
+SMEM_PREFETCH_WORDS = 1 << 17
 LOG2E = math.log2(math.e)
 
 

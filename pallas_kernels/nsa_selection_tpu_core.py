@@ -15,16 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import nsa_selection_tpu as tpu
-from pallas_kernels.flash_attention_tpu import LANES, SUBLANES
+from pallas_kernels.flash_attention_tpu import LANES, SMEM_PREFETCH_WORDS, SUBLANES
 from pallas_kernels.nsa_selection_tpu import Geometry
-
-# int32 words of scalar-prefetched tables one kernel call may use: a quarter
-# of the SMEM of TPU v4 .. v6e, leaving the rest to Mosaic.
-SMEM_TABLE_WORDS = 1 << 16
 
 
 def query_chunk(batch: int, geo: Geometry) -> int:
-  """Queries per kernel call so that the largest call's tables fit SMEM_TABLE_WORDS.
+  """Queries per kernel call so that the largest call's tables fit SMEM_PREFETCH_WORDS.
 
   The dk/dv call is the largest: two pair arrays of b * k * (tc * n + nb) words,
   the query segment ids (b * tc) and the offset.
@@ -33,12 +29,12 @@ def query_chunk(batch: int, geo: Geometry) -> int:
     ValueError: when not even one query fits (shard the batch or kv heads).
   """
   rows = batch * geo.num_kv_heads
-  free = SMEM_TABLE_WORDS - 2 * rows * geo.num_blocks - 1
+  free = SMEM_PREFETCH_WORDS - 2 * rows * geo.num_blocks - 1
   chunk = free // (2 * rows * geo.top_n + batch)
   if chunk < 1:
     raise ValueError(
         f"batch={batch} x num_kv_heads={geo.num_kv_heads} with {geo.num_blocks} kv blocks "
-        f"leaves no room for a query's tables in {SMEM_TABLE_WORDS} SMEM words; shard the "
+        f"leaves no room for a query's tables in {SMEM_PREFETCH_WORDS} SMEM words; shard the "
         "batch or the kv heads over more devices, or raise block_size.")
   return min(chunk, geo.q_len)
 

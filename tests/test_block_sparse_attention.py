@@ -397,3 +397,12 @@ def test_kernels_on_hardware(name, platform):
   """The real Mosaic GPU / TPU kernels (bf16) with the chip's default tuned config."""
   check(dataclasses.replace(HARDWARE_CASES[name], dtype=jnp.bfloat16),
         config=_hardware_config(platform), interpret=False, seed=sum(map(ord, name)))
+
+
+def test_tpu_map_over_smem_budget_is_a_clear_error(monkeypatch):
+  """A block map too large to scalar-prefetch fails at trace time, naming the fix."""
+  from pallas_kernels import block_sparse_tpu  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(block_sparse_tpu, "SMEM_PREFETCH_WORDS", 16)
+  (q, k, v), _, _ = Case(CausalMask()).inputs(0)
+  with pytest.raises(ValueError, match="TPU SMEM.*config.block_q"):
+    block_sparse_attention(q, k, v, CausalMask(), interpret=True, config=SMALL_TPU)

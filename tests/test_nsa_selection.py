@@ -136,12 +136,12 @@ def test_long_sequences_run_in_query_chunks(monkeypatch):
   geo = dataclasses.replace(_geometry(case), q_len=case.t)
   fixed = 2 * case.b * case.kh * geo.num_blocks + 1
   per_query = 2 * case.b * case.kh * case.n + case.b
-  monkeypatch.setattr(tpu_core, "SMEM_TABLE_WORDS", fixed + 10 * per_query)
+  monkeypatch.setattr(tpu_core, "SMEM_PREFETCH_WORDS", fixed + 10 * per_query)
   assert tpu_core.query_chunk(case.b, geo) == 10
   got, want = _run(case, seed=8)
   for g, w in zip(got, want):
     _close(g, w, case.dtype)
-  monkeypatch.setattr(tpu_core, "SMEM_TABLE_WORDS", fixed + per_query - 1)
+  monkeypatch.setattr(tpu_core, "SMEM_PREFETCH_WORDS", fixed + per_query - 1)
   with pytest.raises(ValueError, match="shard the batch"):
     _run(case, seed=8)
 
