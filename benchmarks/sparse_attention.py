@@ -20,8 +20,8 @@ top-16 blocks of 64, compression 32 / 16, window 512) with
 attention_impl='pallas' (the selection kernels of pallas_kernels/nsa_selection
 for the device's chip, forward and backward, and flash attention for the
 window; interpreted on CPU), and off TPU also with 'xla' (einsums over dense
-[t, s] masks and scores, the layer's 'auto' on GPU until the GPU kernels are
-validated there; quadratic memory: expect n/a cells, out of memory, at long S).
+[t, s] masks and scores, quadratic memory: expect n/a cells, out of memory, at
+long S).
 
 Timing is benchmarks/attention.py's: random inputs, two alternated sets,
 warm-up, median of --iters runs, CUPTI device timers on GPU when available.

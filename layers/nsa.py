@@ -40,6 +40,28 @@ class _Cache(NamedTuple):
   index: nn.Variable  # [] next slot to write
 
 
+def resolve_impl(impl: str, *, backend: str, dtype, head_dim: int, select_block: int,
+                 group: int) -> str:
+  """NSA's 'auto' made concrete; 'xla' and 'pallas' pass through.
+
+  'auto' is 'pallas' where the kernels take the shapes: on TPU (float32 or
+  bfloat16), and on CUDA for the Mosaic GPU kernels' shapes (bfloat16 or
+  float16, head_dim and select_block multiples of 64, at most 64 query heads
+  per kv head). Elsewhere, CPU included (Pallas would run interpreted), it is
+  'xla', whose dense [t, s] masks limit it to short sequences.
+  """
+  if impl != "auto":
+    return impl
+  dtype = jnp.dtype(dtype)
+  if backend == "tpu":
+    return "pallas" if dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)) else "xla"
+  if backend == "cuda":
+    half = dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    fits = head_dim % 64 == 0 and head_dim <= 256 and select_block % 64 == 0 and group <= 64
+    return "pallas" if half and fits else "xla"
+  return "xla"
+
+
 class NativeSparseAttention(nn.Module):
   """NSA: compressed, selected and sliding-window attention, gated per head.
 
@@ -85,8 +107,8 @@ class NativeSparseAttention(nn.Module):
     attention_impl: 'auto' | 'xla' | 'pallas'. 'pallas' runs the selection
       kernels (pallas_kernels/nsa_selection: Mosaic TPU kernels on TPU chips,
       Mosaic GPU kernels on h100/h200, interpreted on CPU) and flash attention
-      for the window; 'xla' runs einsum references; 'auto' is 'pallas' on TPU,
-      else 'xla'. Decoding always uses the einsum path.
+      for the window; 'xla' runs einsum references; 'auto' see `resolve_impl`.
+      Decoding always uses the einsum path.
     attention_chip: the kernels' target chip ('' : interpret on CPU, else the
       local device's chip).
     dtype, param_dtype: computation and parameter dtypes.
@@ -123,9 +145,10 @@ class NativeSparseAttention(nn.Module):
                        "or 'pallas'.")
 
   def _impl(self) -> str:
-    if self.attention_impl != "auto":
-      return self.attention_impl
-    return "pallas" if attention_ops.default_backend() == "tpu" else "xla"
+    return resolve_impl(self.attention_impl, backend=attention_ops.default_backend(),
+                        dtype=self.dtype, head_dim=self.head_dim,
+                        select_block=self.select_block,
+                        group=self.num_heads // self.num_kv_heads)
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array | None = None,

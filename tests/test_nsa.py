@@ -16,7 +16,7 @@ import optax
 import pytest
 
 from layers import nsa_compression as cmp_lib
-from layers.nsa import NativeSparseAttention
+from layers.nsa import NativeSparseAttention, resolve_impl
 from layers.nsa_reference import nsa_reference
 from models.llama import Llama, LlamaConfig, init_cache
 from train import sampling
@@ -181,6 +181,19 @@ def test_training_reduces_loss():
     params, state, loss = step(params, state)
     losses.append(float(loss))
   assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_auto_picks_kernels_where_they_take_the_shape():
+  resolve = functools.partial(resolve_impl, "auto", head_dim=128, select_block=64, group=16)
+  assert resolve(backend="cpu", dtype=jnp.bfloat16) == "xla"
+  assert resolve(backend="tpu", dtype=jnp.bfloat16) == "pallas"
+  assert resolve(backend="tpu", dtype=jnp.float16) == "xla"
+  assert resolve(backend="cuda", dtype=jnp.bfloat16) == "pallas"
+  assert resolve(backend="cuda", dtype=jnp.float32) == "xla"
+  assert resolve_impl("auto", backend="cuda", dtype=jnp.bfloat16, head_dim=128, select_block=32,
+                      group=16) == "xla"
+  assert resolve_impl("xla", backend="tpu", dtype=jnp.bfloat16, head_dim=128, select_block=64,
+                      group=16) == "xla"
 
 
 def test_rejects_bad_config():
