@@ -86,10 +86,11 @@ def _fwd_bwd(fn, q, k, v, do):
   return jax.jit(both).lower(q, k, v, do).compile(_FAST_COMPILE)(q, k, v, do)
 
 
-def _run(case: Case, seed: int, interpret=True):
+def _run(case: Case, seed: int, interpret=True, config=None):
+  """((out, dq, dk, dv) of the kernels, the same of the reference) on case's inputs."""
   (q, k, v), idx, kw, do = case.inputs(seed)
   fn = lambda q, k, v: selected_block_attention(  # noqa: E731
-      q, k, v, idx, block_size=case.block, interpret=interpret, **kw)
+      q, k, v, idx, block_size=case.block, interpret=interpret, config=config, **kw)
   ref = lambda q, k, v: selected_block_attention_reference(  # noqa: E731
       q, k, v, idx, block_size=case.block, **kw)
   return _fwd_bwd(fn, q, k, v, do), _fwd_bwd(ref, q, k, v, do)
@@ -235,43 +236,13 @@ def test_gpu_kernel_has_no_races():
 
 
 def _run_gpu(case: Case, seed: int, interpret):
-  (q, k, v), idx, kw, do = case.inputs(seed)
-  h100 = config_lib.FlashAttentionConfig("h100")
-  fn = lambda q, k, v: selected_block_attention(  # noqa: E731
-      q, k, v, idx, block_size=case.block, interpret=interpret, config=h100, **kw)
-  ref = lambda q, k, v: selected_block_attention_reference(  # noqa: E731
-      q, k, v, idx, block_size=case.block, **kw)
-  return _fwd_bwd(fn, q, k, v, do), _fwd_bwd(ref, q, k, v, do)
+  return _run(case, seed, interpret, config=config_lib.FlashAttentionConfig("h100"))
 
 
-@pytest.mark.parametrize("chip, segments", [
-    ("h100", True), pytest.param("h200", False, marks=pytest.mark.slow)])
-def test_lowers_for_cuda(chip, segments):
-  """Forward, dq and dk/dv lower to Mosaic GPU custom calls."""
+def _export(chip: str, head_dim: int, group: int, segments: bool):
+  """jax.export of the forward and VJP for the chip's platform, on this CPU machine."""
   cfg = config_lib.default_config(chip)
-  b, t, kv_heads, group, head_dim, n, block = 1, 1000, 2, 16, 128, 16, 64
-  sd = jax.ShapeDtypeStruct
-  args = [sd((b, t, kv_heads * group, head_dim), jnp.bfloat16),
-          sd((b, t, kv_heads, head_dim), jnp.bfloat16),
-          sd((b, t, kv_heads, head_dim), jnp.bfloat16), sd((b, t, kv_heads, n), jnp.int32)]
-  if segments:
-    args.append(sd((b, t), jnp.int32))
-
-  def fn(q, k, v, idx, ids=None):
-    attend = lambda q, k, v: selected_block_attention(  # noqa: E731
-        q, k, v, idx, block_size=block, q_segment_ids=ids, kv_segment_ids=ids, config=cfg)
-    out, vjp = jax.vjp(attend, q, k, v)
-    return out, vjp(out)
-
-  mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
-      device_kind=cfg.device_kind, num_cores=1, platform="cuda"))
-  with use_abstract_mesh(mesh):
-    text = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
-  assert text.count("@mosaic_gpu_v2") == 3
-
-
-def _export_tpu(chip: str, head_dim: int, group: int, segments: bool):
-  cfg = config_lib.default_config(chip)
+  platform = {"gpu": "cuda", "tpu": "tpu"}[cfg.platform]
   b, t, kv_heads, n, block = 1, 1000, 2, 16, 64
   sd = jax.ShapeDtypeStruct
   args = [sd((b, t, kv_heads * group, head_dim), jnp.bfloat16),
@@ -287,19 +258,25 @@ def _export_tpu(chip: str, head_dim: int, group: int, segments: bool):
     return out, vjp(out)
 
   mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
-      device_kind=cfg.device_kind, num_cores=1, platform="tpu"))
+      device_kind=cfg.device_kind, num_cores=1, platform=platform))
   with use_abstract_mesh(mesh):
-    return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
+    return jax.export.export(jax.jit(fn), platforms=[platform])(*args)
 
 
 @pytest.mark.parametrize("chip, head_dim, group, segments", [
+    ("h100", 128, 16, True),
     ("tpu_v5e", 128, 16, True),
+    pytest.param("h200", 64, 1, False, marks=pytest.mark.slow),
+    pytest.param("h100", 256, 64, True, marks=pytest.mark.slow),
     pytest.param("tpu_v5e", 64, 1, False, marks=pytest.mark.slow),
     pytest.param("tpu_v6e", 128, 8, False, marks=pytest.mark.slow)])
-def test_lowers_for_tpu(chip, head_dim, group, segments):
-  """Forward, dq and dkv kernels lower to Mosaic TPU custom calls (compiled on hardware)."""
-  text = _export_tpu(chip, head_dim, group, segments).mlir_module()
-  assert text.count("@tpu_custom_call") == 3
+def test_lowers(chip, head_dim, group, segments):
+  """Forward, dq and dk/dv lower to three Mosaic GPU (shared memory checked) or Mosaic TPU
+  custom calls; compilation to the chip happens on hardware."""
+  text = _export(chip, head_dim, group, segments).mlir_module()
+  call = {"gpu": "@mosaic_gpu_v2", "tpu": "@tpu_custom_call"}[
+      config_lib.default_config(chip).platform]
+  assert text.count(call) == 3
 
 
 HARDWARE_CASES = [
@@ -317,14 +294,6 @@ def test_kernels_on_hardware(case, platform):
   chip = config_lib.chip_of_device(jax.devices()[0])
   if chip is None or config_lib.default_config(chip).platform != platform:
     pytest.skip(f"needs a {platform.upper()} kernel target; have {jax.devices()[0].device_kind}")
-  (q, k, v), idx, kw, do = case.inputs(6)
-  cfg = config_lib.default_config(chip)
-  fn = lambda q, k, v: selected_block_attention(  # noqa: E731
-      q, k, v, idx, block_size=case.block, config=cfg, **kw)
-  ref = lambda q, k, v: selected_block_attention_reference(  # noqa: E731
-      q, k, v, idx, block_size=case.block, **kw)
-  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-  got = _fwd_bwd(fn, q, k, v, do)
-  want = _fwd_bwd(ref, f32(q), f32(k), f32(v), f32(do))
+  got, want = _run(case, seed=6, interpret=False, config=config_lib.default_config(chip))
   for g, w in zip(got, want):
     _close(g, w, case.dtype)
