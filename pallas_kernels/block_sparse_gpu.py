@@ -1,12 +1,13 @@
 """Mosaic GPU (Hopper) block-sparse attention forward, and helpers for the backward.
 
-The flash_attention_gpu kernel (TMA ring, wgmma, warp specialization, online
-softmax, all imported from there) with the kv blocks of each CTA read from a
-KernelMap (block_sparse_map) instead of a [lo, hi) range: the memory warpgroup
-streams exactly the listed blocks, so absent tiles cost nothing. A map entry
-is FULL (no mask work) or PARTIAL: then the memory warpgroup also streams the
-tile's element mask (deduplicated in GMEM, bit-packed to 1 bit per element,
-copied only for PARTIAL entries) into a ring slot released with the k slot.
+The flash_attention_gpu forward CTA (forward_cta: TMA ring, wgmma, warp
+specialization, online softmax) run with MapTiles as its tile source: the kv
+blocks of each CTA come from a KernelMap (block_sparse_map) instead of a
+[lo, hi) range: the memory warpgroup streams exactly the listed blocks, so
+absent tiles cost nothing. A map entry is FULL (no mask work) or PARTIAL: then
+the memory warpgroup also streams the tile's element mask (deduplicated in
+GMEM, bit-packed to 1 bit per element, copied only for PARTIAL entries) into a
+ring slot released with the k slot.
 Segment ids are masked as in flash attention (tiles with one shared segment
 skip that mask).
 
@@ -14,6 +15,7 @@ Layout: q [b, tq, h, d], k/v [b, tk, k, d] (padded, d % 64 == 0, bf16/f16).
 The map's tiles are CTA tiles: 2 * block_q query rows x block_kv keys.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -26,10 +28,8 @@ import numpy as np
 from pallas_kernels import flash_attention_gpu as fgpu
 from pallas_kernels import flash_attention_masks as masks
 from pallas_kernels.block_sparse_map import KernelMap
-from pallas_kernels.flash_attention_gpu_ops import (TRANSFORMS, Ops, Stream, bcast,
-                                                    produce_ring, slot_of)
+from pallas_kernels.flash_attention_gpu_ops import TRANSFORMS, Ops, Stream, bcast
 
-LOG2E = fgpu.LOG2E
 COMPUTE_WGS = fgpu.COMPUTE_WGS
 
 
@@ -108,86 +108,85 @@ def mask_stream(masks_ref, mask_ring, mask_ready, mask_id_of):
                 mask_ready, when=lambda t: mask_id_of(t) >= 0)
 
 
+@dataclasses.dataclass(frozen=True)
+class MapTiles:
+  """The kv tiles of a block-sparse forward CTA: the KernelMap row's entries.
+
+  Implements flash_attention_gpu's tile-source protocol. FULL entries skip the
+  mask; PARTIAL ones wait for their element mask, which the memory warpgroup
+  streams (extra_streams) into `mask_ring`.
+  """
+  ops: Ops
+  index: object
+  mask_id: object
+  head: object  # The map's head (kernel head // kmap.head_div).
+  cta: object
+  num_steps: object
+  stat_refs: tuple
+  batch: object
+  seg: bool
+  partial: bool
+  masks_ref: object
+  mask_ring: object
+  mask_ready: object
+
+  @classmethod
+  def of_cta(cls, kmap: KernelMap, ops: Ops, map_refs, mask_scratch_refs, stat_refs, *, seg,
+             partial, batch, head, cta):
+    index, mask_id, counts, masks_ref = map_refs
+    hm = lax.div(head, jnp.int32(kmap.head_div))
+    return cls(ops, index, mask_id, hm, cta, counts[hm, cta], tuple(stat_refs), batch, seg,
+               partial, masks_ref, *mask_scratch_refs)
+
+  @property
+  def needs_mask(self) -> bool:
+    return self.seg or self.partial
+
+  def kv_block(self, t):
+    return self.index[self.head, self.cta, t]
+
+  def mask_id_of(self, t):
+    return self.mask_id[self.head, self.cta, t]
+
+  def mask(self, s, *, t, slot, wg, q_block, q_pos0, kv_block, q_ids, kv_ids):
+    """s [q, kv] with -inf where not visible (PARTIAL element mask, segments)."""
+    del q_pos0
+    seg_ids = (q_ids, kv_ids) if self.seg else None
+    is_partial = self.mask_id_of(t) >= 0
+
+    def load_tile():
+      plgpu.barrier_wait(self.mask_ready.at[slot])
+      return unpack_bits(self.ops, self.mask_ring.at[slot, wg], s.shape)
+    return apply_mask(s, full=tile_full(is_partial, self.stat_refs, self.batch, q_block,
+                                        kv_block),
+                      partial=is_partial, load_tile=load_tile, seg_ids=seg_ids,
+                      transposed=False, needs_tile=self.partial)
+
+  def extra_streams(self, wgs: int):
+    del wgs
+    if not self.partial:
+      return []
+    return [mask_stream(self.masks_ref, self.mask_ring, self.mask_ready, self.mask_id_of)]
+
+
 def _fwd_kernel(*refs, kmap: KernelMap, group: int, scale: float, slots: int, ops: Ops,
                 seg: bool, partial: bool):
-  q_ref, k_ref, v_ref, index, mask_id, counts, masks_ref = refs[:7]
+  q_ref, k_ref, v_ref, *map_refs = refs[:7]
   n_in = 7 + (6 if seg else 0)
   q_seg_ref, kv_seg_ref, *stat_refs = refs[7:n_in] if seg else (None, None)
   (o_ref, lse_ref), scratch = refs[n_in:n_in + 2], list(refs[n_in + 2:])
   (q_smem, k_ring, v_ring, lse_smem, mask_ring, q_bar, k_ready, v_ready, k_consumed,
    v_consumed, mask_ready) = scratch[:11]
+  ids = {}
   if seg:
-    q_ids_smem, kv_ids_ring, q_ids_bar, kv_ids_ready = scratch[11:]
-  bq, bkv = q_smem.shape[1], k_ring.shape[1]
-  head_dim = q_ref.shape[-1]
-  b, h = lax.axis_index("batch"), lax.axis_index("heads")
-  cta, wg = lax.axis_index("q_tiles"), lax.axis_index("wg")
-  hm = lax.div(h, jnp.int32(kmap.head_div))
-  num_steps = counts[hm, cta]
-  kv_block_of = lambda t: index[hm, cta, t]
-  mask_id_of = lambda t: mask_id[hm, cta, t]
-
-  @pl.when(wg < COMPUTE_WGS)
-  def _compute():
-    ops.set_registers(compute=True)
-    q_block = cta * COMPUTE_WGS + wg
-    row0 = q_block * bq
-    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], q_smem.at[wg], q_bar.at[wg])
-    q_ids = None
-    if seg:
-      plgpu.copy_gmem_to_smem(q_seg_ref.at[b, pl.ds(row0, bq)], q_ids_smem.at[wg],
-                              q_ids_bar.at[wg])
-      plgpu.barrier_wait(q_ids_bar.at[wg])
-      q_ids = ops.load_vector(q_ids_smem.at[wg], axis=1)
-    plgpu.barrier_wait(q_bar.at[wg])
-
-    def step(t, carry):
-      acc, m, l = carry
-      kv_block, slot = kv_block_of(t), slot_of(t, slots)
-      plgpu.barrier_wait(k_ready.at[slot])
-      s = ops.matmul_nt(q_smem.at[wg], k_ring.at[slot], (bq, bkv)) * (scale * LOG2E)
-      if seg or partial:
-        seg_ids = None
-        if seg:
-          plgpu.barrier_wait(kv_ids_ready.at[slot])
-          seg_ids = (q_ids, ops.load_vector(kv_ids_ring.at[slot], axis=0))
-        is_partial = mask_id_of(t) >= 0
-
-        def load_tile():
-          plgpu.barrier_wait(mask_ready.at[slot])
-          return unpack_bits(ops, mask_ring.at[slot, wg], (bq, bkv))
-        s = apply_mask(s, full=tile_full(is_partial, stat_refs, b, q_block, kv_block),
-                       partial=is_partial, load_tile=load_tile, seg_ids=seg_ids,
-                       transposed=False, needs_tile=partial)
-      plgpu.barrier_arrive(k_consumed.at[slot])
-      p, acc, m, l = fgpu.softmax_update(s, acc, m, l)
-      plgpu.barrier_wait(v_ready.at[slot])
-      acc = ops.matmul_acc(acc, p.astype(v_ring.dtype), v_ring.at[slot])
-      plgpu.barrier_arrive(v_consumed.at[slot])
-      return acc, m, l
-
-    acc, m, l = lax.fori_loop(0, num_steps, step, fgpu.softmax_init(ops, bq, head_dim))
-    out, lse = fgpu.softmax_result(acc, m, l)
-    q_smem.at[wg][...] = out.astype(q_smem.dtype)
-    lse_smem.at[wg][...] = lse
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem.at[wg], o_ref.at[b, pl.ds(row0, bq), h])
-    plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, bq)])
-    plgpu.wait_smem_to_gmem(0)
-
-  @pl.when(wg == COMPUTE_WGS)
-  def _memory():
-    ops.set_registers(compute=False)
-    kv_head = lax.div(h, jnp.int32(group))
-    rows = lambda t: pl.ds(kv_block_of(t) * bkv, bkv)
-    streams = [Stream(lambda t: k_ref.at[b, rows(t), kv_head], k_ring, k_ready, k_consumed)]
-    if partial:
-      streams.append(mask_stream(masks_ref, mask_ring, mask_ready, mask_id_of))
-    if seg:
-      streams.append(Stream(lambda t: kv_seg_ref.at[b, rows(t)], kv_ids_ring, kv_ids_ready))
-    streams.append(Stream(lambda t: v_ref.at[b, rows(t), kv_head], v_ring, v_ready,
-                          v_consumed))
-    produce_ring(streams, num_steps, slots)
+    ids = dict(zip(("q_ids_smem", "kv_ids_ring", "q_ids_bar", "kv_ids_ready"), scratch[11:]))
+  tiles_of = lambda b, h, cta: MapTiles.of_cta(
+      kmap, ops, map_refs, (mask_ring, mask_ready), stat_refs, seg=seg, partial=partial,
+      batch=b, head=h, cta=cta)
+  sc = fgpu.FwdScratch(q_smem, k_ring, v_ring, lse_smem, q_bar, k_ready, v_ready, k_consumed,
+                       v_consumed, **ids)
+  fgpu.forward_cta(tiles_of, (q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref), sc,
+                   scale=scale, group=group, slots=slots, ops=ops)
 
 
 def forward(q, k, v, q_seg, kv_seg, *, kmap: KernelMap, scale: float, slots: int,

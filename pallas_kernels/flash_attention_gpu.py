@@ -12,6 +12,7 @@ Scores are in log2 units (s * scale * log2 e), softmax uses exp2; the stored
 log-sum-exp is in log2 units too (the backward kernels read it).
 """
 
+import dataclasses
 import functools
 import math
 
@@ -109,6 +110,141 @@ def softmax_result(acc, m, l):
   return acc / bcast(safe_l, acc.shape, 0), lse
 
 
+@dataclasses.dataclass(frozen=True)
+class FwdScratch:
+  """SMEM buffers and barriers of a forward CTA (the *_ids ones only with segment ids)."""
+  q_smem: object
+  k_ring: object
+  v_ring: object
+  lse_smem: object
+  q_bar: object
+  k_ready: object
+  v_ready: object
+  k_consumed: object
+  v_consumed: object
+  q_ids_smem: object = None
+  kv_ids_ring: object = None
+  q_ids_bar: object = None
+  kv_ids_ready: object = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RangeTiles:
+  """The kv tiles of a flash-attention CTA: blocks [lo, hi), masked by position.
+
+  The tile source protocol (block_sparse_gpu.MapTiles is the other one):
+  num_steps, kv_block(t), needs_mask, mask(...) and extra_streams(...).
+  """
+  tiling: Tiling
+  ops: Ops
+  lo: object
+  num_steps: object
+  stat_refs: tuple
+  batch: object
+
+  @classmethod
+  def of_cta(cls, tiling: Tiling, ops: Ops, kv_lo, kv_hi, stat_refs, batch, cta):
+    """The tiles of CTA `cta` from the per-CTA [lo, hi) block ranges."""
+    lo, hi = kv_lo[batch, cta], kv_hi[batch, cta]
+    return cls(tiling, ops, lo, hi - lo, tuple(stat_refs), batch)
+
+  @property
+  def needs_mask(self) -> bool:
+    return self.tiling.needs_mask
+
+  def kv_block(self, t):
+    return self.lo + t
+
+  def mask(self, s, *, t, slot, wg, q_block, q_pos0, kv_block, q_ids, kv_ids):
+    """s [q, kv] with -inf where not visible; tiles wholly visible skip the work."""
+    del t, slot, wg
+    tiling = self.tiling
+    masked = functools.partial(mask_scores, tiling=tiling, ops=self.ops, q_pos0=q_pos0,
+                               kv_pos0=kv_block * tiling.block_kv, q_ids=q_ids,
+                               kv_ids=kv_ids, transposed=False)
+    full = tile_is_full(tiling, q_block, kv_block, self.stat_refs, self.batch)
+    return lax.cond(full, lambda x: x, masked, s)
+
+  def extra_streams(self, wgs: int):
+    del wgs
+    return []
+
+
+def forward_cta(tiles_of, refs, scratch: FwdScratch, *, scale: float, group: int, slots: int,
+                ops: Ops):
+  """One forward CTA: COMPUTE_WGS compute warpgroups and a memory warpgroup.
+
+  tiles_of(batch, head, cta) -> the CTA's kv tiles (RangeTiles, or
+  block_sparse_gpu.MapTiles).
+  refs: (q, k, v, q_seg or None, kv_seg or None, o, lse) GMEM refs.
+  """
+  q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref = refs
+  seg = q_seg_ref is not None
+  sc = scratch
+  bq, bkv = sc.q_smem.shape[1], sc.k_ring.shape[1]
+  head_dim = q_ref.shape[-1]
+  b, h = lax.axis_index("batch"), lax.axis_index("heads")
+  cta, wg = lax.axis_index("q_tiles"), lax.axis_index("wg")
+  source = tiles_of(b, h, cta)
+
+  @pl.when(wg < COMPUTE_WGS)
+  def _compute():
+    ops.set_registers(compute=True)
+    q_block = cta * COMPUTE_WGS + wg
+    row0 = q_block * bq
+    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], sc.q_smem.at[wg], sc.q_bar.at[wg])
+    q_ids = None
+    if seg:
+      plgpu.copy_gmem_to_smem(q_seg_ref.at[b, pl.ds(row0, bq)], sc.q_ids_smem.at[wg],
+                              sc.q_ids_bar.at[wg])
+      plgpu.barrier_wait(sc.q_ids_bar.at[wg])
+      q_ids = ops.load_vector(sc.q_ids_smem.at[wg], axis=1)
+    plgpu.barrier_wait(sc.q_bar.at[wg])
+
+    def step(t, carry):
+      acc, m, l = carry
+      kv_block, slot = source.kv_block(t), slot_of(t, slots)
+      plgpu.barrier_wait(sc.k_ready.at[slot])
+      s = ops.matmul_nt(sc.q_smem.at[wg], sc.k_ring.at[slot], (bq, bkv)) * (scale * LOG2E)
+      if source.needs_mask:
+        kv_ids = None
+        if seg:
+          plgpu.barrier_wait(sc.kv_ids_ready.at[slot])
+          kv_ids = ops.load_vector(sc.kv_ids_ring.at[slot], axis=0)
+        s = source.mask(s, t=t, slot=slot, wg=wg, q_block=q_block, q_pos0=row0,
+                        kv_block=kv_block, q_ids=q_ids, kv_ids=kv_ids)
+      plgpu.barrier_arrive(sc.k_consumed.at[slot])
+      p, acc, m_next, l = softmax_update(s, acc, m, l)
+      plgpu.barrier_wait(sc.v_ready.at[slot])
+      acc = ops.matmul_acc(acc, p.astype(sc.v_ring.dtype), sc.v_ring.at[slot])
+      plgpu.barrier_arrive(sc.v_consumed.at[slot])
+      return acc, m_next, l
+
+    acc, m, l = lax.fori_loop(0, source.num_steps, step, softmax_init(ops, bq, head_dim))
+    out, lse = softmax_result(acc, m, l)
+    sc.q_smem.at[wg][...] = out.astype(sc.q_smem.dtype)
+    sc.lse_smem.at[wg][...] = lse
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(sc.q_smem.at[wg], o_ref.at[b, pl.ds(row0, bq), h])
+    plgpu.copy_smem_to_gmem(sc.lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, bq)])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == COMPUTE_WGS)
+  def _memory():
+    ops.set_registers(compute=False)
+    kv_head = lax.div(h, jnp.int32(group))
+    rows = lambda t: pl.ds(source.kv_block(t) * bkv, bkv)
+    streams = [Stream(lambda t: k_ref.at[b, rows(t), kv_head], sc.k_ring, sc.k_ready,
+                      sc.k_consumed)]
+    streams += source.extra_streams(COMPUTE_WGS)
+    if seg:
+      streams.append(Stream(lambda t: kv_seg_ref.at[b, rows(t)], sc.kv_ids_ring,
+                            sc.kv_ids_ready))
+    streams.append(Stream(lambda t: v_ref.at[b, rows(t), kv_head], sc.v_ring, sc.v_ready,
+                          sc.v_consumed))
+    produce_ring(streams, source.num_steps, slots)
+
+
 def _fwd_kernel(*refs, tiling: Tiling, slots: int, ops: Ops):
   seg = tiling.has_segments
   n_in = 5 + (6 if seg else 0)
@@ -117,74 +253,19 @@ def _fwd_kernel(*refs, tiling: Tiling, slots: int, ops: Ops):
     q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, kv_lo, kv_hi, *stat_refs = ins
     (q_smem, k_ring, v_ring, lse_smem, q_ids_smem, kv_ids_ring, q_bar, k_ready, v_ready,
      k_consumed, v_consumed, q_ids_bar, kv_ids_ready) = scratch
+    ids = dict(q_ids_smem=q_ids_smem, kv_ids_ring=kv_ids_ring, q_ids_bar=q_ids_bar,
+               kv_ids_ready=kv_ids_ready)
   else:
     q_ref, k_ref, v_ref, kv_lo, kv_hi = ins
-    stat_refs = ()
+    q_seg_ref = kv_seg_ref = None
+    stat_refs, ids = (), {}
     (q_smem, k_ring, v_ring, lse_smem, q_bar, k_ready, v_ready, k_consumed,
      v_consumed) = scratch
-  bq, bkv = tiling.block_q, tiling.block_kv
-  head_dim = q_ref.shape[-1]
-  b, h = lax.axis_index("batch"), lax.axis_index("heads")
-  cta, wg = lax.axis_index("q_tiles"), lax.axis_index("wg")
-  lo, hi = kv_lo[b, cta], kv_hi[b, cta]
-  num_steps = hi - lo
-
-  @pl.when(wg < COMPUTE_WGS)
-  def _compute():
-    ops.set_registers(compute=True)
-    q_block = cta * COMPUTE_WGS + wg
-    row0 = q_block * bq
-    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], q_smem.at[wg], q_bar.at[wg])
-    q_ids = None
-    if seg:
-      plgpu.copy_gmem_to_smem(q_seg_ref.at[b, pl.ds(row0, bq)], q_ids_smem.at[wg],
-                              q_ids_bar.at[wg])
-      plgpu.barrier_wait(q_ids_bar.at[wg])
-      q_ids = ops.load_vector(q_ids_smem.at[wg], axis=1)
-    plgpu.barrier_wait(q_bar.at[wg])
-
-    def step(t, carry):
-      acc, m, l = carry
-      kv_block, slot = lo + t, slot_of(t, slots)
-      plgpu.barrier_wait(k_ready.at[slot])
-      s = ops.matmul_nt(q_smem.at[wg], k_ring.at[slot], (bq, bkv)) * (tiling.scale * LOG2E)
-      if tiling.needs_mask:
-        kv_ids = None
-        if seg:
-          plgpu.barrier_wait(kv_ids_ready.at[slot])
-          kv_ids = ops.load_vector(kv_ids_ring.at[slot], axis=0)
-        masked = functools.partial(mask_scores, tiling=tiling, ops=ops, q_pos0=row0,
-                                   kv_pos0=kv_block * bkv, q_ids=q_ids, kv_ids=kv_ids,
-                                   transposed=False)
-        full = tile_is_full(tiling, q_block, kv_block, stat_refs, b)
-        s = lax.cond(full, lambda x: x, masked, s)
-      plgpu.barrier_arrive(k_consumed.at[slot])
-      p, acc, m_next, l = softmax_update(s, acc, m, l)
-      plgpu.barrier_wait(v_ready.at[slot])
-      acc = ops.matmul_acc(acc, p.astype(v_ring.dtype), v_ring.at[slot])
-      plgpu.barrier_arrive(v_consumed.at[slot])
-      return acc, m_next, l
-
-    acc, m, l = lax.fori_loop(0, num_steps, step, softmax_init(ops, bq, head_dim))
-    out, lse = softmax_result(acc, m, l)
-    q_smem.at[wg][...] = out.astype(q_smem.dtype)
-    lse_smem.at[wg][...] = lse
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem.at[wg], o_ref.at[b, pl.ds(row0, bq), h])
-    plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, bq)])
-    plgpu.wait_smem_to_gmem(0)
-
-  @pl.when(wg == COMPUTE_WGS)
-  def _memory():
-    ops.set_registers(compute=False)
-    kv_head = lax.div(h, jnp.int32(tiling.group))
-    rows = lambda t: pl.ds((lo + t) * bkv, bkv)
-    streams = [Stream(lambda t: k_ref.at[b, rows(t), kv_head], k_ring, k_ready, k_consumed)]
-    if seg:
-      streams.append(Stream(lambda t: kv_seg_ref.at[b, rows(t)], kv_ids_ring, kv_ids_ready))
-    streams.append(Stream(lambda t: v_ref.at[b, rows(t), kv_head], v_ring, v_ready,
-                          v_consumed))
-    produce_ring(streams, num_steps, slots)
+  tiles_of = lambda b, h, cta: RangeTiles.of_cta(tiling, ops, kv_lo, kv_hi, stat_refs, b, cta)
+  sc = FwdScratch(q_smem, k_ring, v_ring, lse_smem, q_bar, k_ready, v_ready, k_consumed,
+                  v_consumed, **ids)
+  forward_cta(tiles_of, (q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref), sc,
+              scale=tiling.scale, group=tiling.group, slots=slots, ops=ops)
 
 
 def forward(q, k, v, q_seg, kv_seg, *, tiling: Tiling, slots: int, interpret):
