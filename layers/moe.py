@@ -24,7 +24,6 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 from layers import expert_parallel
-from layers import moe_dispatch
 from layers.linear import Einsum
 from layers.mlp import SwiGLU
 from layers.router import Router, RouterOutput, check_router_config

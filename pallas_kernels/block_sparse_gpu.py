@@ -20,7 +20,6 @@ import functools
 
 import jax
 from jax import lax
-import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 import numpy as np
@@ -109,12 +108,11 @@ def mask_stream(masks_ref, mask_ring, mask_ready, mask_id_of):
 
 
 @dataclasses.dataclass(frozen=True)
-class MapTiles:
-  """The kv tiles of a block-sparse forward CTA: the KernelMap row's entries.
+class MapEntries:
+  """One KernelMap row as a CTA's tile source (the shared part of MapTiles, MapQTiles).
 
-  Implements flash_attention_gpu's tile-source protocol. FULL entries skip the
-  mask; PARTIAL ones wait for their element mask, which the memory warpgroup
-  streams (extra_streams) into `mask_ring`.
+  FULL entries skip the mask; PARTIAL ones wait for their element mask, which
+  the memory warpgroup streams (extra_streams) into `mask_ring`.
   """
   ops: Ops
   index: object
@@ -130,27 +128,27 @@ class MapTiles:
   mask_ring: object
   mask_ready: object
 
-  @classmethod
-  def of_cta(cls, kmap: KernelMap, ops: Ops, map_refs, mask_scratch_refs, stat_refs, *, seg,
-             partial, batch, head, cta):
+  @staticmethod
+  def common_fields(kmap: KernelMap, ops: Ops, map_refs, mask_scratch_refs, stat_refs, *,
+                    seg, partial, batch, head, cta):
+    """The base fields, in order, for row `cta` of kernel head `head`."""
     index, mask_id, counts, masks_ref = map_refs
     hm = lax.div(head, jnp.int32(kmap.head_div))
-    return cls(ops, index, mask_id, hm, cta, counts[hm, cta], tuple(stat_refs), batch, seg,
-               partial, masks_ref, *mask_scratch_refs)
+    return (ops, index, mask_id, hm, cta, counts[hm, cta], tuple(stat_refs), batch, seg,
+            partial, masks_ref, *mask_scratch_refs)
 
   @property
   def needs_mask(self) -> bool:
     return self.seg or self.partial
 
-  def kv_block(self, t):
+  def entry(self, t):
     return self.index[self.head, self.cta, t]
 
   def mask_id_of(self, t):
     return self.mask_id[self.head, self.cta, t]
 
-  def mask(self, s, *, t, slot, wg, q_block, q_pos0, kv_block, q_ids, kv_ids):
-    """s [q, kv] with -inf where not visible (PARTIAL element mask, segments)."""
-    del q_pos0
+  def masked(self, s, *, t, slot, wg, q_block, kv_block, q_ids, kv_ids, transposed: bool):
+    """s [q, kv] ([kv, q] when transposed) with -inf where not visible."""
     seg_ids = (q_ids, kv_ids) if self.seg else None
     is_partial = self.mask_id_of(t) >= 0
 
@@ -160,13 +158,33 @@ class MapTiles:
     return apply_mask(s, full=tile_full(is_partial, self.stat_refs, self.batch, q_block,
                                         kv_block),
                       partial=is_partial, load_tile=load_tile, seg_ids=seg_ids,
-                      transposed=False, needs_tile=self.partial)
+                      transposed=transposed, needs_tile=self.partial)
 
   def extra_streams(self, wgs: int):
     del wgs
     if not self.partial:
       return []
     return [mask_stream(self.masks_ref, self.mask_ring, self.mask_ready, self.mask_id_of)]
+
+
+@dataclasses.dataclass(frozen=True)
+class MapTiles(MapEntries):
+  """The kv tiles of a block-sparse forward or dq CTA: entries name kv blocks.
+
+  The tile-source protocol of flash_attention_gpu.forward_cta / dq_cta.
+  """
+
+  @classmethod
+  def of_cta(cls, kmap: KernelMap, ops: Ops, map_refs, mask_scratch_refs, stat_refs, **kw):
+    return cls(*cls.common_fields(kmap, ops, map_refs, mask_scratch_refs, stat_refs, **kw))
+
+  def kv_block(self, t):
+    return self.entry(t)
+
+  def mask(self, s, *, t, slot, wg, q_block, q_pos0, kv_block, q_ids, kv_ids):
+    del q_pos0
+    return self.masked(s, t=t, slot=slot, wg=wg, q_block=q_block, kv_block=kv_block,
+                       q_ids=q_ids, kv_ids=kv_ids, transposed=False)
 
 
 def _fwd_kernel(*refs, kmap: KernelMap, group: int, scale: float, slots: int, ops: Ops,

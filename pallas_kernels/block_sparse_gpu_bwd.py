@@ -1,26 +1,26 @@
 """Mosaic GPU (Hopper) block-sparse attention backward: dq and dk/dv kernels.
 
-flash_attention_gpu_bwd's scheme (compute warpgroups owning rows, a memory
-warpgroup streaming the other operand through a TMA ring) driven by KernelMaps:
+flash_attention_gpu_bwd's CTAs (dq_cta, dkv_cta: compute warpgroups owning
+rows, a memory warpgroup streaming the other operand through a TMA ring) with
+tile sources read from KernelMaps (block_sparse_gpu.MapTiles, MapQTiles here):
 dq streams the k/v blocks its query CTA lists; dk/dv streams, per key CTA, the
 (query head in group, query block) entries of the transposed map, so dk and dv
 come out summed over the GQA group. PARTIAL entries also stream their element
 mask (block_sparse_gpu.mask_stream); FULL entries do no mask work.
 """
 
+import dataclasses
 import functools
 
 import jax
 from jax import lax
-import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from pallas_kernels import block_sparse_gpu as sgpu
+from pallas_kernels import flash_attention_gpu_bwd as fbwd
 from pallas_kernels.block_sparse_map import KernelMap
-from pallas_kernels.flash_attention_gpu import LOG2E
-from pallas_kernels.flash_attention_gpu_ops import (TRANSFORMS, Ops, Stream, bcast,
-                                                    produce_ring, slot_of)
+from pallas_kernels.flash_attention_gpu_ops import TRANSFORMS, Ops
 
 
 def _smem(shape, dtype, tiled=False):
@@ -29,178 +29,69 @@ def _smem(shape, dtype, tiled=False):
 
 def _dq_kernel(*refs, kmap: KernelMap, group: int, scale: float, slots: int, wgs: int,
                ops: Ops, seg: bool, partial: bool):
-  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, index, mask_id, counts, masks_ref = refs[:10]
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *map_refs = refs[:10]
   n_in = 10 + (6 if seg else 0)
   q_seg_ref, kv_seg_ref, *stat_refs = refs[10:n_in] if seg else (None, None)
   dq_ref, scratch = refs[n_in], refs[n_in + 1:]
   (q_smem, do_smem, lse_smem, delta_smem, k_ring, v_ring, q_bars, k_ready, v_ready,
    k_consumed, v_consumed, mask_ring, mask_ready, *seg_scratch) = scratch
-  bq, bkv = q_smem.shape[1], k_ring.shape[1]
-  b, h = lax.axis_index("batch"), lax.axis_index("heads")
-  cta, wg = lax.axis_index("q_tiles"), lax.axis_index("wg")
-  hm = lax.div(h, jnp.int32(kmap.head_div))
-  num_steps = counts[hm, cta]
-  kv_block_of = lambda t: index[hm, cta, t]
-  mask_id_of = lambda t: mask_id[hm, cta, t]
+  tiles_of = lambda b, h, cta: sgpu.MapTiles.of_cta(
+      kmap, ops, map_refs, (mask_ring, mask_ready), stat_refs, seg=seg, partial=partial,
+      batch=b, head=h, cta=cta)
+  sc = fbwd.DqScratch(q_smem, do_smem, lse_smem, delta_smem, k_ring, v_ring, q_bars, k_ready,
+                      v_ready, k_consumed, v_consumed, *seg_scratch)
+  fbwd.dq_cta(tiles_of, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref,
+                         kv_seg_ref, dq_ref), sc, scale=scale, group=group, slots=slots,
+              wgs=wgs, ops=ops)
 
-  @pl.when(wg < wgs)
-  def _compute():
-    ops.set_registers(compute=True)
-    q_block = cta * wgs + wg
-    rows = pl.ds(q_block * bq, bq)
-    loads = [(q_ref.at[b, rows, h], q_smem), (do_ref.at[b, rows, h], do_smem),
-             (lse_ref.at[b, h, rows], lse_smem), (delta_ref.at[b, h, rows], delta_smem)]
-    if seg:
-      loads.append((q_seg_ref.at[b, rows], seg_scratch[0]))
-    for n, (src, dst) in enumerate(loads):
-      plgpu.copy_gmem_to_smem(src, dst.at[wg], q_bars.at[n * wgs + wg])
-    for n in range(len(loads)):
-      plgpu.barrier_wait(q_bars.at[n * wgs + wg])
-    lse = ops.load_vector(lse_smem.at[wg], axis=1)
-    delta = ops.load_vector(delta_smem.at[wg], axis=1)
-    q_ids = ops.load_vector(seg_scratch[0].at[wg], axis=1) if seg else None
 
-    def step(t, dq_acc):
-      kv_block, slot = kv_block_of(t), slot_of(t, slots)
-      plgpu.barrier_wait(k_ready.at[slot])
-      s = ops.matmul_nt(q_smem.at[wg], k_ring.at[slot], (bq, bkv)) * (scale * LOG2E)
-      if seg or partial:
-        seg_ids = None
-        if seg:
-          plgpu.barrier_wait(seg_scratch[2].at[slot])
-          seg_ids = (q_ids, ops.load_vector(seg_scratch[1].at[slot], axis=0))
-        is_partial = mask_id_of(t) >= 0
+@dataclasses.dataclass(frozen=True)
+class MapQTiles(sgpu.MapEntries):
+  """The (query head, query block) tiles of a block-sparse dk/dv CTA: its map row.
 
-        def load_tile():
-          plgpu.barrier_wait(mask_ready.at[slot])
-          return sgpu.unpack_bits(ops, mask_ring.at[slot, wg], (bq, bkv))
-        s = sgpu.apply_mask(s, full=sgpu.tile_full(is_partial, stat_refs, b, q_block, kv_block),
-                            partial=is_partial, load_tile=load_tile, seg_ids=seg_ids,
-                            transposed=False, needs_tile=partial)
-      p = jnp.exp2(s - bcast(lse, s.shape, 0))
-      plgpu.barrier_wait(v_ready.at[slot])
-      dp = ops.matmul_nt(do_smem.at[wg], v_ring.at[slot], (bq, bkv))
-      plgpu.barrier_arrive(v_consumed.at[slot])
-      ds = p * (dp - bcast(delta, dp.shape, 0))
-      dq_acc = ops.matmul_acc(dq_acc, ds.astype(k_ring.dtype), k_ring.at[slot])
-      plgpu.barrier_arrive(k_consumed.at[slot])
-      return dq_acc
+  Entry e names query head kv_head * group + e // num_q_blocks and query block
+  e % num_q_blocks. Tile-source protocol of flash_attention_gpu_bwd.dkv_cta.
+  """
+  kv_head: object = None
+  group: int = 1
+  num_q_blocks: int = 1
 
-    dq = lax.fori_loop(0, num_steps, step, ops.full((bq, q_smem.shape[-1]), 0.0))
-    q_smem.at[wg][...] = (dq * scale).astype(q_smem.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[b, rows, h])
-    plgpu.wait_smem_to_gmem(0)
+  @classmethod
+  def of_cta(cls, kmap: KernelMap, ops: Ops, map_refs, mask_scratch_refs, stat_refs, *, seg,
+             partial, group, num_q_blocks, batch, kv_head, cta):
+    common = cls.common_fields(kmap, ops, map_refs, mask_scratch_refs, stat_refs, seg=seg,
+                               partial=partial, batch=batch, head=kv_head, cta=cta)
+    return cls(*common, kv_head=kv_head, group=group, num_q_blocks=num_q_blocks)
 
-  @pl.when(wg == wgs)
-  def _memory():
-    ops.set_registers(compute=False)
-    kv_head = lax.div(h, jnp.int32(group))
-    rows = lambda t: pl.ds(kv_block_of(t) * bkv, bkv)
-    streams = [Stream(lambda t: k_ref.at[b, rows(t), kv_head], k_ring, k_ready, k_consumed)]
-    if partial:
-      streams.append(sgpu.mask_stream(masks_ref, mask_ring, mask_ready, mask_id_of))
-    if seg:
-      streams.append(Stream(lambda t: kv_seg_ref.at[b, rows(t)], seg_scratch[1],
-                            seg_scratch[2]))
-    streams.append(Stream(lambda t: v_ref.at[b, rows(t), kv_head], v_ring, v_ready,
-                          v_consumed))
-    produce_ring(streams, num_steps, slots)
+  def q_block(self, t):
+    return lax.rem(self.entry(t), jnp.int32(self.num_q_blocks))
+
+  def q_head(self, t):
+    return self.kv_head * self.group + lax.div(self.entry(t), jnp.int32(self.num_q_blocks))
+
+  def mask(self, s_t, *, t, slot, wg, kv_block, kv_pos0, q_block, q_ids, kv_ids):
+    del kv_pos0
+    return self.masked(s_t, t=t, slot=slot, wg=wg, q_block=q_block, kv_block=kv_block,
+                       q_ids=q_ids, kv_ids=kv_ids, transposed=True)
 
 
 def _dkv_kernel(*refs, kmap: KernelMap, group: int, num_q_blocks: int, scale: float,
                 slots: int, wgs: int, ops: Ops, seg: bool, partial: bool):
-  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, index, mask_id, counts, masks_ref = refs[:10]
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *map_refs = refs[:10]
   n_in = 10 + (6 if seg else 0)
   q_seg_ref, kv_seg_ref, *stat_refs = refs[10:n_in] if seg else (None, None)
   (dk_ref, dv_ref), scratch = refs[n_in:n_in + 2], refs[n_in + 2:]
   (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, kv_bars, q_ready, do_ready,
    lse_ready, delta_ready, q_consumed, do_consumed, mask_ring, mask_ready,
    *seg_scratch) = scratch
-  bkv, bq = k_smem.shape[1], q_ring.shape[1]
-  b, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
-  cta, wg = lax.axis_index("kv_tiles"), lax.axis_index("wg")
-  hm = lax.div(kv_head, jnp.int32(kmap.head_div))
-  num_steps = counts[hm, cta]
-  entry = lambda t: index[hm, cta, t]
-  q_block_of = lambda t: lax.rem(entry(t), jnp.int32(num_q_blocks))
-  q_head_of = lambda t: kv_head * group + lax.div(entry(t), jnp.int32(num_q_blocks))
-  mask_id_of = lambda t: mask_id[hm, cta, t]
-
-  @pl.when(wg < wgs)
-  def _compute():
-    ops.set_registers(compute=True)
-    kv_block = cta * wgs + wg
-    rows = pl.ds(kv_block * bkv, bkv)
-    loads = [(k_ref.at[b, rows, kv_head], k_smem), (v_ref.at[b, rows, kv_head], v_smem)]
-    if seg:
-      loads.append((kv_seg_ref.at[b, rows], seg_scratch[0]))
-    for n, (src, dst) in enumerate(loads):
-      plgpu.copy_gmem_to_smem(src, dst.at[wg], kv_bars.at[n * wgs + wg])
-    for n in range(len(loads)):
-      plgpu.barrier_wait(kv_bars.at[n * wgs + wg])
-    kv_ids = ops.load_vector(seg_scratch[0].at[wg], axis=1) if seg else None
-
-    def step(t, carry):
-      dk_acc, dv_acc = carry
-      q_block, slot = q_block_of(t), slot_of(t, slots)
-      plgpu.barrier_wait(q_ready.at[slot])
-      s_t = ops.matmul_nt(k_smem.at[wg], q_ring.at[slot], (bkv, bq)) * (scale * LOG2E)
-      plgpu.barrier_wait(lse_ready.at[slot])
-      lse = ops.load_vector(lse_ring.at[slot], axis=0)
-      if seg or partial:
-        seg_ids = None
-        if seg:
-          plgpu.barrier_wait(seg_scratch[2].at[slot])
-          seg_ids = (ops.load_vector(seg_scratch[1].at[slot], axis=0), kv_ids)
-        is_partial = mask_id_of(t) >= 0
-
-        def load_tile():
-          plgpu.barrier_wait(mask_ready.at[slot])
-          return sgpu.unpack_bits(ops, mask_ring.at[slot, wg], (bkv, bq))
-        s_t = sgpu.apply_mask(s_t, full=sgpu.tile_full(is_partial, stat_refs, b, q_block,
-                                                       kv_block),
-                              partial=is_partial, load_tile=load_tile, seg_ids=seg_ids,
-                              transposed=True, needs_tile=partial)
-      p_t = jnp.exp2(s_t - bcast(lse, s_t.shape, 1))
-      plgpu.barrier_wait(do_ready.at[slot])
-      dv_acc = ops.matmul_acc(dv_acc, p_t.astype(do_ring.dtype), do_ring.at[slot])
-      dp_t = ops.matmul_nt(v_smem.at[wg], do_ring.at[slot], (bkv, bq))
-      plgpu.barrier_wait(delta_ready.at[slot])
-      delta = ops.load_vector(delta_ring.at[slot], axis=0)
-      plgpu.barrier_arrive(do_consumed.at[slot])
-      ds_t = p_t * (dp_t - bcast(delta, dp_t.shape, 1))
-      dk_acc = ops.matmul_acc(dk_acc, ds_t.astype(q_ring.dtype), q_ring.at[slot])
-      plgpu.barrier_arrive(q_consumed.at[slot])
-      return dk_acc, dv_acc
-
-    zeros = ops.full((bkv, k_smem.shape[-1]), 0.0)
-    dk, dv = lax.fori_loop(0, num_steps, step, (zeros, zeros))
-    k_smem.at[wg][...] = (dk * scale).astype(k_smem.dtype)
-    v_smem.at[wg][...] = dv.astype(v_smem.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(k_smem.at[wg], dk_ref.at[b, rows, kv_head])
-    plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[b, rows, kv_head])
-    plgpu.wait_smem_to_gmem(0)
-
-  @pl.when(wg == wgs)
-  def _memory():
-    ops.set_registers(compute=False)
-    rows = lambda t: pl.ds(q_block_of(t) * bq, bq)
-    streams = [Stream(lambda t: q_ref.at[b, rows(t), q_head_of(t)], q_ring, q_ready,
-                      q_consumed)]
-    if partial:
-      streams.append(sgpu.mask_stream(masks_ref, mask_ring, mask_ready, mask_id_of))
-    streams.append(Stream(lambda t: lse_ref.at[b, q_head_of(t), rows(t)], lse_ring,
-                          lse_ready))
-    if seg:
-      streams.append(Stream(lambda t: q_seg_ref.at[b, rows(t)], seg_scratch[1],
-                            seg_scratch[2]))
-    streams += [Stream(lambda t: do_ref.at[b, rows(t), q_head_of(t)], do_ring, do_ready,
-                       do_consumed),
-                Stream(lambda t: delta_ref.at[b, q_head_of(t), rows(t)], delta_ring,
-                       delta_ready)]
-    produce_ring(streams, num_steps, slots)
+  tiles_of = lambda b, kv_head, cta: MapQTiles.of_cta(
+      kmap, ops, map_refs, (mask_ring, mask_ready), stat_refs, seg=seg, partial=partial,
+      group=group, num_q_blocks=num_q_blocks, batch=b, kv_head=kv_head, cta=cta)
+  sc = fbwd.DkvScratch(k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, kv_bars, q_ready,
+                       do_ready, lse_ready, delta_ready, q_consumed, do_consumed, *seg_scratch)
+  fbwd.dkv_cta(tiles_of, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref,
+                          kv_seg_ref, dk_ref, dv_ref), sc, scale=scale, slots=slots, wgs=wgs,
+               ops=ops)
 
 
 def _kernel_call(body, *, out_type, scratch, grid, grid_names, wgs, interpret, operands):

@@ -232,17 +232,28 @@ def forward_cta(tiles_of, refs, scratch: FwdScratch, *, scale: float, group: int
   @pl.when(wg == COMPUTE_WGS)
   def _memory():
     ops.set_registers(compute=False)
-    kv_head = lax.div(h, jnp.int32(group))
-    rows = lambda t: pl.ds(source.kv_block(t) * bkv, bkv)
-    streams = [Stream(lambda t: k_ref.at[b, rows(t), kv_head], sc.k_ring, sc.k_ready,
-                      sc.k_consumed)]
-    streams += source.extra_streams(COMPUTE_WGS)
-    if seg:
-      streams.append(Stream(lambda t: kv_seg_ref.at[b, rows(t)], sc.kv_ids_ring,
-                            sc.kv_ids_ready))
-    streams.append(Stream(lambda t: v_ref.at[b, rows(t), kv_head], sc.v_ring, sc.v_ready,
-                          sc.v_consumed))
-    produce_ring(streams, source.num_steps, slots)
+    stream_kv_tiles(source, (k_ref, v_ref, kv_seg_ref), sc, batch=b, head=h, group=group,
+                    slots=slots, wgs=COMPUTE_WGS)
+
+
+def stream_kv_tiles(source, refs, scratch, *, batch, head, group: int, slots: int, wgs: int):
+  """Memory warpgroup of a forward or dq CTA: the source's k, v (and kv id) blocks.
+
+  refs: (k, v, kv_seg or None) GMEM refs; scratch: FwdScratch or DqScratch.
+  """
+  k_ref, v_ref, kv_seg_ref = refs
+  sc, bkv = scratch, scratch.k_ring.shape[1]
+  kv_head = lax.div(head, jnp.int32(group))
+  rows = lambda t: pl.ds(source.kv_block(t) * bkv, bkv)
+  streams = [Stream(lambda t: k_ref.at[batch, rows(t), kv_head], sc.k_ring, sc.k_ready,
+                    sc.k_consumed)]
+  streams += source.extra_streams(wgs)
+  if kv_seg_ref is not None:
+    streams.append(Stream(lambda t: kv_seg_ref.at[batch, rows(t)], sc.kv_ids_ring,
+                          sc.kv_ids_ready))
+  streams.append(Stream(lambda t: v_ref.at[batch, rows(t), kv_head], sc.v_ring, sc.v_ready,
+                        sc.v_consumed))
+  produce_ring(streams, source.num_steps, slots)
 
 
 def _fwd_kernel(*refs, tiling: Tiling, slots: int, ops: Ops):

@@ -12,6 +12,7 @@ lse, delta of every query head in the GQA group, so dk and dv come out summed
 over the group. Its tiles are transposed (kv rows, q columns).
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -20,25 +21,46 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from pallas_kernels.flash_attention_gpu import LOG2E, gpu_ranges, mask_scores, tile_is_full
+from pallas_kernels.flash_attention_gpu import (LOG2E, RangeTiles, gpu_ranges, mask_scores,
+                                                stream_kv_tiles, tile_is_full)
 from pallas_kernels.flash_attention_gpu_ops import (TRANSFORMS, Ops, Stream, bcast,
                                                     produce_ring, slot_of)
 from pallas_kernels.flash_attention_masks import Tiling
 
 
-def _dq_kernel(*refs, tiling: Tiling, slots: int, wgs: int, ops: Ops):
-  seg = tiling.has_segments
-  n_in = 8 + (6 if seg else 0)
-  ins, (dq_ref,), scratch = refs[:n_in], refs[n_in:n_in + 1], refs[n_in + 1:]
-  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kv_lo, kv_hi = ins[:8]
-  q_seg_ref, kv_seg_ref, *stat_refs = ins[8:] if seg else (None, None)
-  (q_smem, do_smem, lse_smem, delta_smem, k_ring, v_ring, q_bars, k_ready, v_ready,
-   k_consumed, v_consumed, *seg_scratch) = scratch
-  bq, bkv = tiling.block_q, tiling.block_kv
+@dataclasses.dataclass(frozen=True)
+class DqScratch:
+  """SMEM buffers and barriers of a dq CTA (the *_ids ones only with segment ids)."""
+  q_smem: object
+  do_smem: object
+  lse_smem: object
+  delta_smem: object
+  k_ring: object
+  v_ring: object
+  q_bars: object
+  k_ready: object
+  v_ready: object
+  k_consumed: object
+  v_consumed: object
+  q_ids_smem: object = None
+  kv_ids_ring: object = None
+  kv_ids_ready: object = None
+
+
+def dq_cta(tiles_of, refs, scratch: DqScratch, *, scale: float, group: int, slots: int,
+           wgs: int, ops: Ops):
+  """One dq CTA: `wgs` compute warpgroups of query rows and a memory warpgroup.
+
+  tiles_of(batch, head, cta) -> the CTA's kv tiles, a tile source as in
+  flash_attention_gpu.forward_cta (RangeTiles or block_sparse_gpu.MapTiles).
+  refs: (q, k, v, do, lse, delta, q_seg or None, kv_seg or None, dq) GMEM refs.
+  """
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dq_ref = refs
+  seg, sc = q_seg_ref is not None, scratch
+  bq, bkv = sc.q_smem.shape[1], sc.k_ring.shape[1]
   b, h = lax.axis_index("batch"), lax.axis_index("heads")
   cta, wg = lax.axis_index("q_tiles"), lax.axis_index("wg")
-  lo, hi = kv_lo[b, cta], kv_hi[b, cta]
-  num_steps = hi - lo
+  source = tiles_of(b, h, cta)
 
   @pl.when(wg < wgs)
   def _compute():
@@ -46,59 +68,219 @@ def _dq_kernel(*refs, tiling: Tiling, slots: int, wgs: int, ops: Ops):
     q_block = cta * wgs + wg
     row0 = q_block * bq
     rows = pl.ds(row0, bq)
-    loads = [(q_ref.at[b, rows, h], q_smem), (do_ref.at[b, rows, h], do_smem),
-             (lse_ref.at[b, h, rows], lse_smem), (delta_ref.at[b, h, rows], delta_smem)]
+    loads = [(q_ref.at[b, rows, h], sc.q_smem), (do_ref.at[b, rows, h], sc.do_smem),
+             (lse_ref.at[b, h, rows], sc.lse_smem), (delta_ref.at[b, h, rows], sc.delta_smem)]
     if seg:
-      loads.append((q_seg_ref.at[b, rows], seg_scratch[0]))
-    for n, (src, dst) in enumerate(loads):
-      plgpu.copy_gmem_to_smem(src, dst.at[wg], q_bars.at[n * wgs + wg])
-    for n in range(len(loads)):
-      plgpu.barrier_wait(q_bars.at[n * wgs + wg])
-    lse = ops.load_vector(lse_smem.at[wg], axis=1)
-    delta = ops.load_vector(delta_smem.at[wg], axis=1)
-    q_ids = ops.load_vector(seg_scratch[0].at[wg], axis=1) if seg else None
+      loads.append((q_seg_ref.at[b, rows], sc.q_ids_smem))
+    load_rows(loads, sc.q_bars, wg, wgs)
+    lse = ops.load_vector(sc.lse_smem.at[wg], axis=1)
+    delta = ops.load_vector(sc.delta_smem.at[wg], axis=1)
+    q_ids = ops.load_vector(sc.q_ids_smem.at[wg], axis=1) if seg else None
 
     def step(t, dq_acc):
-      kv_block, slot = lo + t, slot_of(t, slots)
-      plgpu.barrier_wait(k_ready.at[slot])
-      s = ops.matmul_nt(q_smem.at[wg], k_ring.at[slot], (bq, bkv)) * (tiling.scale * LOG2E)
-      if tiling.needs_mask:
+      kv_block, slot = source.kv_block(t), slot_of(t, slots)
+      plgpu.barrier_wait(sc.k_ready.at[slot])
+      s = ops.matmul_nt(sc.q_smem.at[wg], sc.k_ring.at[slot], (bq, bkv)) * (scale * LOG2E)
+      if source.needs_mask:
         kv_ids = None
         if seg:
-          plgpu.barrier_wait(seg_scratch[2].at[slot])
-          kv_ids = ops.load_vector(seg_scratch[1].at[slot], axis=0)
-        masked = functools.partial(mask_scores, tiling=tiling, ops=ops, q_pos0=row0,
-                                   kv_pos0=kv_block * bkv, q_ids=q_ids, kv_ids=kv_ids,
-                                   transposed=False)
-        full = tile_is_full(tiling, q_block, kv_block, stat_refs, b)
-        s = lax.cond(full, lambda x: x, masked, s)
+          plgpu.barrier_wait(sc.kv_ids_ready.at[slot])
+          kv_ids = ops.load_vector(sc.kv_ids_ring.at[slot], axis=0)
+        s = source.mask(s, t=t, slot=slot, wg=wg, q_block=q_block, q_pos0=row0,
+                        kv_block=kv_block, q_ids=q_ids, kv_ids=kv_ids)
       p = jnp.exp2(s - bcast(lse, s.shape, 0))
-      plgpu.barrier_wait(v_ready.at[slot])
-      dp = ops.matmul_nt(do_smem.at[wg], v_ring.at[slot], (bq, bkv))
-      plgpu.barrier_arrive(v_consumed.at[slot])
+      plgpu.barrier_wait(sc.v_ready.at[slot])
+      dp = ops.matmul_nt(sc.do_smem.at[wg], sc.v_ring.at[slot], (bq, bkv))
+      plgpu.barrier_arrive(sc.v_consumed.at[slot])
       ds = p * (dp - bcast(delta, dp.shape, 0))
-      dq_acc = ops.matmul_acc(dq_acc, ds.astype(k_ring.dtype), k_ring.at[slot])
-      plgpu.barrier_arrive(k_consumed.at[slot])
+      dq_acc = ops.matmul_acc(dq_acc, ds.astype(sc.k_ring.dtype), sc.k_ring.at[slot])
+      plgpu.barrier_arrive(sc.k_consumed.at[slot])
       return dq_acc
 
-    dq = lax.fori_loop(0, num_steps, step, ops.full((bq, q_smem.shape[-1]), 0.0))
-    q_smem.at[wg][...] = (dq * tiling.scale).astype(q_smem.dtype)
+    dq = lax.fori_loop(0, source.num_steps, step, ops.full((bq, sc.q_smem.shape[-1]), 0.0))
+    sc.q_smem.at[wg][...] = (dq * scale).astype(sc.q_smem.dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[b, rows, h])
+    plgpu.copy_smem_to_gmem(sc.q_smem.at[wg], dq_ref.at[b, rows, h])
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == wgs)
   def _memory():
     ops.set_registers(compute=False)
-    kv_head = lax.div(h, jnp.int32(tiling.group))
-    rows = lambda t: pl.ds((lo + t) * bkv, bkv)
-    streams = [Stream(lambda t: k_ref.at[b, rows(t), kv_head], k_ring, k_ready, k_consumed)]
+    stream_kv_tiles(source, (k_ref, v_ref, kv_seg_ref), sc, batch=b, head=h, group=group,
+                    slots=slots, wgs=wgs)
+
+
+def load_rows(loads, bars, wg, wgs: int):
+  """Copies each (GMEM src, SMEM dst) pair into dst.at[wg] and waits for all of them."""
+  for n, (src, dst) in enumerate(loads):
+    plgpu.copy_gmem_to_smem(src, dst.at[wg], bars.at[n * wgs + wg])
+  for n in range(len(loads)):
+    plgpu.barrier_wait(bars.at[n * wgs + wg])
+
+
+def _dq_kernel(*refs, tiling: Tiling, slots: int, wgs: int, ops: Ops):
+  seg = tiling.has_segments
+  n_in = 8 + (6 if seg else 0)
+  ins, dq_ref, scratch = refs[:n_in], refs[n_in], refs[n_in + 1:]
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kv_lo, kv_hi = ins[:8]
+  q_seg_ref, kv_seg_ref, *stat_refs = ins[8:] if seg else (None, None)
+  tiles_of = lambda b, h, cta: RangeTiles.of_cta(tiling, ops, kv_lo, kv_hi, stat_refs, b, cta)
+  sc = DqScratch(*scratch)
+  dq_cta(tiles_of, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref,
+                    dq_ref), sc, scale=tiling.scale, group=tiling.group, slots=slots, wgs=wgs,
+         ops=ops)
+
+
+@dataclasses.dataclass(frozen=True)
+class DkvScratch:
+  """SMEM buffers and barriers of a dk/dv CTA (the *_ids ones only with segment ids)."""
+  k_smem: object
+  v_smem: object
+  q_ring: object
+  do_ring: object
+  lse_ring: object
+  delta_ring: object
+  kv_bars: object
+  q_ready: object
+  do_ready: object
+  lse_ready: object
+  delta_ready: object
+  q_consumed: object
+  do_consumed: object
+  kv_ids_smem: object = None
+  q_ids_ring: object = None
+  q_ids_ready: object = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RangeQTiles:
+  """The (query head, query block) tiles of a flash dk/dv CTA, transposed masks.
+
+  Steps walk the q blocks [lo, hi) of each of the kv head's `group` query
+  heads. Tile-source protocol of dkv_cta: num_steps, q_block(t), q_head(t),
+  needs_mask, mask(...) and extra_streams(...).
+  """
+  tiling: Tiling
+  ops: Ops
+  lo: object
+  span: object
+  num_steps: object
+  kv_head: object
+  stat_refs: tuple
+  batch: object
+
+  @classmethod
+  def of_cta(cls, tiling: Tiling, ops: Ops, q_lo, q_hi, stat_refs, batch, kv_head, cta):
+    lo, hi = q_lo[batch, cta], q_hi[batch, cta]
+    span = jnp.maximum(hi - lo, 1)
+    num_steps = (hi - lo) * tiling.group  # (q head in group, q block) pairs.
+    return cls(tiling, ops, lo, span, num_steps, kv_head, tuple(stat_refs), batch)
+
+  @property
+  def needs_mask(self) -> bool:
+    return self.tiling.needs_mask
+
+  def q_block(self, t):
+    return self.lo + lax.rem(t, self.span)
+
+  def q_head(self, t):
+    return self.kv_head * self.tiling.group + lax.div(t, self.span)
+
+  def mask(self, s_t, *, t, slot, wg, kv_block, kv_pos0, q_block, q_ids, kv_ids):
+    """s_t [kv, q] with -inf where not visible; wholly visible tiles skip the work."""
+    del t, slot, wg
+    tiling = self.tiling
+    masked = functools.partial(mask_scores, tiling=tiling, ops=self.ops,
+                               q_pos0=q_block * tiling.block_q, kv_pos0=kv_pos0, q_ids=q_ids,
+                               kv_ids=kv_ids, transposed=True)
+    full = tile_is_full(tiling, q_block, kv_block, self.stat_refs, self.batch)
+    return lax.cond(full, lambda x: x, masked, s_t)
+
+  def extra_streams(self, wgs: int):
+    del wgs
+    return []
+
+
+def dkv_cta(tiles_of, refs, scratch: DkvScratch, *, scale: float, slots: int, wgs: int,
+            ops: Ops):
+  """One dk/dv CTA: `wgs` compute warpgroups of key rows and a memory warpgroup.
+
+  tiles_of(batch, kv_head, cta) -> the CTA's (query head, query block) tiles
+  (RangeQTiles or block_sparse_gpu_bwd.MapQTiles).
+  refs: (q, k, v, do, lse, delta, q_seg or None, kv_seg or None, dk, dv) GMEM refs.
+  """
+  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dk_ref,
+   dv_ref) = refs
+  seg, sc = q_seg_ref is not None, scratch
+  bkv, bq = sc.k_smem.shape[1], sc.q_ring.shape[1]
+  b, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
+  cta, wg = lax.axis_index("kv_tiles"), lax.axis_index("wg")
+  source = tiles_of(b, kv_head, cta)
+
+  @pl.when(wg < wgs)
+  def _compute():
+    ops.set_registers(compute=True)
+    kv_block = cta * wgs + wg
+    row0 = kv_block * bkv
+    rows = pl.ds(row0, bkv)
+    loads = [(k_ref.at[b, rows, kv_head], sc.k_smem), (v_ref.at[b, rows, kv_head], sc.v_smem)]
     if seg:
-      streams.append(Stream(lambda t: kv_seg_ref.at[b, rows(t)], seg_scratch[1],
-                            seg_scratch[2]))
-    streams.append(Stream(lambda t: v_ref.at[b, rows(t), kv_head], v_ring, v_ready,
-                          v_consumed))
-    produce_ring(streams, num_steps, slots)
+      loads.append((kv_seg_ref.at[b, rows], sc.kv_ids_smem))
+    load_rows(loads, sc.kv_bars, wg, wgs)
+    kv_ids = ops.load_vector(sc.kv_ids_smem.at[wg], axis=1) if seg else None
+
+    def step(t, carry):
+      dk_acc, dv_acc = carry
+      q_block, slot = source.q_block(t), slot_of(t, slots)
+      plgpu.barrier_wait(sc.q_ready.at[slot])
+      s_t = ops.matmul_nt(sc.k_smem.at[wg], sc.q_ring.at[slot], (bkv, bq)) * (scale * LOG2E)
+      plgpu.barrier_wait(sc.lse_ready.at[slot])
+      lse = ops.load_vector(sc.lse_ring.at[slot], axis=0)
+      if source.needs_mask:
+        q_ids = None
+        if seg:
+          plgpu.barrier_wait(sc.q_ids_ready.at[slot])
+          q_ids = ops.load_vector(sc.q_ids_ring.at[slot], axis=0)
+        s_t = source.mask(s_t, t=t, slot=slot, wg=wg, kv_block=kv_block, kv_pos0=row0,
+                          q_block=q_block, q_ids=q_ids, kv_ids=kv_ids)
+      p_t = jnp.exp2(s_t - bcast(lse, s_t.shape, 1))
+      plgpu.barrier_wait(sc.do_ready.at[slot])
+      dv_acc = ops.matmul_acc(dv_acc, p_t.astype(sc.do_ring.dtype), sc.do_ring.at[slot])
+      dp_t = ops.matmul_nt(sc.v_smem.at[wg], sc.do_ring.at[slot], (bkv, bq))
+      plgpu.barrier_wait(sc.delta_ready.at[slot])
+      delta = ops.load_vector(sc.delta_ring.at[slot], axis=0)
+      plgpu.barrier_arrive(sc.do_consumed.at[slot])
+      ds_t = p_t * (dp_t - bcast(delta, dp_t.shape, 1))
+      dk_acc = ops.matmul_acc(dk_acc, ds_t.astype(sc.q_ring.dtype), sc.q_ring.at[slot])
+      plgpu.barrier_arrive(sc.q_consumed.at[slot])
+      return dk_acc, dv_acc
+
+    zeros = ops.full((bkv, sc.k_smem.shape[-1]), 0.0)
+    dk, dv = lax.fori_loop(0, source.num_steps, step, (zeros, zeros))
+    sc.k_smem.at[wg][...] = (dk * scale).astype(sc.k_smem.dtype)
+    sc.v_smem.at[wg][...] = dv.astype(sc.v_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(sc.k_smem.at[wg], dk_ref.at[b, rows, kv_head])
+    plgpu.copy_smem_to_gmem(sc.v_smem.at[wg], dv_ref.at[b, rows, kv_head])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == wgs)
+  def _memory():
+    ops.set_registers(compute=False)
+    rows = lambda t: pl.ds(source.q_block(t) * bq, bq)
+    streams = [Stream(lambda t: q_ref.at[b, rows(t), source.q_head(t)], sc.q_ring,
+                      sc.q_ready, sc.q_consumed)]
+    streams += source.extra_streams(wgs)
+    streams.append(Stream(lambda t: lse_ref.at[b, source.q_head(t), rows(t)], sc.lse_ring,
+                          sc.lse_ready))
+    if seg:
+      streams.append(Stream(lambda t: q_seg_ref.at[b, rows(t)], sc.q_ids_ring,
+                            sc.q_ids_ready))
+    streams += [Stream(lambda t: do_ref.at[b, rows(t), source.q_head(t)], sc.do_ring,
+                       sc.do_ready, sc.do_consumed),
+                Stream(lambda t: delta_ref.at[b, source.q_head(t), rows(t)], sc.delta_ring,
+                       sc.delta_ready)]
+    produce_ring(streams, source.num_steps, slots)
 
 
 def _dkv_kernel(*refs, tiling: Tiling, slots: int, wgs: int, ops: Ops):
@@ -107,86 +289,11 @@ def _dkv_kernel(*refs, tiling: Tiling, slots: int, wgs: int, ops: Ops):
   ins, (dk_ref, dv_ref), scratch = refs[:n_in], refs[n_in:n_in + 2], refs[n_in + 2:]
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_lo, q_hi = ins[:8]
   q_seg_ref, kv_seg_ref, *stat_refs = ins[8:] if seg else (None, None)
-  (k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring, kv_bars, q_ready, do_ready,
-   lse_ready, delta_ready, q_consumed, do_consumed, *seg_scratch) = scratch
-  bq, bkv, group = tiling.block_q, tiling.block_kv, tiling.group
-  b, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
-  cta, wg = lax.axis_index("kv_tiles"), lax.axis_index("wg")
-  lo, hi = q_lo[b, cta], q_hi[b, cta]
-  span = jnp.maximum(hi - lo, 1)
-  num_steps = (hi - lo) * group  # (q head in group, q block) pairs.
-  q_block_of = lambda t: lo + lax.rem(t, span)
-  q_head_of = lambda t: kv_head * group + lax.div(t, span)
-
-  @pl.when(wg < wgs)
-  def _compute():
-    ops.set_registers(compute=True)
-    kv_block = cta * wgs + wg
-    row0 = kv_block * bkv
-    rows = pl.ds(row0, bkv)
-    loads = [(k_ref.at[b, rows, kv_head], k_smem), (v_ref.at[b, rows, kv_head], v_smem)]
-    if seg:
-      loads.append((kv_seg_ref.at[b, rows], seg_scratch[0]))
-    for n, (src, dst) in enumerate(loads):
-      plgpu.copy_gmem_to_smem(src, dst.at[wg], kv_bars.at[n * wgs + wg])
-    for n in range(len(loads)):
-      plgpu.barrier_wait(kv_bars.at[n * wgs + wg])
-    kv_ids = ops.load_vector(seg_scratch[0].at[wg], axis=1) if seg else None
-
-    def step(t, carry):
-      dk_acc, dv_acc = carry
-      q_block, slot = q_block_of(t), slot_of(t, slots)
-      plgpu.barrier_wait(q_ready.at[slot])
-      s_t = ops.matmul_nt(k_smem.at[wg], q_ring.at[slot], (bkv, bq)) * (tiling.scale * LOG2E)
-      plgpu.barrier_wait(lse_ready.at[slot])
-      lse = ops.load_vector(lse_ring.at[slot], axis=0)
-      if tiling.needs_mask:
-        q_ids = None
-        if seg:
-          plgpu.barrier_wait(seg_scratch[2].at[slot])
-          q_ids = ops.load_vector(seg_scratch[1].at[slot], axis=0)
-        masked = functools.partial(mask_scores, tiling=tiling, ops=ops,
-                                   q_pos0=q_block * bq, kv_pos0=row0, q_ids=q_ids,
-                                   kv_ids=kv_ids, transposed=True)
-        full = tile_is_full(tiling, q_block, kv_block, stat_refs, b)
-        s_t = lax.cond(full, lambda x: x, masked, s_t)
-      p_t = jnp.exp2(s_t - bcast(lse, s_t.shape, 1))
-      plgpu.barrier_wait(do_ready.at[slot])
-      dv_acc = ops.matmul_acc(dv_acc, p_t.astype(do_ring.dtype), do_ring.at[slot])
-      dp_t = ops.matmul_nt(v_smem.at[wg], do_ring.at[slot], (bkv, bq))
-      plgpu.barrier_wait(delta_ready.at[slot])
-      delta = ops.load_vector(delta_ring.at[slot], axis=0)
-      plgpu.barrier_arrive(do_consumed.at[slot])
-      ds_t = p_t * (dp_t - bcast(delta, dp_t.shape, 1))
-      dk_acc = ops.matmul_acc(dk_acc, ds_t.astype(q_ring.dtype), q_ring.at[slot])
-      plgpu.barrier_arrive(q_consumed.at[slot])
-      return dk_acc, dv_acc
-
-    head_dim = k_smem.shape[-1]
-    zeros = ops.full((bkv, head_dim), 0.0)
-    dk, dv = lax.fori_loop(0, num_steps, step, (zeros, zeros))
-    k_smem.at[wg][...] = (dk * tiling.scale).astype(k_smem.dtype)
-    v_smem.at[wg][...] = dv.astype(v_smem.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(k_smem.at[wg], dk_ref.at[b, rows, kv_head])
-    plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[b, rows, kv_head])
-    plgpu.wait_smem_to_gmem(0)
-
-  @pl.when(wg == wgs)
-  def _memory():
-    ops.set_registers(compute=False)
-    rows = lambda t: pl.ds(q_block_of(t) * bq, bq)
-    streams = [Stream(lambda t: q_ref.at[b, rows(t), q_head_of(t)], q_ring, q_ready,
-                      q_consumed),
-               Stream(lambda t: lse_ref.at[b, q_head_of(t), rows(t)], lse_ring, lse_ready)]
-    if seg:
-      streams.append(Stream(lambda t: q_seg_ref.at[b, rows(t)], seg_scratch[1],
-                            seg_scratch[2]))
-    streams += [Stream(lambda t: do_ref.at[b, rows(t), q_head_of(t)], do_ring, do_ready,
-                       do_consumed),
-                Stream(lambda t: delta_ref.at[b, q_head_of(t), rows(t)], delta_ring,
-                       delta_ready)]
-    produce_ring(streams, num_steps, slots)
+  tiles_of = lambda b, kv_head, cta: RangeQTiles.of_cta(tiling, ops, q_lo, q_hi, stat_refs, b,
+                                                        kv_head, cta)
+  dkv_cta(tiles_of, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref,
+                     dk_ref, dv_ref), DkvScratch(*scratch), scale=tiling.scale, slots=slots,
+          wgs=wgs, ops=ops)
 
 
 def _smem(shape, dtype, tiled=False):

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import block_sparse_map as map_lib
 from pallas_kernels import flash_attention_config as config_lib
 from pallas_kernels import block_sparse_masks as masks_lib
 from pallas_kernels.block_sparse_attention import (BlockMap, BlockMask, CausalMask,

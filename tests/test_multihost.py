@@ -6,8 +6,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from trainer_helpers import read_metrics, to_flags
 from train.data import builder
 
