@@ -79,6 +79,15 @@ def mask_scores(s, *, tiling: Tiling, ops: Ops, q_pos0, kv_pos0, q_ids, kv_ids,
   return jnp.where(mask, s, -jnp.inf)
 
 
+def mask_unless_full(s, *, tiling: Tiling, ops: Ops, stat_refs, batch, q_block, kv_block,
+                     q_pos0, kv_pos0, q_ids, kv_ids, transposed: bool):
+  """mask_scores(s), skipped (lax.cond) for tiles that tile_is_full says need no mask."""
+  masked = functools.partial(mask_scores, tiling=tiling, ops=ops, q_pos0=q_pos0,
+                             kv_pos0=kv_pos0, q_ids=q_ids, kv_ids=kv_ids, transposed=transposed)
+  full = tile_is_full(tiling, q_block, kv_block, stat_refs, batch)
+  return lax.cond(full, lambda x: x, masked, s)
+
+
 def segment_mask(q_ids, kv_ids, shape, transposed: bool):
   """bool tile: query and key share a segment (ids are per-row / per-column vectors)."""
   q_axis, kv_axis = (1, 0) if transposed else (0, 1)
@@ -158,12 +167,10 @@ class RangeTiles:
   def mask(self, s, *, t, slot, wg, q_block, q_pos0, kv_block, q_ids, kv_ids):
     """s [q, kv] with -inf where not visible; tiles wholly visible skip the work."""
     del t, slot, wg
-    tiling = self.tiling
-    masked = functools.partial(mask_scores, tiling=tiling, ops=self.ops, q_pos0=q_pos0,
-                               kv_pos0=kv_block * tiling.block_kv, q_ids=q_ids,
-                               kv_ids=kv_ids, transposed=False)
-    full = tile_is_full(tiling, q_block, kv_block, self.stat_refs, self.batch)
-    return lax.cond(full, lambda x: x, masked, s)
+    return mask_unless_full(s, tiling=self.tiling, ops=self.ops, stat_refs=self.stat_refs,
+                            batch=self.batch, q_block=q_block, kv_block=kv_block,
+                            q_pos0=q_pos0, kv_pos0=kv_block * self.tiling.block_kv,
+                            q_ids=q_ids, kv_ids=kv_ids, transposed=False)
 
   def extra_streams(self, wgs: int):
     del wgs

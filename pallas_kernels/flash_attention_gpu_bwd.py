@@ -21,8 +21,8 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from pallas_kernels.flash_attention_gpu import (LOG2E, RangeTiles, gpu_ranges, mask_scores,
-                                                stream_kv_tiles, tile_is_full)
+from pallas_kernels.flash_attention_gpu import (LOG2E, RangeTiles, gpu_ranges, mask_unless_full,
+                                                stream_kv_tiles)
 from pallas_kernels.flash_attention_gpu_ops import (TRANSFORMS, Ops, Stream, bcast,
                                                     produce_ring, slot_of)
 from pallas_kernels.flash_attention_masks import Tiling
@@ -189,12 +189,10 @@ class RangeQTiles:
   def mask(self, s_t, *, t, slot, wg, kv_block, kv_pos0, q_block, q_ids, kv_ids):
     """s_t [kv, q] with -inf where not visible; wholly visible tiles skip the work."""
     del t, slot, wg
-    tiling = self.tiling
-    masked = functools.partial(mask_scores, tiling=tiling, ops=self.ops,
-                               q_pos0=q_block * tiling.block_q, kv_pos0=kv_pos0, q_ids=q_ids,
-                               kv_ids=kv_ids, transposed=True)
-    full = tile_is_full(tiling, q_block, kv_block, self.stat_refs, self.batch)
-    return lax.cond(full, lambda x: x, masked, s_t)
+    return mask_unless_full(s_t, tiling=self.tiling, ops=self.ops, stat_refs=self.stat_refs,
+                            batch=self.batch, q_block=q_block, kv_block=kv_block,
+                            q_pos0=q_block * self.tiling.block_q, kv_pos0=kv_pos0,
+                            q_ids=q_ids, kv_ids=kv_ids, transposed=True)
 
   def extra_streams(self, wgs: int):
     del wgs
