@@ -176,14 +176,11 @@ def _dq_kernel(*refs, kmap: KernelMap, has_segments: bool, scale: float, nk: int
   ids, rest = (rest[7:9], rest[9:]) if has_segments else ((), rest[7:])
   dq_ref, acc_ref, lse_col, delta_col = rest
   b, h, i, j = (pl.program_id(n) for n in range(4))
-  bq = q_ref.shape[0]
   entry = _Entry(kmap, map_refs, h, i, j)
 
   @pl.when(j == 0)
   def _init():
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-    lse_col[...] = jnp.transpose(jnp.broadcast_to(lse_ref[:1, :], (LANES, bq)))
-    delta_col[...] = jnp.transpose(jnp.broadcast_to(delta_ref[:1, :], (LANES, bq)))
+    ftpu_bwd.dq_init(acc_ref, lse_col, delta_col, lse_ref, delta_ref)
 
   def step(masked: bool):
     mask = None
@@ -200,7 +197,7 @@ def _dq_kernel(*refs, kmap: KernelMap, has_segments: bool, scale: float, nk: int
 
   @pl.when(j == kmap.max_steps - 1)
   def _finish():
-    dq_ref[...] = (acc_ref[...] * scale).astype(dq_ref.dtype)
+    ftpu_bwd.dq_finish(dq_ref, acc_ref, scale)
 
 
 def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, *, kmap: KernelMap, scale: float,
@@ -252,8 +249,7 @@ def _dkv_kernel(*refs, kmap: KernelMap, has_segments: bool, scale: float, nq: in
 
   @pl.when(t == 0)
   def _init():
-    dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
-    dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
+    ftpu_bwd.dkv_init(dk_acc, dv_acc)
 
   def step(masked: bool):
     mask = None
@@ -271,8 +267,7 @@ def _dkv_kernel(*refs, kmap: KernelMap, has_segments: bool, scale: float, nq: in
 
   @pl.when(t == kmap.max_steps - 1)
   def _finish():
-    dk_ref[...] = (dk_acc[...] * scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+    ftpu_bwd.dkv_finish(dk_ref, dv_ref, dk_acc, dv_acc, scale)
 
 
 def _rem(x, n: int):

@@ -48,10 +48,7 @@ def _dq_kernel(*refs, tiling: Tiling, num_steps: int):
 
   @pl.when(j == 0)
   def _init():
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-    # Row statistics arrive as [8, bq] rows; make them [bq, 128] columns once.
-    lse_col[...] = jnp.transpose(jnp.broadcast_to(lse_ref[:1, :], (LANES, bq)))
-    delta_col[...] = jnp.transpose(jnp.broadcast_to(delta_ref[:1, :], (LANES, bq)))
+    dq_init(acc_ref, lse_col, delta_col, lse_ref, delta_ref)
 
   def step(masked: bool):
     mask = None
@@ -71,7 +68,7 @@ def _dq_kernel(*refs, tiling: Tiling, num_steps: int):
 
   @pl.when(j == num_steps - 1)
   def _finish():
-    dq_ref[...] = (acc_ref[...] * tiling.scale).astype(dq_ref.dtype)
+    dq_finish(dq_ref, acc_ref, tiling.scale)
 
 
 def _dkv_kernel(*refs, tiling: Tiling, num_steps: int):
@@ -88,8 +85,7 @@ def _dkv_kernel(*refs, tiling: Tiling, num_steps: int):
 
   @pl.when((g == 0) & (t == 0))
   def _init():
-    dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
-    dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
+    dkv_init(dk_acc, dv_acc)
 
   def step(masked: bool):
     mask = None
@@ -109,8 +105,29 @@ def _dkv_kernel(*refs, tiling: Tiling, num_steps: int):
 
   @pl.when((g == tiling.group - 1) & (t == num_steps - 1))
   def _finish():
-    dk_ref[...] = (dk_acc[...] * tiling.scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+    dkv_finish(dk_ref, dv_ref, dk_acc, dv_acc, tiling.scale)
+
+
+def dq_init(acc_ref, lse_col, delta_col, lse_ref, delta_ref):
+  """Zeroes the dq accumulator [rows, d]; the [8, rows] lse/delta rows become [rows, 128] columns."""
+  rows = acc_ref.shape[0]
+  acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+  lse_col[...] = jnp.transpose(jnp.broadcast_to(lse_ref[:1, :], (LANES, rows)))
+  delta_col[...] = jnp.transpose(jnp.broadcast_to(delta_ref[:1, :], (LANES, rows)))
+
+
+def dq_finish(dq_ref, acc_ref, scale: float):
+  dq_ref[...] = (acc_ref[...] * scale).astype(dq_ref.dtype)
+
+
+def dkv_init(dk_acc, dv_acc):
+  dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
+  dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
+
+
+def dkv_finish(dk_ref, dv_ref, dk_acc, dv_acc, scale: float):
+  dk_ref[...] = (dk_acc[...] * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
 def dq_step(q, k, v, do, lse_col, delta_col, acc_ref, *, scale: float, mask):

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 
 from pallas_kernels.flash_attention_tpu import (LANES, SUBLANES, compiler_params, log2_scores,
                                                 softmax_finish, softmax_init, softmax_step, widen)
-from pallas_kernels.flash_attention_tpu_bwd import dkv_step, dq_step
+from pallas_kernels.flash_attention_tpu_bwd import (dkv_finish, dkv_init, dkv_step, dq_finish,
+                                                    dq_init, dq_step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,9 +185,7 @@ def _dq_kernel(*refs, geo: Geometry):
 
   @pl.when(j == 0)
   def _init():
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-    lse_col[...] = jnp.transpose(jnp.broadcast_to(lse_ref[:1, :], (LANES, g)))
-    delta_col[...] = jnp.transpose(jnp.broadcast_to(delta_ref[:1, :], (LANES, g)))
+    dq_init(acc_ref, lse_col, delta_col, lse_ref, delta_ref)
 
   @pl.when(act_ref[slot] != 0)
   def _step():
@@ -197,7 +196,7 @@ def _dq_kernel(*refs, geo: Geometry):
 
   @pl.when(j == geo.top_n - 1)
   def _finish():
-    dq_ref[...] = (acc_ref[...] * geo.scale).astype(dq_ref.dtype)
+    dq_finish(dq_ref, acc_ref, geo.scale)
 
 
 def backward_dq(q, k, v, do, lse, delta, blk, act, q_offset, q_seg, kv_seg, *, geo: Geometry,
@@ -241,8 +240,7 @@ def _dkv_kernel(*refs, geo: Geometry):
 
   @pl.when(first)
   def _init():
-    dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
-    dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
+    dkv_init(dk_acc, dv_acc)
 
   @pl.when(qi >= 0)
   def _step():
@@ -260,8 +258,7 @@ def _dkv_kernel(*refs, geo: Geometry):
 
   @pl.when(last)
   def _finish():
-    dk_ref[...] = (dk_acc[...] * geo.scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+    dkv_finish(dk_ref, dv_ref, dk_acc, dv_acc, geo.scale)
 
 
 def backward_dkv(q, k, v, do, lse, delta, pair_blk, pair_q, q_offset, q_seg, kv_seg_col, *,
