@@ -188,7 +188,7 @@ def forward_cta(tiles_of, refs, scratch: FwdScratch, *, scale: float, group: int
   q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref = refs
   seg = q_seg_ref is not None
   sc = scratch
-  bq, bkv = sc.q_smem.shape[1], sc.k_ring.shape[1]
+  bq = sc.q_smem.shape[1]
   head_dim = q_ref.shape[-1]
   b, h = lax.axis_index("batch"), lax.axis_index("heads")
   cta, wg = lax.axis_index("q_tiles"), lax.axis_index("wg")
@@ -210,16 +210,8 @@ def forward_cta(tiles_of, refs, scratch: FwdScratch, *, scale: float, group: int
 
     def step(t, carry):
       acc, m, l = carry
-      kv_block, slot = source.kv_block(t), slot_of(t, slots)
-      plgpu.barrier_wait(sc.k_ready.at[slot])
-      s = ops.matmul_nt(sc.q_smem.at[wg], sc.k_ring.at[slot], (bq, bkv)) * (scale * LOG2E)
-      if source.needs_mask:
-        kv_ids = None
-        if seg:
-          plgpu.barrier_wait(sc.kv_ids_ready.at[slot])
-          kv_ids = ops.load_vector(sc.kv_ids_ring.at[slot], axis=0)
-        s = source.mask(s, t=t, slot=slot, wg=wg, q_block=q_block, q_pos0=row0,
-                        kv_block=kv_block, q_ids=q_ids, kv_ids=kv_ids)
+      slot, s = step_scores(source, sc, t, wg=wg, q_block=q_block, row0=row0, q_ids=q_ids,
+                            scale=scale, slots=slots, ops=ops)
       plgpu.barrier_arrive(sc.k_consumed.at[slot])
       p, acc, m_next, l = softmax_update(s, acc, m, l)
       plgpu.barrier_wait(sc.v_ready.at[slot])
@@ -241,6 +233,28 @@ def forward_cta(tiles_of, refs, scratch: FwdScratch, *, scale: float, group: int
     ops.set_registers(compute=False)
     stream_kv_tiles(source, (k_ref, v_ref, kv_seg_ref), sc, batch=b, head=h, group=group,
                     slots=slots, wgs=COMPUTE_WGS)
+
+
+def step_scores(source, scratch, t, *, wg, q_block, row0, q_ids, scale: float, slots: int,
+                ops: Ops):
+  """Step t of a forward or dq CTA: (ring slot, masked log2 scores [rows, kv]).
+
+  Waits for the step's k block (and kv ids), computes q k^T in log2 units and
+  applies the tile source's mask; the caller releases the k slot.
+  """
+  sc = scratch
+  bq, bkv = sc.q_smem.shape[1], sc.k_ring.shape[1]
+  kv_block, slot = source.kv_block(t), slot_of(t, slots)
+  plgpu.barrier_wait(sc.k_ready.at[slot])
+  s = ops.matmul_nt(sc.q_smem.at[wg], sc.k_ring.at[slot], (bq, bkv)) * (scale * LOG2E)
+  if source.needs_mask:
+    kv_ids = None
+    if q_ids is not None:
+      plgpu.barrier_wait(sc.kv_ids_ready.at[slot])
+      kv_ids = ops.load_vector(sc.kv_ids_ring.at[slot], axis=0)
+    s = source.mask(s, t=t, slot=slot, wg=wg, q_block=q_block, q_pos0=row0,
+                    kv_block=kv_block, q_ids=q_ids, kv_ids=kv_ids)
+  return slot, s
 
 
 def stream_kv_tiles(source, refs, scratch, *, batch, head, group: int, slots: int, wgs: int):

@@ -22,7 +22,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from pallas_kernels.flash_attention_gpu import (LOG2E, RangeTiles, gpu_ranges, mask_unless_full,
-                                                stream_kv_tiles)
+                                                step_scores, stream_kv_tiles)
 from pallas_kernels.flash_attention_gpu_ops import (TRANSFORMS, Ops, Stream, bcast,
                                                     produce_ring, slot_of)
 from pallas_kernels.flash_attention_masks import Tiling
@@ -78,16 +78,8 @@ def dq_cta(tiles_of, refs, scratch: DqScratch, *, scale: float, group: int, slot
     q_ids = ops.load_vector(sc.q_ids_smem.at[wg], axis=1) if seg else None
 
     def step(t, dq_acc):
-      kv_block, slot = source.kv_block(t), slot_of(t, slots)
-      plgpu.barrier_wait(sc.k_ready.at[slot])
-      s = ops.matmul_nt(sc.q_smem.at[wg], sc.k_ring.at[slot], (bq, bkv)) * (scale * LOG2E)
-      if source.needs_mask:
-        kv_ids = None
-        if seg:
-          plgpu.barrier_wait(sc.kv_ids_ready.at[slot])
-          kv_ids = ops.load_vector(sc.kv_ids_ring.at[slot], axis=0)
-        s = source.mask(s, t=t, slot=slot, wg=wg, q_block=q_block, q_pos0=row0,
-                        kv_block=kv_block, q_ids=q_ids, kv_ids=kv_ids)
+      slot, s = step_scores(source, sc, t, wg=wg, q_block=q_block, row0=row0, q_ids=q_ids,
+                            scale=scale, slots=slots, ops=ops)
       p = jnp.exp2(s - bcast(lse, s.shape, 0))
       plgpu.barrier_wait(sc.v_ready.at[slot])
       dp = ops.matmul_nt(sc.do_smem.at[wg], sc.v_ring.at[slot], (bq, bkv))
