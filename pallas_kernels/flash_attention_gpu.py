@@ -10,6 +10,11 @@ keys, mixed segments) are masked; the rest skip the mask.
 
 Scores are in log2 units (s * scale * log2 e), softmax uses exp2; the stored
 log-sum-exp is in log2 units too (the backward kernels read it).
+
+`forward_cta` is one CTA over a tile source, which says which kv blocks the
+CTA visits and how a tile is masked: `RangeTiles` ([lo, hi) and positions)
+here, block_sparse_gpu.MapTiles (a block map's entries) for block-sparse
+attention. The backward CTAs (flash_attention_gpu_bwd) take the same sources.
 """
 
 import dataclasses

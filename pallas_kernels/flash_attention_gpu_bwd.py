@@ -10,6 +10,10 @@ dq: CTA = compute_wgs * block_q_dq query rows of one q head; streams k, v.
 dk/dv: CTA = compute_wgs * block_kv_dkv key rows of one kv head; streams q, do,
 lse, delta of every query head in the GQA group, so dk and dv come out summed
 over the group. Its tiles are transposed (kv rows, q columns).
+
+`dq_cta` takes the forward's tile sources; `dkv_cta` takes sources of (query
+head, query block) tiles: `RangeQTiles` here, block_sparse_gpu_bwd.MapQTiles
+for block-sparse attention.
 """
 
 import dataclasses
