@@ -82,9 +82,11 @@ def test_pallas_matches_xla_with_grads():
 
 @pytest.mark.slow
 def test_pallas_on_h100_matches_xla():
-  """attention_chip='h100': the Mosaic GPU selection kernel and GPU flash window
-  (interpreted), bfloat16, against the xla path with the same parameters."""
-  sizes = dict(head_dim=64, dtype=jnp.bfloat16, attention_chip="h100")
+  """attention_chip='h100': the Mosaic GPU selection kernels (forward; the backward is
+  checked in test_nsa_selection) and GPU flash window (interpreted), bfloat16, against the
+  xla path with the same parameters. Selection blocks of 64, the GPU kernels' multiple."""
+  sizes = dict(head_dim=64, dtype=jnp.bfloat16, attention_chip="h100", select_block=64,
+               select_top_n=3)
   layer, params, x = _setup("xla", **sizes)
   ids = _packed_ids()
   x = x.astype(jnp.bfloat16)
