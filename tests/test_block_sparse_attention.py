@@ -25,12 +25,13 @@ from pallas_kernels.block_sparse_attention import (BlockMap, BlockMask, CausalMa
                                                    build_block_map, random_block_mask)
 from pallas_kernels.flash_attention_config import FlashAttentionConfig
 
+from kernel_helpers import FAST_COMPILE, random_attention_inputs, value_and_grads
+
 SMALL_TPU = FlashAttentionConfig("tpu_v5e", block_q=16, block_kv=16, block_q_dq=16,
                                  block_kv_dq=8, block_q_dkv=8, block_kv_dkv=16)
 SMALL_GPU = FlashAttentionConfig("h100", block_q=64, block_kv=64, block_q_dq=64,
                                  block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64,
                                  max_concurrent_steps=2, compute_wgs_bwd=1)
-_FAST_COMPILE = {"xla_backend_optimization_level": 0}
 _TOL = {jnp.float32: 5e-5, jnp.bfloat16: 3e-2}
 
 
@@ -186,30 +187,13 @@ class Case:
   segments: int = 0
 
   def inputs(self, seed: int):
-    keys = jax.random.split(jax.random.key(seed), 6)
-    q = jax.random.normal(keys[0], (self.b, self.t, self.h, self.d), jnp.float32)
-    k = jax.random.normal(keys[1], (self.b, self.s, self.kh, self.d), jnp.float32)
-    v = jax.random.normal(keys[2], (self.b, self.s, self.kh, self.d), jnp.float32)
-    do = jax.random.normal(keys[3], q.shape, jnp.float32)
-    kw = {}
-    if self.segments:
-      kw["q_segment_ids"] = _packed_ids(keys[4], self.b, self.t, self.segments)
-      kw["kv_segment_ids"] = (kw["q_segment_ids"] if self.s == self.t else
-                              _packed_ids(keys[5], self.b, self.s, self.segments))
-    cast = lambda x: x.astype(self.dtype)
-    return (cast(q), cast(k), cast(v)), cast(do), kw
-
-
-def _packed_ids(key, b, n, num_docs):
-  cuts = jnp.sort(jax.random.randint(key, (b, num_docs - 1), 1, n), axis=1)
-  return jnp.sum(jnp.arange(n)[None, :, None] >= cuts[:, None, :], axis=-1).astype(jnp.int32)
+    return random_attention_inputs(seed, b=self.b, t=self.t, s=self.s, h=self.h, kh=self.kh,
+                                   d=self.d, dtype=self.dtype, segments=self.segments)
 
 
 def _value_and_grads(fn, args, do, mask, **kw):
-  def both(q, k, v, do):
-    out, vjp = jax.vjp(lambda *a: fn(*a, mask, **kw), q, k, v)
-    return (out, *vjp(do))
-  return jax.jit(both).lower(*args, do).compile(_FAST_COMPILE)(*args, do)
+  """(out, dq, dk, dv) of fn(q, k, v, mask, **kw)."""
+  return value_and_grads(lambda q, k, v: fn(q, k, v, mask, **kw), args, do)
 
 
 def check(case: Case, config=SMALL_TPU, interpret=True, seed=0):
@@ -362,7 +346,7 @@ def test_prebuilt_map_equals_mask_call_and_reference_matches_jax_nn():
                        head_dim=32, config=SMALL_TPU, interpret=True)
   assert isinstance(bm, BlockMap)
   run = lambda m: jax.jit(lambda q, k, v: block_sparse_attention(
-      q, k, v, m, interpret=True, config=SMALL_TPU)).lower(q, k, v).compile(_FAST_COMPILE)(
+      q, k, v, m, interpret=True, config=SMALL_TPU)).lower(q, k, v).compile(FAST_COMPILE)(
           q, k, v)
   got = run(bm)
   np.testing.assert_array_equal(got, run(CausalMask()))

@@ -16,13 +16,14 @@ import itertools
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 from pallas_kernels import flash_attention_config as config_lib
 from pallas_kernels.block_sparse_attention import (CausalMask, ChunkedCausalMask,
                                                    FullMask, LocalMask, PrefixLMMask,
                                                    block_sparse_attention, build_block_map,
                                                    random_block_mask)
+
+from kernel_helpers import export_for_chip, kernel_calls
 
 HEAD_DIMS = sorted(config_lib.TABLES["h100"])  # 64, 128, 256.
 T, S, H = 1000, 1100, 4
@@ -39,7 +40,6 @@ def export(chip: str, head_dim: int, mask_name: str, *, segments: bool, backward
            kv_heads: int = 2):
   """Exports block-sparse attention (and its VJP) for chip's platform."""
   cfg = config_lib.default_config(chip)
-  platform = "cuda" if cfg.platform == "gpu" else "tpu"
   block_map = build_block_map(MASKS[mask_name], q_len=T, kv_len=S, num_q_heads=H,
                               num_kv_heads=kv_heads, head_dim=head_dim, config=cfg)
   sd = jax.ShapeDtypeStruct
@@ -48,23 +48,10 @@ def export(chip: str, head_dim: int, mask_name: str, *, segments: bool, backward
   if segments:
     args += [sd((2, T), jnp.int32), sd((2, S), jnp.int32)]
 
-  def fn(q, k, v, q_ids=None, kv_ids=None):
-    attend = lambda q, k, v: block_sparse_attention(
-        q, k, v, block_map, q_segment_ids=q_ids, kv_segment_ids=kv_ids, config=cfg)
-    if not backward:
-      return attend(q, k, v)
-    out, vjp = jax.vjp(attend, q, k, v)
-    return out, vjp(out)
-
-  mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
-      device_kind=cfg.device_kind, num_cores=1, platform=platform))
-  with use_abstract_mesh(mesh):
-    return jax.export.export(jax.jit(fn), platforms=[platform])(*args)
-
-
-def _kernel_calls(exported) -> int:
-  text = exported.mlir_module()
-  return text.count("@tpu_custom_call") + text.count("@mosaic_gpu_v2")
+  def attend(q, k, v, q_ids=None, kv_ids=None):
+    return block_sparse_attention(q, k, v, block_map, q_segment_ids=q_ids,
+                                  kv_segment_ids=kv_ids, config=cfg)
+  return export_for_chip(chip, attend, args, backward=backward)
 
 
 DEFAULT = ([(chip, d, "causal_local", seg) for chip in ("h100", "tpu_v5e") for d in HEAD_DIMS
@@ -76,7 +63,7 @@ DEFAULT = ([(chip, d, "causal_local", seg) for chip in ("h100", "tpu_v5e") for d
 
 @pytest.mark.parametrize("chip, head_dim, mask_name, segments", DEFAULT)
 def test_lowers(chip, head_dim, mask_name, segments):
-  assert _kernel_calls(export(chip, head_dim, mask_name, segments=segments,
+  assert kernel_calls(export(chip, head_dim, mask_name, segments=segments,
                               backward=True)) == 3
 
 

@@ -17,10 +17,11 @@ import itertools
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 from pallas_kernels import flash_attention_config as config_lib
 from pallas_kernels.flash_attention import flash_attention
+
+from kernel_helpers import export_for_chip, kernel_calls
 
 HEAD_DIMS = sorted(config_lib.TABLES["h100"])  # Table keys: 64, 128, 256.
 FEATURES = {
@@ -36,7 +37,6 @@ FEATURES = {
 def export(chip: str, head_dim: int, feature: str, backward: bool):
   """Exports flash attention (and its VJP) for chip's platform; returns the Exported."""
   cfg = config_lib.default_config(chip)
-  platform = "cuda" if cfg.platform == "gpu" else "tpu"
   opts = dict(FEATURES[feature])
   segments, kv_heads = opts.pop("segments", False), opts.pop("kv_heads", 4)
   b, t, s, h = 2, 1000, 1100, 4
@@ -46,24 +46,10 @@ def export(chip: str, head_dim: int, feature: str, backward: bool):
   if segments:
     args += [sd((b, t), jnp.int32), sd((b, s), jnp.int32)]
 
-  def fn(q, k, v, q_ids=None, kv_ids=None):
-    attend = lambda q, k, v: flash_attention(q, k, v, q_segment_ids=q_ids,
-                                             kv_segment_ids=kv_ids, config=cfg, **opts)
-    if not backward:
-      return attend(q, k, v)
-    out, vjp = jax.vjp(attend, q, k, v)
-    return out, vjp(out)
-
-  mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
-      device_kind=cfg.device_kind, num_cores=1, platform=platform))
-  with use_abstract_mesh(mesh):
-    return jax.export.export(jax.jit(fn), platforms=[platform])(*args)
-
-
-def _kernel_calls(exported) -> int:
-  """Number of Pallas kernel custom calls in the exported module."""
-  text = exported.mlir_module()
-  return text.count("@tpu_custom_call") + text.count("@mosaic_gpu_v2")
+  def attend(q, k, v, q_ids=None, kv_ids=None):
+    return flash_attention(q, k, v, q_segment_ids=q_ids, kv_segment_ids=kv_ids, config=cfg,
+                           **opts)
+  return export_for_chip(chip, attend, args, backward=backward)
 
 
 # Forward+backward exports contain the forward kernel too.
@@ -75,7 +61,7 @@ DEFAULT = ([(chip, d, f) for chip in ("h100", "tpu_v5e") for d in HEAD_DIMS
 
 @pytest.mark.parametrize("chip, head_dim, feature", DEFAULT)
 def test_lowers(chip, head_dim, feature):
-  assert _kernel_calls(export(chip, head_dim, feature, backward=True)) == 3
+  assert kernel_calls(export(chip, head_dim, feature, backward=True)) == 3
 
 
 @pytest.mark.slow

@@ -15,7 +15,6 @@ import jax.experimental.pallas.tpu as pltpu
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 from pallas_kernels import flash_attention_config as config_lib
 from pallas_kernels import flash_attention_gpu_ops as gpu_ops
@@ -24,6 +23,8 @@ from pallas_kernels import nsa_selection_tpu_core as tpu_core
 from pallas_kernels.nsa_selection import selected_block_attention
 from pallas_kernels.nsa_selection_reference import selected_block_attention_reference
 from pallas_kernels.nsa_selection_tpu import Geometry
+
+from kernel_helpers import export_for_chip, value_and_grads
 
 _TOL = {jnp.float32: 5e-5, jnp.bfloat16: 3e-2}
 
@@ -74,18 +75,6 @@ CASES = [
 ]
 
 
-# Interpreted kernels compile to large HLO; optimizing it costs more than it saves.
-_FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
-def _fwd_bwd(fn, q, k, v, do):
-  """(out, dq, dk, dv) of fn(q, k, v), forward and backward compiled as one program."""
-  def both(q, k, v, do):
-    out, vjp = jax.vjp(fn, q, k, v)
-    return out, *vjp(do)
-  return jax.jit(both).lower(q, k, v, do).compile(_FAST_COMPILE)(q, k, v, do)
-
-
 def _run(case: Case, seed: int, interpret=True, config=None):
   """((out, dq, dk, dv) of the kernels, the same of the reference) on case's inputs."""
   (q, k, v), idx, kw, do = case.inputs(seed)
@@ -93,7 +82,7 @@ def _run(case: Case, seed: int, interpret=True, config=None):
       q, k, v, idx, block_size=case.block, interpret=interpret, config=config, **kw)
   ref = lambda q, k, v: selected_block_attention_reference(  # noqa: E731
       q, k, v, idx, block_size=case.block, **kw)
-  return _fwd_bwd(fn, q, k, v, do), _fwd_bwd(ref, q, k, v, do)
+  return value_and_grads(fn, (q, k, v), do), value_and_grads(ref, (q, k, v), do)
 
 
 def _close(got, want, dtype):
@@ -162,7 +151,7 @@ def test_unchosen_blocks_get_zero_gradient():
   idx = jnp.zeros((1, 40, 2, 1), jnp.int32)  # everyone picks block 0
   fn = lambda q, k, v: selected_block_attention(  # noqa: E731
       q, k, v, idx, block_size=8, interpret=True)
-  _, _, dk, dv = _fwd_bwd(fn, q, k, v, do)
+  _, _, dk, dv = value_and_grads(fn, (q, k, v), do)
   assert np.all(np.asarray(dk[:, 8:]) == 0) and np.all(np.asarray(dv[:, 8:]) == 0)
   assert np.max(np.abs(np.asarray(dv[:, :8]))) > 0
 
@@ -242,7 +231,6 @@ def _run_gpu(case: Case, seed: int, interpret):
 def _export(chip: str, head_dim: int, group: int, segments: bool):
   """jax.export of the forward and VJP for the chip's platform, on this CPU machine."""
   cfg = config_lib.default_config(chip)
-  platform = {"gpu": "cuda", "tpu": "tpu"}[cfg.platform]
   b, t, kv_heads, n, block = 1, 1000, 2, 16, 64
   sd = jax.ShapeDtypeStruct
   args = [sd((b, t, kv_heads * group, head_dim), jnp.bfloat16),
@@ -251,16 +239,10 @@ def _export(chip: str, head_dim: int, group: int, segments: bool):
   if segments:
     args.append(sd((b, t), jnp.int32))
 
-  def fn(q, k, v, idx, ids=None):
-    attend = lambda q, k, v: selected_block_attention(  # noqa: E731
-        q, k, v, idx, block_size=block, q_segment_ids=ids, kv_segment_ids=ids, config=cfg)
-    out, vjp = jax.vjp(attend, q, k, v)
-    return out, vjp(out)
-
-  mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
-      device_kind=cfg.device_kind, num_cores=1, platform=platform))
-  with use_abstract_mesh(mesh):
-    return jax.export.export(jax.jit(fn), platforms=[platform])(*args)
+  def attend(q, k, v, idx, ids=None):
+    return selected_block_attention(q, k, v, idx, block_size=block, q_segment_ids=ids,
+                                    kv_segment_ids=ids, config=cfg)
+  return export_for_chip(chip, attend, args)
 
 
 @pytest.mark.parametrize("chip, head_dim, group, segments", [
