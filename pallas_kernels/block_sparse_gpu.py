@@ -27,7 +27,8 @@ import numpy as np
 from pallas_kernels import flash_attention_gpu as fgpu
 from pallas_kernels import flash_attention_masks as masks
 from pallas_kernels.block_sparse_map import KernelMap
-from pallas_kernels.flash_attention_gpu_ops import TRANSFORMS, Ops, Stream, bcast
+from pallas_kernels.flash_attention_gpu_ops import (Ops, Stream, bcast, smem,
+                                                    warp_specialized_kernel)
 
 COMPUTE_WGS = fgpu.COMPUTE_WGS
 
@@ -216,31 +217,25 @@ def forward(q, k, v, q_seg, kv_seg, *, kmap: KernelMap, scale: float, slots: int
   slots = max(1, min(slots, kmap.max_steps))
   seg, partial = q_seg is not None, has_partial(kmap)
   dtype = q.dtype
-  tiled = lambda shape: plgpu.SMEM(shape, dtype, transforms=TRANSFORMS)
   mask_ring, mask_ready = mask_scratch(partial, slots, COMPUTE_WGS, bq, bkv)
-  scratch = [tiled((COMPUTE_WGS, bq, head_dim)), tiled((slots, bkv, head_dim)),
-             tiled((slots, bkv, head_dim)), plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),
+  scratch = [smem((COMPUTE_WGS, bq, head_dim), dtype, True),
+             smem((slots, bkv, head_dim), dtype, True), smem((slots, bkv, head_dim), dtype, True),
+             smem((COMPUTE_WGS, bq), jnp.float32),
              mask_ring, plgpu.Barrier(num_barriers=COMPUTE_WGS),
              plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots),
              plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots),
              plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots), mask_ready]
   operands = [q, k, v, *map_operands(kmap, COMPUTE_WGS)]
   if seg:
-    scratch += [plgpu.SMEM((COMPUTE_WGS, bq), jnp.int32), plgpu.SMEM((slots, bkv), jnp.int32),
+    scratch += [smem((COMPUTE_WGS, bq), jnp.int32), smem((slots, bkv), jnp.int32),
                 plgpu.Barrier(num_barriers=COMPUTE_WGS), plgpu.Barrier(num_barriers=slots)]
     operands += [q_seg, kv_seg, *seg_stats(q_seg, kv_seg, bq, bkv)]
-  kernel = plgpu.kernel(
+  return warp_specialized_kernel(
       functools.partial(_fwd_kernel, kmap=kmap, group=num_heads // k.shape[2], scale=scale,
                         slots=slots, ops=Ops(interpret=bool(interpret)), seg=seg,
                         partial=partial),
       out_type=[jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((batch, num_heads, q_len), jnp.float32)],
-      scratch_types=scratch,
-      grid=(num_heads, q_len // rows, batch),
-      grid_names=("heads", "q_tiles", "batch"),
-      num_threads=COMPUTE_WGS + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=interpret or None,
-  )
-  return kernel(*operands)
+      scratch=scratch, grid=(num_heads, q_len // rows, batch),
+      grid_names=("heads", "q_tiles", "batch"), compute_wgs=COMPUTE_WGS,
+      interpret=interpret)(*operands)

@@ -14,17 +14,12 @@ import functools
 
 import jax
 from jax import lax
-import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from pallas_kernels import block_sparse_gpu as sgpu
 from pallas_kernels import flash_attention_gpu_bwd as fbwd
 from pallas_kernels.block_sparse_map import KernelMap
-from pallas_kernels.flash_attention_gpu_ops import TRANSFORMS, Ops
-
-
-def _smem(shape, dtype, tiled=False):
-  return plgpu.SMEM(shape, dtype, transforms=TRANSFORMS if tiled else ())
+from pallas_kernels.flash_attention_gpu_ops import Ops, warp_specialized_kernel
 
 
 def _dq_kernel(*refs, kmap: KernelMap, group: int, scale: float, slots: int, wgs: int,
@@ -94,15 +89,6 @@ def _dkv_kernel(*refs, kmap: KernelMap, group: int, num_q_blocks: int, scale: fl
                ops=ops)
 
 
-def _kernel_call(body, *, out_type, scratch, grid, grid_names, wgs, interpret, operands):
-  return plgpu.kernel(
-      body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=grid_names,
-      num_threads=wgs + 1, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=interpret or None,
-  )(*operands)
-
-
 def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, *, kmap: KernelMap, scale: float,
                 slots: int, wgs: int, interpret):
   """dq [b, tq, h, d] over the dq map's tiles (CTA: wgs * block_q query rows)."""
@@ -111,27 +97,19 @@ def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, *, kmap: KernelMap, scal
   bq = rows // wgs
   slots = max(1, min(slots, kmap.max_steps))
   seg, partial = q_seg is not None, sgpu.has_partial(kmap)
-  scratch = [_smem((wgs, bq, head_dim), dtype, True), _smem((wgs, bq, head_dim), dtype, True),
-             _smem((wgs, bq), jnp.float32), _smem((wgs, bq), jnp.float32),
-             _smem((slots, bkv, head_dim), dtype, True),
-             _smem((slots, bkv, head_dim), dtype, True),
-             plgpu.Barrier(num_barriers=(5 if seg else 4) * wgs),
-             plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots),
-             plgpu.Barrier(num_arrivals=wgs, num_barriers=slots),
-             plgpu.Barrier(num_arrivals=wgs, num_barriers=slots),
-             *sgpu.mask_scratch(partial, slots, wgs, bq, bkv)]
+  base, ids = fbwd.dq_scratch_types(wgs=wgs, bq=bq, bkv=bkv, head_dim=head_dim, slots=slots,
+                                    dtype=dtype, seg=seg)
+  scratch = base + sgpu.mask_scratch(partial, slots, wgs, bq, bkv) + ids
   operands = [q, k, v, do, lse, delta, *sgpu.map_operands(kmap, wgs)]
   if seg:
-    scratch += [_smem((wgs, bq), jnp.int32), _smem((slots, bkv), jnp.int32),
-                plgpu.Barrier(num_barriers=slots)]
     operands += [q_seg, kv_seg, *sgpu.seg_stats(q_seg, kv_seg, bq, bkv)]
   body = functools.partial(_dq_kernel, kmap=kmap, group=num_heads // k.shape[2], scale=scale,
                            slots=slots, wgs=wgs, ops=Ops(interpret=bool(interpret)), seg=seg,
                            partial=partial)
-  return _kernel_call(body, out_type=jax.ShapeDtypeStruct(q.shape, dtype), scratch=scratch,
-                      grid=(num_heads, q_len // rows, batch),
-                      grid_names=("heads", "q_tiles", "batch"), wgs=wgs, interpret=interpret,
-                      operands=operands)
+  return warp_specialized_kernel(
+      body, out_type=jax.ShapeDtypeStruct(q.shape, dtype), scratch=scratch,
+      grid=(num_heads, q_len // rows, batch), grid_names=("heads", "q_tiles", "batch"),
+      compute_wgs=wgs, interpret=interpret)(*operands)
 
 
 def backward_dkv(q, k, v, do, lse, delta, q_seg, kv_seg, *, kmap: KernelMap, scale: float,
@@ -142,24 +120,18 @@ def backward_dkv(q, k, v, do, lse, delta, q_seg, kv_seg, *, kmap: KernelMap, sca
   bkv = rows // wgs
   slots = max(1, min(slots, kmap.max_steps))
   seg, partial = q_seg is not None, sgpu.has_partial(kmap)
-  scratch = [_smem((wgs, bkv, head_dim), dtype, True), _smem((wgs, bkv, head_dim), dtype, True),
-             _smem((slots, bq, head_dim), dtype, True), _smem((slots, bq, head_dim), dtype, True),
-             _smem((slots, bq), jnp.float32), _smem((slots, bq), jnp.float32),
-             plgpu.Barrier(num_barriers=(3 if seg else 2) * wgs)]
-  scratch += [plgpu.Barrier(num_barriers=slots) for _ in range(4)]
-  scratch += [plgpu.Barrier(num_arrivals=wgs, num_barriers=slots) for _ in range(2)]
-  scratch += sgpu.mask_scratch(partial, slots, wgs, bkv, bq)
+  base, ids = fbwd.dkv_scratch_types(wgs=wgs, bq=bq, bkv=bkv, head_dim=head_dim, slots=slots,
+                                     dtype=dtype, seg=seg)
+  scratch = base + sgpu.mask_scratch(partial, slots, wgs, bkv, bq) + ids
   operands = [q, k, v, do, lse, delta, *sgpu.map_operands(kmap, wgs)]
   if seg:
-    scratch += [_smem((wgs, bkv), jnp.int32), _smem((slots, bq), jnp.int32),
-                plgpu.Barrier(num_barriers=slots)]
     operands += [q_seg, kv_seg, *sgpu.seg_stats(q_seg, kv_seg, bq, bkv)]
   body = functools.partial(_dkv_kernel, kmap=kmap, group=q.shape[2] // num_kv_heads,
                            num_q_blocks=q.shape[1] // bq, scale=scale, slots=slots, wgs=wgs,
                            ops=Ops(interpret=bool(interpret)), seg=seg, partial=partial)
-  dk, dv = _kernel_call(
+  dk, dv = warp_specialized_kernel(
       body, out_type=[jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)],
       scratch=scratch, grid=(num_kv_heads, kv_len // rows, batch),
-      grid_names=("heads", "kv_tiles", "batch"), wgs=wgs, interpret=interpret,
-      operands=operands)
+      grid_names=("heads", "kv_tiles", "batch"), compute_wgs=wgs, interpret=interpret,
+  )(*operands)
   return dk, dv

@@ -28,8 +28,8 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from pallas_kernels import flash_attention_masks as masks
-from pallas_kernels.flash_attention_gpu_ops import (TRANSFORMS, Ops, Stream, bcast,
-                                                    produce_ring, slot_of)
+from pallas_kernels.flash_attention_gpu_ops import (Ops, Stream, bcast, produce_ring, slot_of,
+                                                    smem, warp_specialized_kernel)
 from pallas_kernels.flash_attention_masks import Tiling
 
 LOG2E = math.log2(math.e)
@@ -324,12 +324,11 @@ def forward(q, k, v, q_seg, kv_seg, *, tiling: Tiling, slots: int, interpret):
   slots = max(1, min(slots, tiling.num_kv_blocks))
   ops = Ops(interpret=bool(interpret))
   dtype = q.dtype
-  scratch = [plgpu.SMEM((COMPUTE_WGS, bq, head_dim), dtype, transforms=TRANSFORMS),
-             plgpu.SMEM((slots, bkv, head_dim), dtype, transforms=TRANSFORMS),
-             plgpu.SMEM((slots, bkv, head_dim), dtype, transforms=TRANSFORMS),
-             plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32)]
+  scratch = [smem((COMPUTE_WGS, bq, head_dim), dtype, True),
+             smem((slots, bkv, head_dim), dtype, True), smem((slots, bkv, head_dim), dtype, True),
+             smem((COMPUTE_WGS, bq), jnp.float32)]
   if tiling.has_segments:
-    scratch += [plgpu.SMEM((COMPUTE_WGS, bq), jnp.int32), plgpu.SMEM((slots, bkv), jnp.int32)]
+    scratch += [smem((COMPUTE_WGS, bq), jnp.int32), smem((slots, bkv), jnp.int32)]
   scratch += [plgpu.Barrier(num_barriers=COMPUTE_WGS),
               plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots),
               plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots),
@@ -340,17 +339,10 @@ def forward(q, k, v, q_seg, kv_seg, *, tiling: Tiling, slots: int, interpret):
     operands += [q_seg, kv_seg, kv_lo, kv_hi, *stats]
   else:
     operands += [kv_lo, kv_hi]
-  kernel = plgpu.kernel(
+  return warp_specialized_kernel(
       functools.partial(_fwd_kernel, tiling=tiling, slots=slots, ops=ops),
       out_type=[jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((batch, num_heads, q_len), jnp.float32)],
-      scratch_types=scratch,
-      grid=(num_heads, q_len // rows_per_cta, batch),
-      grid_names=("heads", "q_tiles", "batch"),
-      num_threads=COMPUTE_WGS + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=interpret or None,
-  )
-  out, lse = kernel(*operands)
-  return out, lse
+      scratch=scratch, grid=(num_heads, q_len // rows_per_cta, batch),
+      grid_names=("heads", "q_tiles", "batch"), compute_wgs=COMPUTE_WGS,
+      interpret=interpret)(*operands)

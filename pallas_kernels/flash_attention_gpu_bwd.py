@@ -27,8 +27,8 @@ import jax.numpy as jnp
 
 from pallas_kernels.flash_attention_gpu import (LOG2E, RangeTiles, gpu_ranges, mask_unless_full,
                                                 step_scores, stream_kv_tiles)
-from pallas_kernels.flash_attention_gpu_ops import (TRANSFORMS, Ops, Stream, bcast,
-                                                    produce_ring, slot_of)
+from pallas_kernels.flash_attention_gpu_ops import (Ops, Stream, bcast, produce_ring, slot_of,
+                                                    smem, warp_specialized_kernel)
 from pallas_kernels.flash_attention_masks import Tiling
 
 
@@ -290,8 +290,33 @@ def _dkv_kernel(*refs, tiling: Tiling, slots: int, wgs: int, ops: Ops):
           wgs=wgs, ops=ops)
 
 
-def _smem(shape, dtype, tiled=False):
-  return plgpu.SMEM(shape, dtype, transforms=TRANSFORMS if tiled else ())
+def dq_scratch_types(*, wgs: int, bq: int, bkv: int, head_dim: int, slots: int, dtype,
+                     seg: bool):
+  """(DqScratch's buffers and barriers, its segment-id ones or []) as scratch types."""
+  base = [smem((wgs, bq, head_dim), dtype, True), smem((wgs, bq, head_dim), dtype, True),
+          smem((wgs, bq), jnp.float32), smem((wgs, bq), jnp.float32),
+          smem((slots, bkv, head_dim), dtype, True), smem((slots, bkv, head_dim), dtype, True),
+          plgpu.Barrier(num_barriers=(5 if seg else 4) * wgs),
+          plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots),
+          plgpu.Barrier(num_arrivals=wgs, num_barriers=slots),
+          plgpu.Barrier(num_arrivals=wgs, num_barriers=slots)]
+  ids = [smem((wgs, bq), jnp.int32), smem((slots, bkv), jnp.int32),
+         plgpu.Barrier(num_barriers=slots)] if seg else []
+  return base, ids
+
+
+def dkv_scratch_types(*, wgs: int, bq: int, bkv: int, head_dim: int, slots: int, dtype,
+                      seg: bool):
+  """(DkvScratch's buffers and barriers, its segment-id ones or []) as scratch types."""
+  base = [smem((wgs, bkv, head_dim), dtype, True), smem((wgs, bkv, head_dim), dtype, True),
+          smem((slots, bq, head_dim), dtype, True), smem((slots, bq, head_dim), dtype, True),
+          smem((slots, bq), jnp.float32), smem((slots, bq), jnp.float32),
+          plgpu.Barrier(num_barriers=(3 if seg else 2) * wgs)]
+  base += [plgpu.Barrier(num_barriers=slots) for _ in range(4)]
+  base += [plgpu.Barrier(num_arrivals=wgs, num_barriers=slots) for _ in range(2)]
+  ids = [smem((wgs, bkv), jnp.int32), smem((slots, bq), jnp.int32),
+         plgpu.Barrier(num_barriers=slots)] if seg else []
+  return base, ids
 
 
 def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, *, tiling: Tiling, slots: int,
@@ -303,31 +328,17 @@ def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, *, tiling: Tiling, slots
                                         kv_rows=bkv)
   slots = max(1, min(slots, tiling.num_kv_blocks))
   seg = tiling.has_segments
-  scratch = [_smem((wgs, bq, head_dim), dtype, True), _smem((wgs, bq, head_dim), dtype, True),
-             _smem((wgs, bq), jnp.float32), _smem((wgs, bq), jnp.float32),
-             _smem((slots, bkv, head_dim), dtype, True),
-             _smem((slots, bkv, head_dim), dtype, True),
-             plgpu.Barrier(num_barriers=(5 if seg else 4) * wgs),
-             plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots),
-             plgpu.Barrier(num_arrivals=wgs, num_barriers=slots),
-             plgpu.Barrier(num_arrivals=wgs, num_barriers=slots)]
+  base, ids = dq_scratch_types(wgs=wgs, bq=bq, bkv=bkv, head_dim=head_dim, slots=slots,
+                               dtype=dtype, seg=seg)
   operands = [q, k, v, do, lse, delta, kv_lo, kv_hi]
   if seg:
-    scratch += [_smem((wgs, bq), jnp.int32), _smem((slots, bkv), jnp.int32),
-                plgpu.Barrier(num_barriers=slots)]
     operands += [q_seg, kv_seg, *stats]
-  return plgpu.kernel(
+  return warp_specialized_kernel(
       functools.partial(_dq_kernel, tiling=tiling, slots=slots, wgs=wgs,
                         ops=Ops(interpret=bool(interpret))),
-      out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-      scratch_types=scratch,
-      grid=(num_heads, q_len // (wgs * bq), batch),
-      grid_names=("heads", "q_tiles", "batch"),
-      num_threads=wgs + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=interpret or None,
-  )(*operands)
+      out_type=jax.ShapeDtypeStruct(q.shape, dtype), scratch=base + ids,
+      grid=(num_heads, q_len // (wgs * bq), batch), grid_names=("heads", "q_tiles", "batch"),
+      compute_wgs=wgs, interpret=interpret)(*operands)
 
 
 def backward_dkv(q, k, v, do, lse, delta, q_seg, kv_seg, *, tiling: Tiling, slots: int,
@@ -338,27 +349,16 @@ def backward_dkv(q, k, v, do, lse, delta, q_seg, kv_seg, *, tiling: Tiling, slot
   _, (q_lo, q_hi), stats = gpu_ranges(tiling, batch, q_seg, kv_seg, q_rows=bq,
                                       kv_rows=wgs * bkv)
   seg = tiling.has_segments
-  scratch = [_smem((wgs, bkv, head_dim), dtype, True), _smem((wgs, bkv, head_dim), dtype, True),
-             _smem((slots, bq, head_dim), dtype, True), _smem((slots, bq, head_dim), dtype, True),
-             _smem((slots, bq), jnp.float32), _smem((slots, bq), jnp.float32),
-             plgpu.Barrier(num_barriers=(3 if seg else 2) * wgs)]
-  scratch += [plgpu.Barrier(num_barriers=slots) for _ in range(4)]
-  scratch += [plgpu.Barrier(num_arrivals=wgs, num_barriers=slots) for _ in range(2)]
+  base, ids = dkv_scratch_types(wgs=wgs, bq=bq, bkv=bkv, head_dim=head_dim, slots=slots,
+                                dtype=dtype, seg=seg)
   operands = [q, k, v, do, lse, delta, q_lo, q_hi]
   if seg:
-    scratch += [_smem((wgs, bkv), jnp.int32), _smem((slots, bq), jnp.int32),
-                plgpu.Barrier(num_barriers=slots)]
     operands += [q_seg, kv_seg, *stats]
-  dk, dv = plgpu.kernel(
+  dk, dv = warp_specialized_kernel(
       functools.partial(_dkv_kernel, tiling=tiling, slots=slots, wgs=wgs,
                         ops=Ops(interpret=bool(interpret))),
       out_type=[jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)],
-      scratch_types=scratch,
-      grid=(num_kv_heads, kv_len // (wgs * bkv), batch),
-      grid_names=("heads", "kv_tiles", "batch"),
-      num_threads=wgs + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=interpret or None,
+      scratch=base + ids, grid=(num_kv_heads, kv_len // (wgs * bkv), batch),
+      grid_names=("heads", "kv_tiles", "batch"), compute_wgs=wgs, interpret=interpret,
   )(*operands)
   return dk, dv

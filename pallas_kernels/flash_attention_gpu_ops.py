@@ -90,6 +90,21 @@ class Ops:
                               action="increase" if compute else "decrease")
 
 
+def warp_specialized_kernel(body, *, out_type, scratch, grid, grid_names, compute_wgs: int,
+                            interpret):
+  """plgpu.kernel with `compute_wgs` compute warpgroups plus one memory warpgroup ("wg")."""
+  return plgpu.kernel(
+      body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=grid_names,
+      num_threads=compute_wgs + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=interpret or None)
+
+
+def smem(shape, dtype, tiled: bool = False):
+  """An SMEM scratch type; tiled ones carry the wgmma operand transforms."""
+  return plgpu.SMEM(shape, dtype, transforms=TRANSFORMS if tiled else ())
+
+
 def bcast(vector, shape, axis: int):
   """[m] -> [m, n] (axis=0: vector indexes rows) or [n] -> [m, n] (axis=1)."""
   return lax.broadcast_in_dim(vector, shape, [axis])

@@ -33,7 +33,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from pallas_kernels.flash_attention_gpu import LOG2E
-from pallas_kernels.flash_attention_gpu_ops import TRANSFORMS, Ops, bcast
+from pallas_kernels.flash_attention_gpu_ops import Ops, bcast, smem
 from pallas_kernels.nsa_selection_gpu import ROWS, pad_rows, unpad_rows, visible
 
 PAIRS_PER_CTA = 256  # Most (block, query) pairs one dk/dv CTA walks.
@@ -53,10 +53,6 @@ class Shape:
   top_n: int
   scale: float
   has_segments: bool
-
-
-def _smem(shape, dtype, tiled=False):
-  return plgpu.SMEM(shape, dtype, transforms=TRANSFORMS if tiled else ())
 
 
 def _dq_kernel(*refs, shape: Shape, ops: Ops):
@@ -129,15 +125,15 @@ def backward_dq(q, k, v, do, lse, delta, blk, act, q_seg, kv_seg, *, shape: Shap
   """
   b, t, h, d = q.shape
   num_kv, bk, dtype = k.shape[2], shape.block, q.dtype
-  scratch = [_smem((ROWS, d), dtype, True), _smem((ROWS, d), dtype, True),
-             _smem((ROWS,), jnp.float32), _smem((ROWS,), jnp.float32),
-             _smem((2, bk, d), dtype, True), _smem((2, bk, d), dtype, True),
+  scratch = [smem((ROWS, d), dtype, True), smem((ROWS, d), dtype, True),
+             smem((ROWS,), jnp.float32), smem((ROWS,), jnp.float32),
+             smem((2, bk, d), dtype, True), smem((2, bk, d), dtype, True),
              plgpu.Barrier(num_barriers=4), plgpu.Barrier(num_barriers=2),
              plgpu.Barrier(num_barriers=2)]
   operands = [pad_rows(q, num_kv), k, v, pad_rows(do, num_kv), lse,
               pad_rows(delta, num_kv), blk, act]
   if shape.has_segments:
-    scratch += [_smem((2, bk), jnp.int32), plgpu.Barrier(num_barriers=2)]
+    scratch += [smem((2, bk), jnp.int32), plgpu.Barrier(num_barriers=2)]
     operands += [q_seg, kv_seg]
   dq = plgpu.kernel(
       functools.partial(_dq_kernel, shape=shape, ops=Ops(interpret=bool(interpret))),
@@ -272,15 +268,15 @@ def backward_dkv(q, k, v, do, lse, delta, blk, act, q_seg, kv_seg, *, shape: Sha
   pair_q, item_block, item_lo, item_hi = work_items(blk, act, num_blocks=nb,
                                                     pairs_per_cta=pairs_per_cta)
   num_items = item_block.shape[-1]
-  scratch = [_smem((bk, d), dtype, True), _smem((bk, d), dtype, True),
-             _smem((2, ROWS, d), dtype, True), _smem((2, ROWS, d), dtype, True),
-             _smem((2, ROWS), jnp.float32), _smem((2, ROWS), jnp.float32),
+  scratch = [smem((bk, d), dtype, True), smem((bk, d), dtype, True),
+             smem((2, ROWS, d), dtype, True), smem((2, ROWS, d), dtype, True),
+             smem((2, ROWS), jnp.float32), smem((2, ROWS), jnp.float32),
              plgpu.Barrier(num_barriers=3 if shape.has_segments else 2)]
   scratch += [plgpu.Barrier(num_barriers=2) for _ in range(4)]
   operands = [pad_rows(q, num_kv), k, v, pad_rows(do, num_kv), lse, pad_rows(delta, num_kv),
               pair_q, item_block, item_lo, item_hi]
   if shape.has_segments:
-    scratch.append(_smem((bk,), jnp.int32))
+    scratch.append(smem((bk,), jnp.int32))
     operands += [q_seg, kv_seg]
   partial = jax.ShapeDtypeStruct((b, num_kv, num_items, bk, d), dtype)
   dk_part, dv_part = plgpu.kernel(
