@@ -98,8 +98,8 @@ def selected_block_attention(q, k, v, block_indices, *, block_size: int, scale=N
   if config.platform == "gpu":
     if interpret is True:
       interpret = gpu_ops.interpret_params()
-    segs = None if q_segment_ids is None else (q_segment_ids, kv_segment_ids)
-    return _gpu_core(q, k, v, block_indices, segs, geo, _hashable(interpret) or False)
+    return _gpu_attention(q, k, v, block_indices, q_segment_ids, kv_segment_ids, geo,
+                          _hashable(interpret) or False)
   interpret = interpret if isinstance(interpret, bool) else _hashable(interpret)
   qk = q.reshape(b, t, num_kv, geo.group, d).transpose(0, 2, 1, 3, 4)
   kk = _padded(k, geo).transpose(0, 2, 1, 3)
@@ -194,45 +194,37 @@ def _padded(x, geo: Geometry, mode="constant"):
   return jnp.pad(x, widths, mode=mode)
 
 
-def _gpu_operands(block_indices, segs, geo: Geometry):
-  """(blk, act) [b, k, t, n] and the int32 (q_seg, kv_seg padded) or (None, None)."""
+def _gpu_attention(q, k, v, block_indices, q_seg, kv_seg, geo: Geometry, interpret):
+  """The Mosaic GPU kernels on the public layout: [b, t, h, d]."""
   blk, act = block_table(block_indices, geo)
-  if segs is None:
-    return blk, act, None, None
-  q_seg = segs[0].astype(jnp.int32)
-  kv_seg = _padded(segs[1].astype(jnp.int32), geo, mode="edge")
-  return blk, act, q_seg, kv_seg
+  if q_seg is not None:
+    q_seg = q_seg.astype(jnp.int32)
+    kv_seg = _padded(kv_seg.astype(jnp.int32), geo, mode="edge")
+  return _gpu_core(q, _padded(k, geo), _padded(v, geo), blk, act, q_seg, kv_seg, geo,
+                   interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _gpu_core(q, k, v, block_indices, segs, geo, interpret):
-  """Mosaic GPU kernels on the public layout: [b, t, h, d]."""
-  return _gpu_forward(q, k, v, block_indices, segs, geo, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _gpu_core(q, kp, vp, blk, act, q_seg, kv_seg, geo, interpret):
+  """kp, vp: k, v zero-padded to whole blocks; returns [b, t, h, d]."""
+  return _gpu_core_fwd(q, kp, vp, blk, act, q_seg, kv_seg, geo, interpret)[0]
 
 
-def _gpu_forward(q, k, v, block_indices, segs, geo, interpret):
-  blk, act, q_seg, kv_seg = _gpu_operands(block_indices, segs, geo)
-  return gpu.forward(q, _padded(k, geo), _padded(v, geo), blk, act, q_seg, kv_seg,
-                     block=geo.block, kv_len=geo.kv_len, scale=geo.scale, interpret=interpret)
-
-
-def _gpu_core_fwd(q, k, v, block_indices, segs, geo, interpret):
-  out, lse = _gpu_forward(q, k, v, block_indices, segs, geo, interpret)
-  return out, (q, k, v, block_indices, segs, out, lse)
+def _gpu_core_fwd(q, kp, vp, blk, act, q_seg, kv_seg, geo, interpret):
+  out, lse = gpu.forward(q, kp, vp, blk, act, q_seg, kv_seg, block=geo.block,
+                         kv_len=geo.kv_len, scale=geo.scale, interpret=interpret)
+  return out, (q, kp, vp, blk, act, q_seg, kv_seg, out, lse)
 
 
 def _gpu_core_bwd(geo, interpret, res, do):
-  q, k, v, block_indices, segs, out, lse = res
-  blk, act, q_seg, kv_seg = _gpu_operands(block_indices, segs, geo)
+  q, kp, vp, blk, act, q_seg, kv_seg, out, lse = res
   delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
   shape = gpu_bwd.Shape(block=geo.block, kv_len=geo.kv_len, num_blocks=geo.num_blocks,
-                        top_n=geo.top_n, scale=geo.scale, has_segments=segs is not None)
-  args = (q, _padded(k, geo), _padded(v, geo), do.astype(q.dtype), lse, delta, blk, act,
-          q_seg, kv_seg)
+                        top_n=geo.top_n, scale=geo.scale, has_segments=q_seg is not None)
+  args = (q, kp, vp, do.astype(q.dtype), lse, delta, blk, act, q_seg, kv_seg)
   dq = gpu_bwd.backward_dq(*args, shape=shape, interpret=interpret)
   dk, dv = gpu_bwd.backward_dkv(*args, shape=shape, interpret=interpret)
-  s = geo.kv_len
-  return dq, dk[:, :s], dv[:, :s], None, None
+  return dq, dk, dv, None, None, None, None
 
 
 _gpu_core.defvjp(_gpu_core_fwd, _gpu_core_bwd)
