@@ -1,0 +1,23 @@
+"""Flax Linen building blocks shared by every model family.
+
+The shape legend of the whole codebase. A letter (or short token) means the
+same thing in every docstring and comment of layers/, models/, pallas_kernels/
+and train/; a module that needs a letter not listed here adds it here.
+
+  batch and sequence  b batch · t sequence (query) length · s key/value length
+                      (KV-cache slots) · n tokens, b·t flattened
+  widths              e embed · v vocab · m MLP hidden (dense, or of one expert)
+                      · L layers
+  attention           h query heads · k kv heads · g query heads per kv head (h/k)
+                      · d head dim
+  blocks and tiles    B block length in tokens (kernel tiles, NSA blocks)
+                      · nb blocks along a sequence · T tiles · r rows per tile
+  NSA                 l compressed-block length · st compression stride
+                      · nc compressed blocks · ns selected blocks per query
+  mixture of experts  E experts · K experts per token (top-k) · G expert groups
+                      · a assignments (n·K rows, sorted by expert)
+                      · C slots per expert (capacity)
+
+Flat modules hold the basic blocks (linear, embedding, norms, rope, mlp);
+subpackages group a concept family (attention/, moe/).
+"""
