@@ -6,7 +6,7 @@ r"""Training throughput (tokens/s) and MFU of a config on the current device.
 
 Times the jitted train step (the one `train.main` runs) on random tokens, so
 the input pipeline is not measured. FLOPs per token come from the model
-config, `train.flops.llama_train_flops_per_token`:
+config through its task (`LlamaConfig.train_flops_per_token`):
 
   6 * N_matmul + 6 * L * h * d * T   (causal attention; PaLM appendix B)
 
@@ -38,9 +38,9 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps (compilation, autotun
 _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 0, "Baseline matmul size (0: by device).")
 
 
-def random_batch(task, batch_size: int, seq_len: int, vocab: int, seed: int) -> dict:
-  """A full batch of random tokens in the task's layout (no padding)."""
-  batch = task.dummy_batch(batch_size, seq_len)
+def random_batch(task, data_config, vocab: int, seed: int) -> dict:
+  """A full global batch of random tokens in the task's layout (no padding)."""
+  batch = task.dummy_batch(data_config, data_config.global_batch_size)
   rng = np.random.default_rng(seed)
   batch["inputs"] = rng.integers(3, vocab, batch["inputs"].shape, dtype=np.int32)
   batch["targets"] = rng.integers(3, vocab, batch["targets"].shape, dtype=np.int32)
@@ -76,8 +76,7 @@ def main(argv):
   with run.sharding_context():
     state = state_lib.init_state(run.model, run.task, run.optimizer, run.dummy, config.seed,
                                  run.state_shardings)
-  batches = [run.global_batch(random_batch(run.task, d.global_batch_size, d.seq_len,
-                                           config.model.vocab_size, seed=i))
+  batches = [run.global_batch(random_batch(run.task, d, config.model.vocab_size, seed=i))
              for i in range(2)]
 
   def step(batch):
@@ -89,7 +88,8 @@ def main(argv):
   times = time_calls(step, [(batches[i % 2],) for i in range(total)], _WARMUP.value)
   step_s = statistics.median(times)
   tokens_per_s = d.global_batch_size * d.seq_len / step_s
-  flops_per_token = run.family.train_flops_per_token(config.model, d.seq_len)
+  flops_per_token = run.task.train_flops_per_batch(run.model.config, d) / (
+      d.global_batch_size * d.seq_len)
   achieved = tokens_per_s * flops_per_token / run.mesh.size
   device = jax.devices()[0]
   peak = flops.peak_flops_per_device(device.device_kind, config.train.peak_tflops_per_device)
@@ -100,7 +100,7 @@ def main(argv):
   print(f"device      {run.mesh.size} x {device.device_kind} ({device.platform}), "
         f"jax {jax.__version__}")
   print(f"model       {config.model.num_layers} layers, embed {config.model.embed_dim}, "
-        f"{flops.llama_matmul_params(config.model) / 1e6:.2f}M matmul params, "
+        f"{run.model.config.matmul_params() / 1e6:.2f}M matmul params, "
         f"dtype {config.model.dtype}, attention {config.model.attention_impl}")
   print(f"batch       {d.global_batch_size} x {d.seq_len} tokens")
   print(f"step        {step_s * 1e3:.1f} ms median of {len(times)} "

@@ -27,9 +27,9 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def set_pretraining_run(config: ml_collections.ConfigDict, *, seq_len: int, batch: int) -> None:
-  """Run settings shared by the real-size configs: long rows, FSDP over every device,
+  """Run settings shared by the real-size configs (whose model has max_seq_len=seq_len):
+  long rows, FSDP over every device,
   rematerialised blocks, a 100k-step schedule, sparse logging and checkpoints."""
-  config.model.max_seq_len = seq_len
   config.model.remat_policy = "dots_with_no_batch_dims_saveable"
   config.data.seq_len = seq_len
   config.data.global_batch_size = batch

@@ -1,6 +1,6 @@
 """Continue training the model a workdir holds, e.g. one imported from Hugging Face.
 
-  python -m models.convert import-hf --model=llama HF_DIR DIR
+  python -m train.convert import --model=llama HF_DIR DIR
   python -m train.main --config=configs/finetune.py:workdir=DIR --workdir=DIR \
       --config.train.num_steps=200 --config.opt.lr=1e-4
 
@@ -10,6 +10,8 @@ command-line overrides apply on top as for any config.
 
 from configs import base
 from configs import common
+from train import checkpoint
+from train import families
 
 
 def _as_declared(value, declared):
@@ -24,10 +26,12 @@ def get_config(arg=None):
   if not args.workdir:
     raise ValueError("configs/finetune.py needs the workdir to continue from: "
                      "--config=configs/finetune.py:workdir=DIR")
-  from train import checkpoint  # pylint: disable=g-import-not-at-top (only when used)
   saved = checkpoint.load_config(args.workdir).to_dict()
-  config = base.get_base_config()
+  model_config = families.model_config(saved["model"])
+  config = base.get_base_config(model_config)
   for key, value in saved.items():
+    if key == "model":
+      continue
     if isinstance(value, dict):
       for field, field_value in value.items():
         config[key][field] = _as_declared(field_value, config[key][field])

@@ -1,20 +1,27 @@
 """Llama-shaped decoders at real sizes, for GPU/TPU runs.
 
 python -m train.main --config=configs/llama.py:size=1b --workdir=gs://.../run
-Sizes follow the published Llama 3.x shapes; `size=tiny` matches llama_tiny.
+Sizes follow the published Llama 3.x shapes; `size=tiny` is LlamaConfig's
+defaults (the model of llama_tiny, scanned).
 """
 
 from configs import base
 from configs import common
+from models.llama import LlamaConfig
 
+_LLAMA3 = dict(rope_theta=500_000.0, norm_eps=1e-5)
 SIZES = {
-    # embed, layers, heads, kv_heads, head_dim, mlp, vocab, theta, tied
-    "tiny": (128, 4, 4, 2, 32, 384, 512, 10_000.0, False),
-    "150m": (768, 12, 12, 4, 64, 2048, 32_768, 500_000.0, True),
-    "1b": (2048, 16, 32, 8, 64, 8192, 128_256, 500_000.0, True),
-    "3b": (3072, 28, 24, 8, 128, 8192, 128_256, 500_000.0, True),
-    "8b": (4096, 32, 32, 8, 128, 14_336, 128_256, 500_000.0, False),
-    "70b": (8192, 80, 64, 8, 128, 28_672, 128_256, 500_000.0, False),
+    "tiny": dict(norm_eps=1e-5),
+    "150m": dict(embed_dim=768, num_layers=12, num_heads=12, num_kv_heads=4, head_dim=64,
+                 mlp_dim=2048, vocab_size=32_768, tie_embeddings=True, **_LLAMA3),
+    "1b": dict(embed_dim=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
+               mlp_dim=8192, vocab_size=128_256, tie_embeddings=True, **_LLAMA3),
+    "3b": dict(embed_dim=3072, num_layers=28, num_heads=24, num_kv_heads=8, head_dim=128,
+               mlp_dim=8192, vocab_size=128_256, tie_embeddings=True, **_LLAMA3),
+    "8b": dict(embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+               mlp_dim=14_336, vocab_size=128_256, **_LLAMA3),
+    "70b": dict(embed_dim=8192, num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128,
+                mlp_dim=28_672, vocab_size=128_256, **_LLAMA3),
 }
 
 
@@ -22,12 +29,10 @@ def get_config(arg=None):
   args = common.parse_arg(arg, size="1b", seq_len=4096, batch=256)
   if args.size not in SIZES:
     raise ValueError(f"Unknown llama size {args.size!r}; choose one of {sorted(SIZES)}.")
-  config = base.get_base_config()
-  m = config.model
-  (m.embed_dim, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim,
-   m.vocab_size, m.rope_theta, m.tie_embeddings) = SIZES[args.size]
-  m.norm_eps = 1e-5
-  if args.size != "tiny":
+  if args.size == "tiny":
+    config = base.get_base_config(LlamaConfig(**SIZES["tiny"]))
+  else:
+    config = base.get_base_config(LlamaConfig(**SIZES[args.size], max_seq_len=args.seq_len))
     common.set_pretraining_run(config, seq_len=args.seq_len, batch=args.batch)
   config.lock()
   return config

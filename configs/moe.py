@@ -12,20 +12,29 @@ Train with `mesh.expert` > 1 to spread the experts over devices.
 
 from configs import base
 from configs import common
+from models.moe import MoeConfig, MoeLayerConfig
 
-_FIELDS = ("embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-           "vocab_size", "rope_theta", "norm_eps", "tie_embeddings", "qkv_bias", "num_experts",
-           "num_experts_per_token", "expert_mlp_dim", "shared_expert_mlp_dim",
-           "shared_expert_gate", "router", "router_norm_topk", "router_num_groups",
-           "router_topk_groups", "routed_scaling_factor", "first_dense_layers")
-
+# Each size: the decoder's fields, and its `moe` section.
 SIZES = {
-    "mixtral_8x7b": (4096, 32, 32, 8, 128, 14_336, 32_000, 1e6, 1e-5, False, False,
-                     8, 2, 14_336, 0, False, "softmax", True, 1, 1, 1.0, 0),
-    "qwen2_moe_a2.7b": (2048, 24, 16, 16, 128, 5632, 151_936, 1e6, 1e-6, False, True,
-                        60, 4, 1408, 5632, True, "softmax", False, 1, 1, 1.0, 0),
-    "deepseek_v3_small": (2048, 16, 16, 4, 128, 10_944, 102_400, 1e4, 1e-6, False, False,
-                          64, 6, 1408, 2816, False, "sigmoid", True, 8, 4, 2.5, 1),
+    "mixtral_8x7b": dict(
+        embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+        mlp_dim=14_336, vocab_size=32_000, rope_theta=1e6, norm_eps=1e-5,
+        moe=MoeLayerConfig(num_experts=8, num_experts_per_token=2, expert_mlp_dim=14_336)),
+    "qwen2_moe_a2.7b": dict(
+        embed_dim=2048, num_layers=24, num_heads=16, num_kv_heads=16, head_dim=128,
+        mlp_dim=5632, vocab_size=151_936, rope_theta=1e6, norm_eps=1e-6, qkv_bias=True,
+        moe=MoeLayerConfig(num_experts=60, num_experts_per_token=4, expert_mlp_dim=1408,
+                           shared_expert_mlp_dim=5632, shared_expert_gate=True,
+                           router_norm_topk=False)),
+    "deepseek_v3_small": dict(
+        embed_dim=2048, num_layers=16, num_heads=16, num_kv_heads=4, head_dim=128,
+        mlp_dim=10_944, vocab_size=102_400, rope_theta=1e4, norm_eps=1e-6,
+        # DeepSeek-V3 balancing: bias updates and a small sequence-wise loss, no Switch loss.
+        moe=MoeLayerConfig(num_experts=64, num_experts_per_token=6, expert_mlp_dim=1408,
+                           shared_expert_mlp_dim=2816, router="sigmoid", router_num_groups=8,
+                           router_topk_groups=4, routed_scaling_factor=2.5,
+                           first_dense_layers=1, aux_loss=0.0, seq_aux_loss=1e-4,
+                           bias_update_rate=1e-3)),
 }
 
 
@@ -34,19 +43,12 @@ def get_config(arg=None):
   if args.size != "tiny" and args.size not in SIZES:
     raise ValueError(f"Unknown moe size {args.size!r}; choose one of "
                      f"{['tiny'] + sorted(SIZES)}.")
-  config = base.get_base_config()
-  m = config.model
-  m.family = "moe"
   if args.size == "tiny":
-    m.scan_layers = False  # Four layers run faster unrolled on CPU (see llama_tiny).
-    config.lock()
-    return config
-  for field, value in zip(_FIELDS, SIZES[args.size]):
-    m[field] = value
-  common.set_pretraining_run(config, seq_len=args.seq_len, batch=args.batch)
-  if m.router == "sigmoid":  # DeepSeek-V3 balancing: bias updates + a small sequence loss.
-    config.opt.moe_aux_loss = 0.0
-    config.opt.moe_seq_aux_loss = 1e-4
-    config.opt.moe_bias_update_rate = 1e-3
+    # MoeConfig's defaults: four layers of 8 experts, top-2, each expert half
+    # the width of llama_tiny's MLP; unrolled, as llama_tiny.
+    config = base.get_base_config(MoeConfig(scan_layers=False))
+  else:
+    config = base.get_base_config(MoeConfig(**SIZES[args.size], max_seq_len=args.seq_len))
+    common.set_pretraining_run(config, seq_len=args.seq_len, batch=args.batch)
   config.lock()
   return config

@@ -8,7 +8,7 @@ Layout: `WORKDIR/checkpoints/<step>/` with items
   train_state  step, optimizer state and RNG,
   data_iter    each host's grain iterator position,
   config       the run config as JSON (the model is rebuilt from it).
-Checkpoints written by `models.convert import-hf` hold only params and config;
+Checkpoints written by `train.convert import` hold only params and config;
 training on such a directory starts from those params with a fresh optimizer.
 Orbax writes each step to a temporary directory and renames it when complete,
 so a run killed mid-save leaves the previous checkpoint intact.
@@ -26,10 +26,6 @@ from etils import epath
 from train import families
 
 ITEMS = ("params", "model_state", "train_state", "data_iter", "config")
-# Fields that change how a model computes but not its parameters: a checkpoint
-# trained with one value loads under another.
-COMPUTE_ONLY_FIELDS = ("attention_impl", "attention_chip", "remat_policy", "dtype", "moe_impl",
-                       "capacity_factor")
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -45,15 +41,17 @@ def _manager(workdir: str, *, keep: int | None = None, async_save: bool = False,
 
 
 def model_config_differences(saved: dict, current: dict) -> list[str]:
-  """Lines naming each `model.<field>` whose value differs between two configs."""
-  lines = []
-  for key in sorted(set(saved) | set(current)):
-    if key in COMPUTE_ONLY_FIELDS:
-      continue
-    if saved.get(key, "<absent>") != current.get(key, "<absent>"):
-      lines.append(f"model.{key}: checkpoint has {saved.get(key, '<absent>')!r}, "
-                   f"config has {current.get(key, '<absent>')!r}")
-  return lines
+  """Lines naming each `model.<field>` that shapes the parameters and differs between
+  two `config.model` sections (fields that only change how the model computes,
+  such as attention_impl, dtype or remat_policy, may differ: see
+  models.config_schema.SHAPES_PARAMS)."""
+  if saved.get("family") != current.get("family"):
+    return [f"model.family: checkpoint has {saved.get('family')!r}, "
+            f"config has {current.get('family')!r}"]
+  saved_fields = families.model_config(saved).parameter_fields()
+  current_fields = families.model_config(current).parameter_fields()
+  return [f"{key}: checkpoint has {saved_fields[key]!r}, config has {current_fields[key]!r}"
+          for key in sorted(saved_fields) if saved_fields[key] != current_fields[key]]
 
 
 def _has_item(manager: ocp.CheckpointManager, step: int, item: str) -> bool:
@@ -137,7 +135,7 @@ class Checkpointer:
 
 
 def save_imported(workdir: str, params: Any, config: ml_collections.ConfigDict) -> None:
-  """Writes a params-only checkpoint at step 0 (for `models.convert import-hf`)."""
+  """Writes a params-only checkpoint at step 0 (for `train.convert import`)."""
   if checkpoint_dir(workdir).exists() and any(checkpoint_dir(workdir).iterdir()):
     raise FileExistsError(f"{checkpoint_dir(workdir)} already holds checkpoints; "
                           "import into an empty workdir.")
@@ -169,12 +167,15 @@ def load_config(workdir: str, step: int | None = None) -> ml_collections.ConfigD
   return config
 
 
-def load_model(workdir: str, step: int | None = None, *, attention_impl: str = "auto"):
+def load_model(workdir: str, step: int | None = None, *, dtype: str | None = None,
+               attention_impl: str = "auto"):
   """The model and its variables from the latest (or given) checkpoint.
 
   For notebooks and the sampler: variables land on the default device. The
   model uses `attention_impl` (default 'auto': what runs on this machine)
   whatever the run trained with, so a GPU run's checkpoint loads on a CPU laptop.
+  `dtype` (e.g. 'float32', for parity checks) replaces the computation dtype
+  the run trained with; None keeps it.
   Returns (model, variables) with variables = {'params': ..., **model_state}
   (a checkpoint without a model_state item, e.g. an imported one, gets the
   model's initial state: zero MoE balance biases).
@@ -185,11 +186,14 @@ def load_model(workdir: str, step: int | None = None, *, attention_impl: str = "
   manager = _manager(workdir, read_only=True)
   step = _latest(manager, workdir) if step is None else step
   config = _read_config(manager, step)
-  config.model.attention_impl = attention_impl
-  config.model.attention_chip = ""  # This machine's, resolved when the model is built.
-  family = families.get_family(config.model)
-  model = family.make_model(config.model)
-  batch = family.task.dummy_batch(1, 8)
+  model_section = config.model.to_dict()
+  # attention_chip '' is this machine's, resolved when the model is built.
+  overrides = {"attention_impl": attention_impl, "attention_chip": "", "dtype": dtype}
+  model_section.update({key: value for key, value in overrides.items()
+                        if key in model_section and value is not None})
+  family = families.get_family(model_section["family"])
+  model = families.build_model(model_section)
+  batch = family.task.dummy_batch(config.data, 1)
 
   def init():
     return nn.unbox(family.task.init_variables(model, jax.random.PRNGKey(0), batch))

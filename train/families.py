@@ -1,67 +1,90 @@
-"""Model families: the module each builds and the task that trains it."""
+"""The registry of model families: each family's model package and the task that trains it.
+
+A family is imported only when a config names it. Adding one is one line in
+`REGISTRY` (see the README's "Adding a model family").
+"""
 
 import dataclasses
-from collections.abc import Callable
+import functools
+import importlib
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 
-from models import llama
-from models import moe
-from pallas_kernels import flash_attention_config
-from train import flops
-from train import lm_task
-from train import moe_task
-from train.task import Task
+from models.config_schema import ModelConfig
+from models.family import ModelFamily
+from pallas_kernels.flash_attention_config import chip_of_device
+from train.tasks.base import Task
+
+# family name -> (model package exposing FAMILY, "module:TaskClass" that trains it).
+REGISTRY: dict[str, tuple[str, str]] = {
+    "llama": ("models.llama", "train.tasks.language_model:LanguageModelTask"),
+    "moe": ("models.moe", "train.tasks.moe_language_model:MoeLanguageModelTask"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-  """How to build one model family and train it."""
-  make_model: Callable[[object], nn.Module]  # config.model -> module
+  """A registered family: its model side and its task."""
+  model: ModelFamily
   task: Task
-  train_flops_per_token: Callable[[object, int], float]  # (config.model, seq_len) -> FLOPs
+
+  @property
+  def name(self) -> str:
+    return self.model.name
 
 
-def kernel_chip(model_config) -> str:
+def _check_name(name: str) -> None:
+  if name not in REGISTRY:
+    raise ValueError(f"config.model.family={name!r} is not one of {sorted(REGISTRY)}.")
+
+
+@functools.cache
+def get_family(name: str) -> Family:
+  """The family `name` (imported on first use), or an error listing the known ones."""
+  _check_name(name)
+  package, task_path = REGISTRY[name]
+  model_family = importlib.import_module(package).FAMILY
+  module, task_class = task_path.split(":")
+  task = getattr(importlib.import_module(module), task_class)(model_family)
+  return Family(model=model_family, task=task)
+
+
+def model_config(model_section: Mapping[str, Any]) -> ModelConfig:
+  """`config.model` (a ConfigDict or the dict saved with a checkpoint) as its family's
+  config dataclass; ValueError naming a missing family, an unknown key or a wrong type."""
+  if "family" not in model_section:
+    raise ValueError("config.model has no 'family' field: configs written before Treadle's "
+                     "per-family config sections are not readable; retrain or re-import.")
+  family = get_family(model_section["family"])
+  try:
+    return family.model.config_class.from_dict(model_section)
+  except ValueError as e:
+    old = {"nsa_window", "num_experts", "moe_impl"} & set(model_section)
+    if old:
+      raise ValueError(
+          f"This config predates Treadle's per-family config sections (it has flat "
+          f"model.{sorted(old)[0]}; fields now nest as model.nsa.* and model.moe.*): {e} "
+          "Retrain, or re-import with `python -m train.convert import`.") from e
+    raise
+
+
+def kernel_chip(config: ModelConfig) -> str:
   """`model.attention_chip`, or this machine's kernel target when it is ''.
 
   Resolved here, when the model is built, so nothing queries the device while
   tracing. '' stays '' where no kernel targets the device (CPU: interpret mode).
   """
-  if model_config.attention_chip:
-    return model_config.attention_chip
-  return flash_attention_config.chip_of_device(jax.devices()[0]) or ""
+  if config.attention_chip:
+    return config.attention_chip
+  return chip_of_device(jax.devices()[0]) or ""
 
 
-def _make_llama(model_config) -> nn.Module:
-  config = llama.LlamaConfig.from_config_dict(model_config)
-  return llama.Llama(dataclasses.replace(config, attention_chip=kernel_chip(model_config)))
-
-
-def _make_moe(model_config) -> nn.Module:
-  config = moe.MoeConfig.from_config_dict(model_config)
-  return moe.Moe(dataclasses.replace(config, attention_chip=kernel_chip(model_config)))
-
-
-FAMILIES: dict[str, Family] = {
-    "llama": Family(make_model=_make_llama,
-                    task=lm_task.LanguageModelTask(init_cache=llama.init_cache),
-                    train_flops_per_token=flops.llama_train_flops_per_token),
-    "moe": Family(make_model=_make_moe,
-                  task=moe_task.MoeLanguageModelTask(init_cache=moe.init_cache),
-                  train_flops_per_token=flops.moe_train_flops_per_token),
-}
-
-
-def get_family(model_config) -> Family:
-  """The family named by `config.model.family`, or an error listing the known ones."""
-  family = FAMILIES.get(model_config.family)
-  if family is None:
-    raise ValueError(f"config.model.family={model_config.family!r} is not one of "
-                     f"{sorted(FAMILIES)}.")
-  return family
-
-
-def build_model(model_config) -> nn.Module:
-  return get_family(model_config).make_model(model_config)
+def build_model(model_section: Mapping[str, Any]) -> nn.Module:
+  """The family's module for `config.model`, attention chip resolved."""
+  config = model_config(model_section)
+  if hasattr(config, "attention_chip"):
+    config = dataclasses.replace(config, attention_chip=kernel_chip(config))
+  return get_family(model_section["family"]).model.model_class(config)

@@ -98,11 +98,17 @@ class MetricWriter:
       self._tensorboard.close()
 
 
-def progress_line(step: int, num_steps: int, scalars: dict, console_keys=()) -> str:
-  """One console line: step, loss, extra scalars named in `console_keys`, throughput, MFU."""
+_RATE_LABELS = {"tokens_per_sec": "tok/s", "examples_per_sec": "examples/s"}
+
+
+def progress_line(step: int, num_steps: int, scalars: dict, console_keys=(),
+                  rate_key: str = "tokens_per_sec") -> str:
+  """One console line: step, loss, extra scalars named in `console_keys`, throughput
+  (`scalars[rate_key]`, e.g. tokens or examples per second), MFU."""
   parts = [f"step {step}/{num_steps}", f"loss {scalars['loss']:.4f}"]
   parts += [f"{key} {scalars[key]:.4g}" for key in console_keys if key in scalars]
-  if "tokens_per_sec" in scalars:
-    parts.append(f"{scalars['tokens_per_sec']:,.0f} tok/s")
+  if rate_key in scalars:
+    label = _RATE_LABELS.get(rate_key, rate_key.replace("_per_sec", "/s"))
+    parts.append(f"{scalars[rate_key]:,.0f} {label}")
   parts.append(f"MFU {scalars['mfu']:.1%}" if "mfu" in scalars else "MFU n/a (peak unknown)")
   return "  ".join(parts)

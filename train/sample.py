@@ -4,7 +4,8 @@ r"""Samples from the latest checkpoint of a workdir.
   python -m train.sample --workdir=/tmp/tiny --prompt="The " --temperature=0.8 \
       --top_k=40 --top_p=0.95 --seed=3
 
-Unset sampling flags take the values of the run's `config.sample`.
+Unset sampling flags take the values of the run's `config.sample`. The
+family's task does the sampling (a language model completes the prompts).
 """
 
 from absl import app
@@ -12,8 +13,6 @@ from absl import flags
 
 from train import checkpoint
 from train import families
-from train.data import tokenizers
-from train.sampling import Sampler
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A Treadle workdir with checkpoints.",
                                required=True)
@@ -30,13 +29,11 @@ def sample(workdir: str, prompts: list[str], step: int | None = None, **override
   """Completions of `prompts` by the checkpoint in `workdir`; `overrides` set config.sample."""
   config = checkpoint.load_config(workdir, step)
   model, variables = checkpoint.load_model(workdir, step)
-  sample_config = config.sample
   for key, value in overrides.items():
     if value is not None:
-      sample_config[key] = value
-  tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
-  task = families.get_family(config.model).task
-  return Sampler(model, task.init_cache, tokenizer)(variables, prompts, sample_config)
+      config.sample[key] = value
+  task = families.get_family(config.model.family).task
+  return task.sample(model, variables, config, prompts)
 
 
 def main(argv):

@@ -13,7 +13,9 @@ import flax.linen as nn
 import jax
 from jax.sharding import AxisType, Mesh
 
-from configs.base import MESH_AXES
+
+# The physical mesh axes, in order; `config.mesh` gives each a size.
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")
 
 
 def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:

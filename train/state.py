@@ -9,7 +9,7 @@ import optax
 from jax.sharding import PartitionSpec
 
 from train import sharding
-from train.task import Task
+from train.tasks.base import Task
 
 
 @flax.struct.dataclass

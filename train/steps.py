@@ -48,7 +48,7 @@ def train_step(state: TrainState, batch, *, model, task, optimizer, opt_config,
   grads = jax.tree.map(lambda g: g / weight, grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  model_state = task.update_model_state(state.model_state, metrics, opt_config)
+  model_state = task.update_model_state(state.model_state, metrics, model)
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                  learning_rate=schedule(state.step))
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,

@@ -17,8 +17,6 @@ from train import optimizers
 from train import sharding
 from train import state as state_lib
 from train import steps
-from train.data import pipeline
-from train.data import tokenizers
 
 
 def _console(text: str) -> None:
@@ -33,11 +31,11 @@ class _Interval:
     self.reset()
 
   def reset(self) -> None:
-    self.sums, self.tokens, self.start = {}, 0, time.perf_counter()
+    self.sums, self.units, self.start = {}, 0, time.perf_counter()
 
-  def add(self, step_metrics: dict, tokens: int) -> None:
+  def add(self, step_metrics: dict, units: int) -> None:
     metrics_lib.add_sums(self.sums, dict(step_metrics, steps=1.0))
-    self.tokens += tokens
+    self.units += units
 
 
 def _check_finite(step: int, step_metrics: dict) -> None:
@@ -53,20 +51,19 @@ class Trainer:
 
   def __init__(self, config, workdir: str, devices=None):
     self.config, self.workdir = config, workdir
-    self.family = families.get_family(config.model)
-    self.model, self.task = self.family.make_model(config.model), self.family.task
+    self.family = families.get_family(config.model.family)
+    self.model, self.task = families.build_model(config.model), self.family.task
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.axis_rules(config)
-    tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
-    config_checks.check_run_config(config, self.mesh, self.rules,
-                                   process_count=jax.process_count(),
-                                   tokenizer_vocab_size=tokenizer.vocab_size)
+    config_checks.check_run_config(config, self.model.config, self.mesh, self.rules,
+                                   process_count=jax.process_count())
+    self.task.check_config(config)
     num_steps = config.train.num_steps
     self.optimizer = optimizers.make_optimizer(config.opt, num_steps)
     self.schedule = optimizers.learning_rate_schedule(config.opt, num_steps)
     # Parameter shapes do not depend on the batch: init traces one row per data shard.
-    self.dummy = self.task.dummy_batch(sharding.data_parallel_size(self.mesh, self.rules),
-                                       config.data.seq_len)
+    self.dummy = self.task.dummy_batch(config.data,
+                                       sharding.data_parallel_size(self.mesh, self.rules))
     with self.sharding_context():
       self.state_shardings = state_lib.state_shardings(
           self.model, self.task, self.optimizer, self.dummy, self.mesh, self.rules)
@@ -121,17 +118,16 @@ class Trainer:
     config = self.config
     num_steps, log_every = config.train.num_steps, config.train.log_every_steps
     pid, nproc = jax.process_index(), jax.process_count()
-    data_iter = pipeline.make_train_iterator(config.data, seed=config.seed,
-                                             process_index=pid, process_count=nproc)
-    eval_batches = pipeline.make_eval_batches(
-        config.data, num_batches=config.evals.num_batches, process_index=pid,
-        process_count=nproc) if config.evals.every_steps else []
+    data_iter = self.task.make_train_iterator(config, process_index=pid, process_count=nproc)
+    eval_batches = self.task.make_eval_batches(
+        config, process_index=pid, process_count=nproc) if config.evals.every_steps else []
     checkpointer = checkpoint.Checkpointer(self.workdir, config)
     with self.sharding_context():
       state, resume_step = self._restore_or_init(checkpointer, data_iter)
     writer = metrics_lib.MetricWriter(self.workdir, resume_step=resume_step)
-    tokens_per_step = config.data.global_batch_size * config.data.seq_len
-    flops_per_token = self.family.train_flops_per_token(config.model, config.data.seq_len)
+    units_per_step = self.task.units_per_batch(config.data)
+    rate_key = f"{self.task.throughput_unit}_per_sec"
+    flops_per_step = self.task.train_flops_per_batch(self.model.config, config.data)
     peak = flops.peak_flops_per_device(jax.devices()[0].device_kind,
                                        config.train.peak_tflops_per_device)
     first_step = int(jax.device_get(state.step))
@@ -141,13 +137,16 @@ class Trainer:
       """Host side of step `step` (1-based), run after step + 1 is dispatched."""
       step_metrics = jax.device_get(step_metrics)
       _check_finite(step, step_metrics)
-      interval.add(step_metrics, tokens_per_step)
+      interval.add(step_metrics, units_per_step)
       if step % log_every == 0 or step == num_steps:
         scalars = self.task.summarize(interval.sums)
-        scalars["tokens_per_sec"] = interval.tokens / (time.perf_counter() - interval.start)
-        if peak:
-          scalars["mfu"] = scalars["tokens_per_sec"] * flops_per_token / (peak * self.mesh.size)
-        _console(metrics_lib.progress_line(step, num_steps, scalars, self.task.console_keys))
+        seconds = time.perf_counter() - interval.start
+        scalars[rate_key] = interval.units / seconds
+        if peak and flops_per_step:
+          steps_per_sec = interval.units / units_per_step / seconds
+          scalars["mfu"] = steps_per_sec * flops_per_step / (peak * self.mesh.size)
+        _console(metrics_lib.progress_line(step, num_steps, scalars, self.task.console_keys,
+                                           rate_key=rate_key))
         writer.write(step, scalars)
         final.update(scalars)
         interval.reset()

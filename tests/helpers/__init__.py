@@ -1,1 +1,10 @@
-"""Helpers shared by the tests (tests/ is on sys.path through tests/conftest.py)."""
+"""Helpers shared by the tests (tests/ is on sys.path through tests/conftest.py).
+
+  trainer.py   tiny run configs and metrics readers for end-to-end tests
+  colabs.py    runs a notebook in a fresh kernel
+"""
+
+import os
+
+# The repository root: the working directory of subprocess tests and the colabs.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,0 +1,14 @@
+"""The dense decoder family ('llama'): Llama-style, with dense or Native Sparse Attention.
+
+  config.py  LlamaConfig (the `config.model` fields), NsaConfig, FLOPs
+  model.py   the Flax modules (Llama, Block) and the KV cache
+  hf.py      transformers LlamaForCausalLM checkpoints, both ways
+"""
+
+from models.family import ModelFamily
+from models.llama import hf
+from models.llama.config import LlamaConfig, NsaConfig
+from models.llama.model import Block, Llama, init_cache, stack_blocks
+
+FAMILY = ModelFamily(config_class=LlamaConfig, model_class=Llama, init_cache=init_cache,
+                     converters={"llama": hf.LLAMA})

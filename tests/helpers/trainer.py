@@ -1,0 +1,50 @@
+"""Small configs and readers shared by the end-to-end tests."""
+
+import json
+import os
+
+from configs import llama_tiny
+from configs import moe_tiny
+
+_TINY = {"llama": llama_tiny.get_config, "moe": moe_tiny.get_config}
+
+
+def tiny_config(data_dir: str, family: str = "llama", **overrides):
+  """A seconds-fast llama_tiny (or moe_tiny): 32-token rows, 8 per batch, float32 compute.
+
+  `overrides` are dotted keys, e.g. `{'train.num_steps': 4}` or
+  `{'model.nsa.window': 16}`, passed as tiny_config(d, **{'train.num_steps': 4}).
+  """
+  config = _TINY[family]()
+  values = {
+      "data.data_dir": data_dir, "data.seq_len": 32, "data.global_batch_size": 8,
+      "model.embed_dim": 32, "model.num_layers": 2, "model.mlp_dim": 64,
+      "model.head_dim": 8, "model.max_seq_len": 64, "model.dtype": "float32",
+      "train.num_steps": 6, "train.log_every_steps": 1, "evals.every_steps": 0,
+      "checkpoint.every_steps": 3, "checkpoint.async_save": False,
+      "sample.num_scored": 0, "sample.max_new_tokens": 4, "opt.warmup_steps": 2,
+  }
+  values.update(overrides)
+  set_fields(config, values)
+  return config
+
+
+def set_fields(config, values: dict) -> None:
+  """config[a][b][c] = value for each dotted key 'a.b.c'."""
+  for key, value in values.items():
+    *sections, field = key.split(".")
+    node = config
+    for section in sections:
+      node = node[section]
+    node[field] = value
+
+
+def read_metrics(workdir: str, split: str = "train") -> dict[int, dict]:
+  """metrics.jsonl entries of one split, by step."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return {r["step"]: r for r in records if r["split"] == split}
+
+
+def to_flags(overrides: dict) -> list[str]:
+  return [f"--config.{key}={value}" for key, value in overrides.items()]
