@@ -49,7 +49,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-6  # RMSNorm epsilon.
   m.tie_embeddings = False  # Share input embedding and output projection.
   m.attention_impl = "auto"  # One of xla | cudnn | pallas | auto.
-  m.attention = "full"  # full (dense causal) | nsa (Native Sparse Attention, layers/nsa.py).
+  m.attention = "full"  # full (dense causal) | nsa (Native Sparse Attention, layers/attention/nsa.py).
   m.nsa_compress_block = 32  # nsa: tokens per compressed block.
   m.nsa_compress_stride = 16  # nsa: stride between compressed blocks.
   m.nsa_select_block = 64  # nsa: tokens per selectable block.

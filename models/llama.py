@@ -9,12 +9,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from layers import attention_ops
-from layers.attention import Attention
+from layers.attention import IMPLEMENTATIONS, Attention, NativeSparseAttention
 from layers.embedding import Embed
 from layers.linear import Einsum
 from layers.mlp import SwiGLU
-from layers.nsa import NativeSparseAttention
 from layers.norms import RMSNorm
 
 REMAT_POLICIES = {
@@ -74,9 +72,9 @@ class LlamaConfig:
                        f"model.num_kv_heads={self.num_kv_heads} (grouped-query attention).")
     if self.head_dim % 2:
       raise ValueError(f"model.head_dim={self.head_dim} must be even for RoPE.")
-    if self.attention_impl not in attention_ops.IMPLEMENTATIONS:
+    if self.attention_impl not in IMPLEMENTATIONS:
       raise ValueError(f"model.attention_impl={self.attention_impl!r}; choose one of "
-                       f"{attention_ops.IMPLEMENTATIONS}.")
+                       f"{IMPLEMENTATIONS}.")
     if self.attention not in ATTENTIONS:
       raise ValueError(f"model.attention={self.attention!r}; choose one of {ATTENTIONS}.")
     if self.attention == "nsa" and self.attention_impl == "cudnn":

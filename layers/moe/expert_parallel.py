@@ -5,7 +5,7 @@ token, X expert-parallel shards (size of the mesh axes 'expert' maps to),
 El = E / X experts per shard, n local tokens, a = n * k local assignments,
 C capacity slots per expert per sequence.
 
-Without a mesh (or a one-device mesh) the plain functions of moe_dispatch run.
+Without a mesh (or a one-device mesh) the plain functions of dispatch.py run.
 Under a mesh the expert computation runs per shard in `jax.shard_map`:
 
 * tokens keep the sharding the logical rules give ('batch' over its mesh
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from layers import moe_dispatch as md
+from layers.moe import dispatch as md
 
 IMPLS = ("dropless", "capacity")
 
@@ -62,7 +62,7 @@ def moe_experts(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: jax.
 
   impl 'dropless' computes every assignment (dropped = 0); 'capacity' gives
   each expert C = capacity(t, k, E, capacity_factor) slots per sequence
-  (moe_dispatch.capacity_slots), so results do not depend on the batch
+  (dispatch.capacity_slots), so results do not depend on the batch
   sharding. gate/up [E, e, m], down [E, m, e]; weights float32.
 
   Raises:

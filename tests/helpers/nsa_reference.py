@@ -1,7 +1,7 @@
 """Plain-jnp Native Sparse Attention, written from the paper for testing `NativeSparseAttention`.
 
 Everything is float32 at HIGHEST precision with whole [t, t] masks built
-token by token; no code is shared with layers/nsa.py or nsa_compression.py
+token by token; no code is shared with layers/attention/nsa.py or nsa_compression.py
 beyond RoPE. Shapes: b batch, t sequence, e embed, h query heads, k kv heads,
 g = h / k, d head dim, c compressed blocks, u selection blocks.
 """

@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from layers import expert_parallel
 from layers.linear import Einsum
 from layers.mlp import SwiGLU
-from layers.router import Router, RouterOutput, check_router_config
+from layers.moe import expert_parallel
+from layers.moe.router import Router, RouterOutput, check_router_config
 
 STAT_NAMES = ("expert_tokens", "num_tokens", "dropped", "load_balance_loss",
               "seq_balance_loss", "router_z_loss")

@@ -15,9 +15,9 @@ import numpy as np
 import optax
 import pytest
 
-from layers import nsa_compression as cmp_lib
-from layers.nsa import NativeSparseAttention, resolve_impl
-from layers.nsa_reference import nsa_reference
+from helpers.nsa_reference import nsa_reference
+from layers.attention import nsa_compression as cmp_lib
+from layers.attention.nsa import NativeSparseAttention, resolve_impl
 from models.llama import Llama, LlamaConfig, init_cache
 from train import sampling
 

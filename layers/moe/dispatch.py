@@ -6,7 +6,7 @@ Shapes: n tokens, e embed, m expert hidden, E experts, k experts per token,
 a = n * k assignments, g capacity groups, s tokens per group, C capacity (slots
 per expert per group). Expert weights: gate/up [E, e, m], down [E, m, e].
 
-The grouped matmul (layers/grouped_matmul.py: `jax.lax.ragged_dot` on GPU and
+The grouped matmul (grouped_matmul.py: `jax.lax.ragged_dot` on GPU and
 TPU, expert-tiled einsums on CPU, where ragged_dot is ~8x slower) multiplies
 row block i (rows sum(sizes[:i]) .. sum(sizes[:i+1])) by expert i's weights;
 rows past sum(group_sizes) come out as zeros and get zero gradient (checked on
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from layers.grouped_matmul import swiglu_grouped
+from layers.moe.grouped_matmul import swiglu_grouped
 
 
 def swiglu_batched(buffers: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:

@@ -5,15 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from layers import attention_ops
 from layers.attention import Attention
+from layers.attention import implementations
 from layers.linear import Einsum
 from layers.mlp import SwiGLU
 from layers.norms import RMSNorm
 from layers.rope import apply_rope
 
 jax.config.update("jax_default_matmul_precision", "highest")
-_attention = jax.jit(attention_ops.dot_product_attention, static_argnames=("impl", "interpret"))
+_attention = jax.jit(implementations.dot_product_attention, static_argnames=("impl", "interpret"))
 
 
 def _normal(seed, shape):
@@ -127,14 +127,14 @@ def test_xla_attention_is_causal():
 
 def test_attention_mask_with_cache_offset():
   kv_seg = jnp.array([[0, 1, 1, 1, 0, 0]])
-  mask = attention_ops.attention_mask(2, 6, q_segment_ids=jnp.array([[1, 1]]),
+  mask = implementations.attention_mask(2, 6, q_segment_ids=jnp.array([[1, 1]]),
                                       kv_segment_ids=kv_seg, q_offset=2)
   np.testing.assert_array_equal(mask[0], [[0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 0, 0]])
 
 
 def test_resolve_impl():
-  assert attention_ops.default_backend() == "cpu"
-  resolve = attention_ops.resolve_impl
+  assert implementations.default_backend() == "cpu"
+  resolve = implementations.resolve_impl
   assert resolve("auto", backend="cpu", dtype=jnp.bfloat16, head_dim=64) == "xla"
   assert resolve("auto", backend="tpu", dtype=jnp.bfloat16, head_dim=64) == "pallas"
   assert resolve("auto", backend="tpu", dtype=jnp.float16, head_dim=64) == "xla"
@@ -150,11 +150,11 @@ def test_resolve_impl():
 
 def test_attention_layer_auto_uses_xla_on_cpu(monkeypatch):
   calls = []
-  original = attention_ops.dot_product_attention
+  original = implementations.dot_product_attention
   def spy(*args, impl, **kwargs):
     calls.append(impl)
     return original(*args, impl=impl, **kwargs)
-  monkeypatch.setattr(attention_ops, "dot_product_attention", spy)
+  monkeypatch.setattr(implementations, "dot_product_attention", spy)
   layer = Attention(num_heads=4, num_kv_heads=2, head_dim=8, attention_impl="auto")
   x = jax.ShapeDtypeStruct((2, 5, 16), jnp.float32)
   params = jax.eval_shape(lambda x: layer.init(jax.random.key(0), x), x)

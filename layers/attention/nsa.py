@@ -5,7 +5,7 @@ d head dim, c compressed blocks, n selected blocks per query.
 
 Each query mixes three causal attentions with learned per-head sigmoid gates
 (gate = sigmoid(x W_gate) [b, t, h, 3]):
-  cmp: over compressed blocks (layers/nsa_compression.py);
+  cmp: over compressed blocks (nsa_compression.py);
   slc: over the top-n selection blocks its kv-head group picks from the
     compressed branch's probabilities (always with the first and local blocks);
   win: over the last `window` tokens.
@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
-from layers import attention_ops
-from layers import nsa_compression as cmp_lib
+from layers.attention import implementations
+from layers.attention import nsa_compression as cmp_lib
 from layers.linear import Einsum
 from layers.rope import apply_rope
 
@@ -145,7 +145,7 @@ class NativeSparseAttention(nn.Module):
                        "or 'pallas'.")
 
   def _impl(self) -> str:
-    return resolve_impl(self.attention_impl, backend=attention_ops.default_backend(),
+    return resolve_impl(self.attention_impl, backend=implementations.default_backend(),
                         dtype=self.dtype, head_dim=self.head_dim,
                         select_block=self.select_block,
                         group=self.num_heads // self.num_kv_heads)
@@ -357,7 +357,7 @@ def _per_shard(fn, q, k, v, block_indices, segment_ids):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return fn(*args)
-  dividing = attention_ops._dividing_spec  # pylint: disable=protected-access
+  dividing = implementations.dividing_spec
   q_spec = dividing(("batch", None, "heads", None), q.shape, mesh)
   kv_spec = dividing(("batch", None, "kv_heads", None), k.shape, mesh)
   if kv_spec[2] != q_spec[2]:  # Heads and kv heads must split alike to keep groups whole.

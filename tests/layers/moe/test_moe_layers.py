@@ -8,9 +8,8 @@ import pytest
 from jax.sharding import AxisType
 
 from configs.base import DEFAULT_LOGICAL_AXIS_RULES, MESH_AXES
-from layers import moe_dispatch as md
-from layers.moe import STAT_NAMES, MoeFeedForward, moe_stats
-from layers.router import Router, RouterOutput, route
+from layers.moe import STAT_NAMES, MoeFeedForward, Router, RouterOutput, moe_stats, route
+from layers.moe import dispatch as md
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
