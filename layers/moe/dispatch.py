@@ -1,4 +1,4 @@
-"""Expert computation for routed tokens: dropless (sort + grouped matmul), capacity, dense reference.
+"""Expert computation for routed tokens: dropless (sort + grouped matmul) and capacity.
 
 Pure functions, no Flax. Every expert is a SwiGLU: down(silu(x @ gate) * (x @ up)).
 
@@ -192,14 +192,3 @@ def capacity_dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, gate
   cap = capacity(indices.shape[1], indices.shape[2], num_experts, capacity_factor)
   slots = capacity_slots(indices, token_mask, num_experts, cap)
   return capacity_experts(x, weights, slots.slot, gate, up, down, cap), slots.dropped
-
-
-def dense_reference(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: jax.Array,
-                    up: jax.Array, down: jax.Array) -> jax.Array:
-  """Every expert on every token, masked by the routing weights: x [n, e] -> [n, e]. For tests."""
-  num_experts = gate.shape[0]
-  combine_weights = jnp.einsum("nk,nkx->nx", weights.astype(jnp.float32),
-                               jax.nn.one_hot(indices, num_experts, dtype=jnp.float32))
-  h = jax.nn.silu(jnp.einsum("ne,xem->xnm", x, gate)) * jnp.einsum("ne,xem->xnm", x, up)
-  y = jnp.einsum("xnm,xme->xne", h, down)
-  return jnp.einsum("xne,nx->ne", y.astype(jnp.float32), combine_weights).astype(x.dtype)

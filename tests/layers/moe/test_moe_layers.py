@@ -8,6 +8,7 @@ import pytest
 from jax.sharding import AxisType
 
 from configs.base import DEFAULT_LOGICAL_AXIS_RULES, MESH_AXES
+from helpers.moe_reference import dense_reference
 from layers.moe import STAT_NAMES, MoeFeedForward, Router, RouterOutput, moe_stats, route
 from layers.moe import dispatch as md
 
@@ -47,10 +48,10 @@ def test_dropless_matches_dense_reference_forward_and_grads():
     return jnp.sum(jnp.sin(fn(x, weights, indices, *params)))
 
   got = jax.jit(md.dropless)(x, weights, indices, *params)
-  want = md.dense_reference(x, weights, indices, *params)
+  want = dense_reference(x, weights, indices, *params)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   g_got = jax.grad(loss, argnums=(1, 2, 3))(md.dropless, x, weights, params)
-  g_want = jax.grad(loss, argnums=(1, 2, 3))(md.dense_reference, x, weights, params)
+  g_want = jax.grad(loss, argnums=(1, 2, 3))(dense_reference, x, weights, params)
   for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   # An expert nobody picked gets exactly zero gradient.
@@ -111,8 +112,8 @@ def test_capacity_small_factor_drops_and_counts(factor):
   real = mask[:, :, None] & np.ones(k, bool)
   assert int(dropped) == int((real & ~keep).sum()) > 0
   kept_weights = jnp.where(jnp.asarray(keep), weights, 0.0)
-  want = md.dense_reference(x.reshape(g * s, e), kept_weights.reshape(-1, k),
-                            jnp.asarray(indices).reshape(-1, k), *params).reshape(g, s, e)
+  want = dense_reference(x.reshape(g * s, e), kept_weights.reshape(-1, k),
+                         jnp.asarray(indices).reshape(-1, k), *params).reshape(g, s, e)
   np.testing.assert_allclose(np.asarray(got)[mask], np.asarray(want)[mask], rtol=1e-5, atol=1e-5)
 
 
@@ -223,7 +224,7 @@ def test_module_parameter_tree_and_forward():
   raw = _unbox(p)
   out = route(x.reshape(10, 8) @ raw["router"]["kernel"], bias, kind="softmax", k=2, norm_topk=True)
   e = raw["experts"]
-  want = md.dense_reference(x.reshape(10, 8), out.weights, out.indices, e["gate"], e["up"], e["down"])
+  want = dense_reference(x.reshape(10, 8), out.weights, out.indices, e["gate"], e["up"], e["down"])
   s = raw["shared"]
   shared = (jax.nn.silu(x @ s["gate"]["kernel"]) * (x @ s["up"]["kernel"])) @ s["down"]["kernel"]
   want = want.reshape(2, 5, 8) + jax.nn.sigmoid(x @ raw["shared_gate"]["kernel"]) * shared
