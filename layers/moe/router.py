@@ -1,6 +1,6 @@
-"""Top-k token-to-expert routers: softmax (Mixtral, Qwen2-MoE) and sigmoid (DeepSeek-V3).
+"""Top-K token-to-expert routers: softmax (Mixtral, Qwen2-MoE) and sigmoid (DeepSeek-V3).
 
-Shapes: n tokens, e embed, E experts, k experts per token, G expert groups.
+Shapes: see layers/__init__.py (here n, e, E, K, G).
 
 Router logits are computed in float32 whatever the computation dtype. The
 balance bias [E] (DeepSeek-V3's aux-loss-free `e_score_correction_bias`) is
@@ -21,8 +21,8 @@ class RouterOutput(NamedTuple):
   """What a router returns.
 
   Attributes:
-    weights: [n, k] float32 gate weights of the chosen experts.
-    indices: [n, k] int32 chosen experts, best first.
+    weights: [n, K] float32 gate weights of the chosen experts.
+    indices: [n, K] int32 chosen experts, best first.
     probs: [n, E] float32 normalised scores for the balance losses (softmax
       probabilities, or sigmoid scores divided by their sum over experts).
     logits: [n, E] float32 raw router logits.
@@ -73,11 +73,11 @@ def group_limited_mask(choice: jax.Array, num_groups: int, topk_groups: int) -> 
 def route(logits: jax.Array, balance_bias: jax.Array | None, *, kind: str, k: int,
           norm_topk: bool, num_groups: int = 1, topk_groups: int = 1,
           routed_scaling_factor: float = 1.0) -> RouterOutput:
-  """Chooses k experts per token from float32 `logits` [n, E].
+  """Chooses K = `k` experts per token from float32 `logits` [n, E].
 
-  softmax: probs = softmax(logits); select top-k of probs + bias; weights =
+  softmax: probs = softmax(logits); select top-K of probs + bias; weights =
     probs at the chosen experts, divided by their sum if `norm_topk`.
-  sigmoid: scores = sigmoid(logits); select top-k of scores + bias; weights =
+  sigmoid: scores = sigmoid(logits); select top-K of scores + bias; weights =
     scores at the chosen experts, divided by (their sum + 1e-20) if `norm_topk`.
   With num_groups > 1 the selection is group-limited (see group_limited_mask).
   Weights are finally multiplied by `routed_scaling_factor`.
@@ -112,10 +112,10 @@ class Router(nn.Module):
 
   Attributes:
     num_experts: E.
-    num_experts_per_token: k.
+    num_experts_per_token: K.
     kind: 'softmax' or 'sigmoid'.
-    norm_topk: renormalise the k chosen weights to sum to 1.
-    num_groups: expert groups for group-limited routing (1: off).
+    norm_topk: renormalise the K chosen weights to sum to 1.
+    num_groups: G expert groups for group-limited routing (1: off).
     topk_groups: groups kept per token.
     routed_scaling_factor: multiplies the final weights.
     dtype: unused for the logits (always float32); kept for the house interface.

@@ -2,7 +2,8 @@
 
 No sorting, no buffers, nothing shared with layers/moe/dispatch.py: each expert's
 SwiGLU runs on all n tokens and the routing weights pick the results.
-Shapes: see layers/__init__.py.
+
+Shapes: see layers/__init__.py (here n, e, m, E, K).
 """
 
 import jax
