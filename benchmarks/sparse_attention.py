@@ -15,7 +15,7 @@ geometry, outside the step) is printed on its own.
 
 NSA: `nsa_rows` (--nsa) times the callables registered in NSA_IMPLEMENTATIONS
 against dense causal flash at 8k..64k (H = 64, K = 4, d = 128). Registered:
-NativeSparseAttention's attention core (layers/nsa.py past its projections;
+NativeSparseAttention's attention core (layers/attention/nsa.py past its projections;
 top-16 blocks of 64, compression 32 / 16, window 512) with
 attention_impl='pallas' (the selection kernels of pallas_kernels/nsa_selection
 for the device's chip, forward and backward, and flash attention for the
@@ -40,8 +40,8 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import attention as dense_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from layers import nsa as nsa_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from layers import nsa_compression as nsa_cmp  # pylint: disable=g-import-not-at-top,wrong-import-position
+from layers.attention import nsa as nsa_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from layers.attention import nsa_compression as nsa_cmp  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pallas_kernels import flash_attention_config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pallas_kernels.block_sparse_attention import (  # pylint: disable=g-import-not-at-top,wrong-import-position
     CausalMask, ChunkedCausalMask, LocalMask, PrefixLMMask, block_sparse_attention,

@@ -6,8 +6,8 @@ and train/; a module that needs a letter not listed here adds it here.
 
   batch and sequence  b batch · t sequence (query) length · s key/value length
                       (KV-cache slots) · n tokens, b·t flattened
-  widths              e embed · v vocab · m MLP hidden (dense, or of one expert)
-                      · L layers
+  widths              e embed · v vocab · m MLP hidden (dense, one expert's, or
+                      NSA's compression MLP) · L layers
   attention           h query heads · k kv heads · g query heads per kv head (h/k)
                       · d head dim
   blocks and tiles    B block length in tokens (kernel tiles, NSA blocks)
@@ -16,7 +16,9 @@ and train/; a module that needs a letter not listed here adds it here.
                       · nc compressed blocks · ns selected blocks per query
   mixture of experts  E experts · K experts per token (top-k) · G expert groups
                       · a assignments (n·K rows, sorted by expert)
-                      · C slots per expert (capacity)
+                      · C slots per expert (capacity) · X expert-parallel
+                      shards · El = E/X experts per shard
+  per shard           a prime marks a size inside one shard: b', t', m'
 
 Flat modules hold the basic blocks (linear, embedding, norms, rope, mlp);
 subpackages group a concept family (attention/, moe/).

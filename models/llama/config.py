@@ -10,7 +10,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from layers import attention_ops as attention_lib
+from layers import attention as attention_lib
 from models.config_schema import ConfigSection, ModelConfig, field, section
 
 REMAT_POLICIES = {

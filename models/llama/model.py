@@ -7,11 +7,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from layers.attention import Attention
+from layers.attention import Attention, NativeSparseAttention
 from layers.embedding import Embed
 from layers.linear import Einsum
 from layers.mlp import SwiGLU
-from layers.nsa import NativeSparseAttention
 from layers.norms import RMSNorm
 from models.llama.config import REMAT_POLICIES, LlamaConfig
 

@@ -10,7 +10,7 @@ shapes are in configs/moe.py. Shapes: see layers/__init__.py.
 import dataclasses
 from typing import ClassVar
 
-from layers.router import check_router_config
+from layers.moe import check_router_config
 from models.config_schema import ConfigSection, field, section
 from models.llama.config import LlamaConfig, check_choice
 

@@ -1,6 +1,6 @@
 """Mixture-of-Experts feed-forward layer (Mixtral, Qwen2-MoE and DeepSeek-V3 styles).
 
-Shapes: b batch, t sequence, e embed, m expert hidden, E experts, k experts per token.
+Shapes: see layers/__init__.py (here b, t, e, m, E, K).
 
 Parameter tree (HF converters depend on these names):
   router/kernel [e, E] ('embed', None)
@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from layers import expert_parallel
 from layers.linear import Einsum
 from layers.mlp import SwiGLU
-from layers.router import Router, RouterOutput, check_router_config
+from layers.moe import expert_parallel
+from layers.moe.router import Router, RouterOutput, check_router_config
 
 STAT_NAMES = ("expert_tokens", "num_tokens", "dropped", "load_balance_loss",
               "seq_balance_loss", "router_z_loss")
@@ -71,19 +71,19 @@ def moe_stats(route: RouterOutput, token_mask: jax.Array, num_experts: int) -> d
   """Load statistics and balance losses over real tokens.
 
   route fields are [b, t, ...]; token_mask [b, t] bool. With f_i the fraction
-  of the k * n real assignments sent to expert i and P_i the mean normalised
+  of the K * n real assignments sent to expert i and P_i the mean normalised
   score of expert i over real tokens:
     load_balance_loss = E * sum_i f_i * P_i (Switch). Perfectly uniform
       routing gives 1.0. HF Mixtral's load_balancing_loss_func (one layer)
-      counts f_i per token instead of per assignment, so it equals k times
-      this value: an HF coefficient alpha corresponds to alpha * k here.
-    seq_balance_loss (DeepSeek-V3, per row b, T_b real tokens):
-      f_i = E / (k T_b) * sum_t 1[t picks i], P_i = mean_t probs; sum_i f_i P_i,
+      counts f_i per token instead of per assignment, so it equals K times
+      this value: an HF coefficient alpha corresponds to alpha * K here.
+    seq_balance_loss (DeepSeek-V3, per row with n_row real tokens):
+      f_i = E / (K n_row) * sum_t 1[t picks i], P_i = mean_t probs; sum_i f_i P_i,
       averaged over rows with real tokens (uniform routing gives 1.0).
     router_z_loss = mean over real tokens of logsumexp(logits)^2.
   Gradients flow through P (the probs) and the logits; counts are constants.
   """
-  b, t, k = route.indices.shape
+  b, t, top_k = route.indices.shape
   mask = token_mask.astype(jnp.float32)
   picks = jnp.sum(jax.nn.one_hot(route.indices, num_experts, dtype=jnp.float32), axis=2)  # [b,t,E]
   picks = picks * mask[..., None]
@@ -91,11 +91,11 @@ def moe_stats(route: RouterOutput, token_mask: jax.Array, num_experts: int) -> d
   num_tokens = row_tokens.sum()
   expert_tokens = picks.sum((0, 1))
   denom = jnp.maximum(num_tokens, 1.0)
-  f = expert_tokens / (k * denom)
+  f = expert_tokens / (top_k * denom)
   p = jnp.sum(route.probs * mask[..., None], axis=(0, 1)) / denom
   load_balance_loss = num_experts * jnp.sum(f * p)
   row_denom = jnp.maximum(row_tokens, 1.0)[:, None]
-  f_row = picks.sum(1) * num_experts / (k * row_denom)
+  f_row = picks.sum(1) * num_experts / (top_k * row_denom)
   p_row = jnp.sum(route.probs * mask[..., None], axis=1) / row_denom
   has_tokens = (row_tokens > 0).astype(jnp.float32)
   seq_loss = jnp.sum(jnp.sum(f_row * p_row, -1) * has_tokens) / jnp.maximum(has_tokens.sum(), 1.0)
@@ -106,21 +106,21 @@ def moe_stats(route: RouterOutput, token_mask: jax.Array, num_experts: int) -> d
 
 
 class MoeFeedForward(nn.Module):
-  """Top-k routed SwiGLU experts plus an optional always-on shared expert.
+  """Top-K routed SwiGLU experts plus an optional always-on shared expert.
 
   Attributes:
     num_experts: E routed experts.
-    num_experts_per_token: k experts per token.
+    num_experts_per_token: K experts per token.
     expert_mlp_dim: m, hidden width of each routed expert.
     shared_expert_mlp_dim: total hidden width of the shared SwiGLU expert (0: none).
     shared_expert_gate: multiply the shared expert's output by sigmoid(x @ shared_gate) (Qwen2-MoE).
     router: 'softmax' (Mixtral, Qwen2-MoE) or 'sigmoid' (DeepSeek-V3).
-    router_norm_topk: renormalise the k weights to sum to 1.
-    router_num_groups: expert groups for group-limited routing (1: off).
+    router_norm_topk: renormalise the K weights to sum to 1.
+    router_num_groups: G expert groups for group-limited routing (1: off).
     router_topk_groups: groups kept per token.
     routed_scaling_factor: multiplies the routed weights (DeepSeek-V3 2.5).
     impl: 'dropless' (sort + grouped matmul) or 'capacity' (fixed buffers, drops overflow).
-    capacity_factor: slots per expert = ceil(factor * t * k / E) per sequence ('capacity' only).
+    capacity_factor: slots per expert = ceil(factor * t * K / E) per sequence ('capacity' only).
     dtype: computation dtype (the router always computes in float32).
     param_dtype: parameter storage dtype.
   """
@@ -144,25 +144,26 @@ class MoeFeedForward(nn.Module):
                         kind=self.router, num_groups=self.router_num_groups,
                         topk_groups=self.router_topk_groups)
     if self.impl not in expert_parallel.IMPLS:
-      raise ValueError(f"model.moe_impl={self.impl!r}; choose one of {expert_parallel.IMPLS}.")
+      raise ValueError(f"model.moe.impl={self.impl!r}; choose one of {expert_parallel.IMPLS}.")
     if self.impl == "capacity" and not self.capacity_factor > 0:
-      raise ValueError(f"model.capacity_factor={self.capacity_factor} must be > 0.")
+      raise ValueError(f"model.moe.capacity_factor={self.capacity_factor} must be > 0.")
     if self.shared_expert_gate and self.shared_expert_mlp_dim < 1:
-      raise ValueError("model.shared_expert_gate=True needs model.shared_expert_mlp_dim > 0.")
+      raise ValueError("model.moe.shared_expert_gate=True needs "
+                       "model.moe.shared_expert_mlp_dim > 0.")
     if self.expert_mlp_dim < 1:
-      raise ValueError(f"model.expert_mlp_dim={self.expert_mlp_dim} must be at least 1.")
+      raise ValueError(f"model.moe.expert_mlp_dim={self.expert_mlp_dim} must be at least 1.")
 
   @nn.compact
   def __call__(self, x: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
     """x [b, t, e], token_mask [b, t] bool (True = real token) or None -> [b, t, e]."""
     self._check()
     b, t, e = x.shape
-    num_experts, k = self.num_experts, self.num_experts_per_token
+    num_experts, top_k = self.num_experts, self.num_experts_per_token
     mask = jnp.ones((b, t), bool) if token_mask is None else token_mask.astype(bool)
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
     bias = self.variable("balance", "bias", jnp.zeros, (num_experts,), jnp.float32)
 
-    route = Router(num_experts, k, kind=self.router, norm_topk=self.router_norm_topk,
+    route = Router(num_experts, top_k, kind=self.router, norm_topk=self.router_norm_topk,
                    num_groups=self.router_num_groups, topk_groups=self.router_topk_groups,
                    routed_scaling_factor=self.routed_scaling_factor, dtype=self.dtype,
                    param_dtype=self.param_dtype, name="router")(x.reshape(b * t, e), bias.value)

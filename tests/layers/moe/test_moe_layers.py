@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from configs.base import DEFAULT_LOGICAL_AXIS_RULES, MESH_AXES
-from layers import moe_dispatch as md
-from layers.moe import STAT_NAMES, MoeFeedForward, moe_stats
-from layers.router import Router, RouterOutput, route
+from configs.base import DEFAULT_LOGICAL_AXIS_RULES
+from train.sharding import MESH_AXES
+from helpers.moe_reference import dense_reference
+from layers.moe import STAT_NAMES, MoeFeedForward, Router, RouterOutput, moe_stats, route
+from layers.moe import dispatch as md
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -48,10 +49,10 @@ def test_dropless_matches_dense_reference_forward_and_grads():
     return jnp.sum(jnp.sin(fn(x, weights, indices, *params)))
 
   got = jax.jit(md.dropless)(x, weights, indices, *params)
-  want = md.dense_reference(x, weights, indices, *params)
+  want = dense_reference(x, weights, indices, *params)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   g_got = jax.grad(loss, argnums=(1, 2, 3))(md.dropless, x, weights, params)
-  g_want = jax.grad(loss, argnums=(1, 2, 3))(md.dense_reference, x, weights, params)
+  g_want = jax.grad(loss, argnums=(1, 2, 3))(dense_reference, x, weights, params)
   for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   # An expert nobody picked gets exactly zero gradient.
@@ -112,14 +113,14 @@ def test_capacity_small_factor_drops_and_counts(factor):
   real = mask[:, :, None] & np.ones(k, bool)
   assert int(dropped) == int((real & ~keep).sum()) > 0
   kept_weights = jnp.where(jnp.asarray(keep), weights, 0.0)
-  want = md.dense_reference(x.reshape(g * s, e), kept_weights.reshape(-1, k),
-                            jnp.asarray(indices).reshape(-1, k), *params).reshape(g, s, e)
+  want = dense_reference(x.reshape(g * s, e), kept_weights.reshape(-1, k),
+                         jnp.asarray(indices).reshape(-1, k), *params).reshape(g, s, e)
   np.testing.assert_allclose(np.asarray(got)[mask], np.asarray(want)[mask], rtol=1e-5, atol=1e-5)
 
 
 def test_capacity_is_at_least_one_and_rejects_nonpositive_factor():
   assert md.capacity(1, 1, 64, 0.01) == 1
-  with pytest.raises(ValueError, match="model.capacity_factor"):
+  with pytest.raises(ValueError, match="model.moe.capacity_factor"):
     md.capacity(8, 2, 4, 0.0)
 
 
@@ -179,15 +180,15 @@ def test_router_module_params_and_float32_logits():
 
 
 @pytest.mark.parametrize("kwargs, field", [
-    (dict(num_experts_per_token=5), "model.num_experts_per_token"),
-    (dict(router_num_groups=3), "model.router_num_groups"),
-    (dict(router_num_groups=2, router_topk_groups=3), "model.router_topk_groups"),
-    (dict(impl="capacity", capacity_factor=0.0), "model.capacity_factor"),
-    (dict(impl="capacity", capacity_factor=-1.0), "model.capacity_factor"),
-    (dict(router="relu"), "model.router"),
-    (dict(impl="sparse"), "model.moe_impl"),
-    (dict(shared_expert_gate=True), "model.shared_expert_gate"),
-    (dict(num_experts=0, num_experts_per_token=0), "model.num_experts"),
+    (dict(num_experts_per_token=5), "model.moe.num_experts_per_token"),
+    (dict(router_num_groups=3), "model.moe.router_num_groups"),
+    (dict(router_num_groups=2, router_topk_groups=3), "model.moe.router_topk_groups"),
+    (dict(impl="capacity", capacity_factor=0.0), "model.moe.capacity_factor"),
+    (dict(impl="capacity", capacity_factor=-1.0), "model.moe.capacity_factor"),
+    (dict(router="relu"), "model.moe.router"),
+    (dict(impl="sparse"), "model.moe.impl"),
+    (dict(shared_expert_gate=True), "model.moe.shared_expert_gate"),
+    (dict(num_experts=0, num_experts_per_token=0), "model.moe.num_experts"),
 ])
 def test_bad_config_names_the_field(kwargs, field):
   fields = dict(num_experts=4, num_experts_per_token=2, expert_mlp_dim=4) | kwargs
@@ -224,7 +225,7 @@ def test_module_parameter_tree_and_forward():
   raw = _unbox(p)
   out = route(x.reshape(10, 8) @ raw["router"]["kernel"], bias, kind="softmax", k=2, norm_topk=True)
   e = raw["experts"]
-  want = md.dense_reference(x.reshape(10, 8), out.weights, out.indices, e["gate"], e["up"], e["down"])
+  want = dense_reference(x.reshape(10, 8), out.weights, out.indices, e["gate"], e["up"], e["down"])
   s = raw["shared"]
   shared = (jax.nn.silu(x @ s["gate"]["kernel"]) * (x @ s["up"]["kernel"])) @ s["down"]["kernel"]
   want = want.reshape(2, 5, 8) + jax.nn.sigmoid(x @ raw["shared_gate"]["kernel"]) * shared
@@ -400,5 +401,5 @@ def test_expert_parallel_rejects_experts_not_divisible_by_shards():
   x = _normal(0, (4, 2, 8))
   variables = layer.init(jax.random.key(0), x)
   with jax.set_mesh(_mesh(data=2, expert=4)), nn.logical_axis_rules(_EP_RULES):
-    with pytest.raises(ValueError, match="model.num_experts"):
+    with pytest.raises(ValueError, match="model.moe.num_experts"):
       jax.jit(lambda v: layer.apply(v, x, mutable=["moe_stats"]))(variables)

@@ -1,6 +1,6 @@
-"""Top-k token-to-expert routers: softmax (Mixtral, Qwen2-MoE) and sigmoid (DeepSeek-V3).
+"""Top-K token-to-expert routers: softmax (Mixtral, Qwen2-MoE) and sigmoid (DeepSeek-V3).
 
-Shapes: n tokens, e embed, E experts, k experts per token, G expert groups.
+Shapes: see layers/__init__.py (here n, e, E, K, G).
 
 Router logits are computed in float32 whatever the computation dtype. The
 balance bias [E] (DeepSeek-V3's aux-loss-free `e_score_correction_bias`) is
@@ -21,8 +21,8 @@ class RouterOutput(NamedTuple):
   """What a router returns.
 
   Attributes:
-    weights: [n, k] float32 gate weights of the chosen experts.
-    indices: [n, k] int32 chosen experts, best first.
+    weights: [n, K] float32 gate weights of the chosen experts.
+    indices: [n, K] int32 chosen experts, best first.
     probs: [n, E] float32 normalised scores for the balance losses (softmax
       probabilities, or sigmoid scores divided by their sum over experts).
     logits: [n, E] float32 raw router logits.
@@ -37,22 +37,22 @@ def check_router_config(*, num_experts: int, num_experts_per_token: int, kind: s
                         num_groups: int, topk_groups: int) -> None:
   """Raises ValueError naming the config field for an impossible routing setup."""
   if kind not in KINDS:
-    raise ValueError(f"model.router={kind!r}; choose one of {KINDS}.")
+    raise ValueError(f"model.moe.router={kind!r}; choose one of {KINDS}.")
   if num_experts < 1:
-    raise ValueError(f"model.num_experts={num_experts} must be at least 1.")
+    raise ValueError(f"model.moe.num_experts={num_experts} must be at least 1.")
   if not 1 <= num_experts_per_token <= num_experts:
-    raise ValueError(f"model.num_experts_per_token={num_experts_per_token} must be in "
-                     f"[1, model.num_experts={num_experts}].")
+    raise ValueError(f"model.moe.num_experts_per_token={num_experts_per_token} must be in "
+                     f"[1, model.moe.num_experts={num_experts}].")
   if num_groups < 1 or num_experts % num_groups:
-    raise ValueError(f"model.router_num_groups={num_groups} must be a positive divisor of "
-                     f"model.num_experts={num_experts}.")
+    raise ValueError(f"model.moe.router_num_groups={num_groups} must be a positive divisor of "
+                     f"model.moe.num_experts={num_experts}.")
   if not 1 <= topk_groups <= num_groups:
-    raise ValueError(f"model.router_topk_groups={topk_groups} must be in "
-                     f"[1, model.router_num_groups={num_groups}].")
+    raise ValueError(f"model.moe.router_topk_groups={topk_groups} must be in "
+                     f"[1, model.moe.router_num_groups={num_groups}].")
   if topk_groups * (num_experts // num_groups) < num_experts_per_token:
     raise ValueError(
-        f"model.router_topk_groups={topk_groups} keeps {topk_groups * (num_experts // num_groups)} "
-        f"experts, fewer than model.num_experts_per_token={num_experts_per_token}.")
+        f"model.moe.router_topk_groups={topk_groups} keeps "
+        f"{topk_groups * (num_experts // num_groups)} experts, fewer than model.moe.num_experts_per_token={num_experts_per_token}.")
 
 
 def group_limited_mask(choice: jax.Array, num_groups: int, topk_groups: int) -> jax.Array:
@@ -73,11 +73,11 @@ def group_limited_mask(choice: jax.Array, num_groups: int, topk_groups: int) -> 
 def route(logits: jax.Array, balance_bias: jax.Array | None, *, kind: str, k: int,
           norm_topk: bool, num_groups: int = 1, topk_groups: int = 1,
           routed_scaling_factor: float = 1.0) -> RouterOutput:
-  """Chooses k experts per token from float32 `logits` [n, E].
+  """Chooses K = `k` experts per token from float32 `logits` [n, E].
 
-  softmax: probs = softmax(logits); select top-k of probs + bias; weights =
+  softmax: probs = softmax(logits); select top-K of probs + bias; weights =
     probs at the chosen experts, divided by their sum if `norm_topk`.
-  sigmoid: scores = sigmoid(logits); select top-k of scores + bias; weights =
+  sigmoid: scores = sigmoid(logits); select top-K of scores + bias; weights =
     scores at the chosen experts, divided by (their sum + 1e-20) if `norm_topk`.
   With num_groups > 1 the selection is group-limited (see group_limited_mask).
   Weights are finally multiplied by `routed_scaling_factor`.
@@ -90,7 +90,7 @@ def route(logits: jax.Array, balance_bias: jax.Array | None, *, kind: str, k: in
     scores = jax.nn.sigmoid(logits)
     probs = scores / scores.sum(-1, keepdims=True)
   else:
-    raise ValueError(f"model.router={kind!r}; choose one of {KINDS}.")
+    raise ValueError(f"model.moe.router={kind!r}; choose one of {KINDS}.")
   choice = scores
   if balance_bias is not None:
     choice = choice + jax.lax.stop_gradient(balance_bias.astype(jnp.float32))
@@ -112,10 +112,10 @@ class Router(nn.Module):
 
   Attributes:
     num_experts: E.
-    num_experts_per_token: k.
+    num_experts_per_token: K.
     kind: 'softmax' or 'sigmoid'.
-    norm_topk: renormalise the k chosen weights to sum to 1.
-    num_groups: expert groups for group-limited routing (1: off).
+    norm_topk: renormalise the K chosen weights to sum to 1.
+    num_groups: G expert groups for group-limited routing (1: off).
     topk_groups: groups kept per token.
     routed_scaling_factor: multiplies the final weights.
     dtype: unused for the logits (always float32); kept for the house interface.

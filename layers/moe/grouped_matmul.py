@@ -8,7 +8,7 @@ Two implementations of the same function:
            ragged_dot as a slow loop; this is ~8x faster there.
 `swiglu_grouped` picks 'tiled' on CPU and 'ragged' elsewhere.
 
-Shapes: a rows, e embed, m expert hidden, E experts, T tiles, r rows per tile.
+Shapes: see layers/__init__.py (here a rows, e, m, E, T tiles, r rows per tile).
 """
 
 import jax
@@ -74,10 +74,10 @@ def _swiglu_tiled(xs, gate, up, down, group_sizes, tile: int):
 def swiglu_grouped(xs: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
                    group_sizes: jax.Array, *, impl: str | None = None,
                    tile: int = DEFAULT_TILE) -> jax.Array:
-  """down(silu(xs @ gate[g]) * (xs @ up[g])) with g each row's expert.
+  """down(silu(xs @ gate[i]) * (xs @ up[i])) with i each row's expert.
 
   Args:
-    xs: [a, e] rows sorted by expert (group g's rows follow group g - 1's).
+    xs: [a, e] rows sorted by expert (group i's rows follow group i - 1's).
     gate, up: [E, e, m]; down: [E, m, e].
     group_sizes: int32 [E], rows per expert; rows past their sum give zeros.
     impl: 'ragged' | 'tiled' | None (tiled on CPU, ragged elsewhere).

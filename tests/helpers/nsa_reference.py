@@ -1,9 +1,12 @@
 """Plain-jnp Native Sparse Attention, written from the paper for testing `NativeSparseAttention`.
 
 Everything is float32 at HIGHEST precision with whole [t, t] masks built
-token by token; no code is shared with layers/nsa.py or nsa_compression.py
-beyond RoPE. Shapes: b batch, t sequence, e embed, h query heads, k kv heads,
-g = h / k, d head dim, c compressed blocks, u selection blocks.
+token by token; no code is shared with layers/attention/nsa.py or nsa_compression.py
+beyond RoPE.
+
+Shapes: see layers/__init__.py (here b, t, e, h, k, g, d; l compress_block,
+st compress_stride, nc compressed blocks, B select_block (`sb` in the code),
+nb = ceil(t / B) selection blocks, ns selected blocks per query).
 """
 
 import jax
@@ -35,7 +38,7 @@ def _attend(q, k, v, mask):
 
 
 def _compress(p, x, stride: int):
-  """CompressKV by the definition: one MLP call per block. x [b, t, k, d] -> [b, c, k, d]."""
+  """CompressKV by the definition: one MLP call per block. x [b, t, k, d] -> [b, nc, k, d]."""
   block = p["pos"].shape[0]
   t = x.shape[1]
   outs = []
@@ -55,14 +58,14 @@ def nsa_reference(layer, params, x, positions=None, segment_ids=None, return_ind
     layer: the module whose fields give the sizes.
     params: its 'params' collection (unboxed).
     x: [b, t, e]; positions, segment_ids: int [b, t] or None.
-    return_indices: also return the chosen blocks as a bool [b, t, k, u] set.
+    return_indices: also return the chosen blocks as a bool [b, t, k, nb] set.
 
   Returns:
     [b, t, e] float32 (and the chosen-block sets).
   """
   b, t, _ = x.shape
   h, num_kv = layer.num_heads, layer.num_kv_heads
-  l, m, sb = layer.compress_block, layer.compress_stride, layer.select_block
+  l, st, sb = layer.compress_block, layer.compress_stride, layer.select_block
   x = x.astype(jnp.float32)
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -75,38 +78,38 @@ def nsa_reference(layer, params, x, positions=None, segment_ids=None, return_ind
   same_seg = seg[:, :, None] == seg[:, None, :]  # [b, t, t]
 
   # Compressed branch.
-  ck = _compress(params["compress_key"], rope(proj("key_cmp")), m)
-  cv = _compress(params["compress_value"], proj("value_cmp"), m)
-  c = ck.shape[1]
-  cover = np.zeros((c, t), bool)  # cover[c, tau]: token tau lies in compressed block c
-  for ci in range(c):
-    cover[ci, ci * m:ci * m + l] = True
-  ends = np.array([ci * m + l - 1 for ci in range(c)], np.int64)
-  # Block c is visible to query i: it ends at or before i, and every token shares i's segment.
+  ck = _compress(params["compress_key"], rope(proj("key_cmp")), st)
+  cv = _compress(params["compress_value"], proj("value_cmp"), st)
+  nc = ck.shape[1]
+  cover = np.zeros((nc, t), bool)  # cover[j, tau]: token tau lies in compressed block j
+  for ci in range(nc):
+    cover[ci, ci * st:ci * st + l] = True
+  ends = np.array([ci * st + l - 1 for ci in range(nc)], np.int64)
+  # Block j is visible to query i: it ends at or before i, and every token shares i's segment.
   inside = jnp.all(jnp.where(cover[None, None], same_seg[:, :, None, :], True), axis=-1)
-  cmp_mask = (ends[None, :] <= np.arange(t)[:, None])[None] & inside  # [b, t, c]
-  cmp_mask = jnp.broadcast_to(cmp_mask[:, None], (b, num_kv, t, c))
+  cmp_mask = (ends[None, :] <= np.arange(t)[:, None])[None] & inside  # [b, t, nc]
+  cmp_mask = jnp.broadcast_to(cmp_mask[:, None], (b, num_kv, t, nc))
   out_cmp, p_cmp = _attend(q, ck, cv, cmp_mask)
 
   # Selection: token importance = sum of covering compressed blocks' probs / stride.
-  u = -(-t // sb)
-  token_imp = jnp.einsum("bhtc,cs->bhts", p_cmp, cover.astype(np.float32), precision=_HI) / m
-  pad = u * sb - t
-  block_imp = jnp.pad(token_imp, ((0, 0), (0, 0), (0, 0), (0, pad))).reshape(b, h, t, u, sb)
-  score = block_imp.sum(-1).reshape(b, num_kv, h // num_kv, t, u).sum(2)  # [b, k, t, u]
+  nb = -(-t // sb)
+  token_imp = jnp.einsum("bhtc,cs->bhts", p_cmp, cover.astype(np.float32), precision=_HI) / st
+  pad = nb * sb - t
+  block_imp = jnp.pad(token_imp, ((0, 0), (0, 0), (0, 0), (0, pad))).reshape(b, h, t, nb, sb)
+  score = block_imp.sum(-1).reshape(b, num_kv, h // num_kv, t, nb).sum(2)  # [b, k, t, nb]
   # A segment starts at the first slot with as many id changes before it as slot i.
   changes = jnp.pad(jnp.cumsum(seg[:, 1:] != seg[:, :-1], axis=1), ((0, 0), (1, 0)))
   seg_start = jnp.argmax(changes[:, None, :] == changes[:, :, None], axis=-1)  # [b, t]
   own = pos_i // sb  # [t, 1]
   first = (seg_start // sb)[:, :, None]  # [b, t, 1]
-  blocks = np.arange(u)[None, None, :]
+  blocks = np.arange(nb)[None, None, :]
   eligible = (blocks <= own[None]) & (blocks >= first)
   forced = eligible & ((blocks == first) | (blocks > own[None] - layer.select_local_blocks))
   score = jnp.where(forced[:, None], jnp.inf, jnp.where(eligible[:, None], score, -jnp.inf))
-  n = min(layer.select_top_n, u)
-  order = jnp.argsort(-score, axis=-1, stable=True)[..., :n]
+  ns = min(layer.select_top_n, nb)
+  order = jnp.argsort(-score, axis=-1, stable=True)[..., :ns]
   picked = jnp.take_along_axis(score, order, axis=-1) > -jnp.inf
-  chosen = jnp.zeros((b, num_kv, t, u), bool)
+  chosen = jnp.zeros((b, num_kv, t, nb), bool)
   chosen = jax.vmap(jax.vmap(jax.vmap(lambda z, o, ok: z.at[o].max(ok))))(chosen, order, picked)
   key_chosen = jnp.repeat(chosen, sb, axis=-1)[..., :t]  # [b, k, t, t]
   causal = (pos_j <= pos_i)[None, None]

@@ -1,12 +1,13 @@
 """Native Sparse Attention (DeepSeek, arXiv 2502.11089) as a drop-in for `Attention`.
 
-Shapes: b batch, t sequence, e embed, h query heads, k kv heads, g = h / k,
-d head dim, c compressed blocks, n selected blocks per query.
+Shapes: see layers/__init__.py (here b, t, s, e, h, k, g, d; l compress_block,
+st compress_stride, nc compressed blocks, B select_block, ns selected blocks per
+query).
 
 Each query mixes three causal attentions with learned per-head sigmoid gates
 (gate = sigmoid(x W_gate) [b, t, h, 3]):
-  cmp: over compressed blocks (layers/nsa_compression.py);
-  slc: over the top-n selection blocks its kv-head group picks from the
+  cmp: over compressed blocks (nsa_compression.py);
+  slc: over the top-ns selection blocks its kv-head group picks from the
     compressed branch's probabilities (always with the first and local blocks);
   win: over the last `window` tokens.
 """
@@ -19,8 +20,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
-from layers import attention_ops
-from layers import nsa_compression as cmp_lib
+from layers.attention import implementations
+from layers.attention import nsa_compression as cmp_lib
 from layers.linear import Einsum
 from layers.rope import apply_rope
 
@@ -35,7 +36,7 @@ class _Cache(NamedTuple):
   """The 'cache' collection variables of one NSA layer."""
   keys: dict[str, nn.Variable]  # branch -> [b, s, k, d] (rotated)
   values: dict[str, nn.Variable]  # branch -> [b, s, k, d]
-  compressed: tuple[nn.Variable, nn.Variable]  # compressed key, value [b, c, k, d]
+  compressed: tuple[nn.Variable, nn.Variable]  # compressed key, value [b, nc, k, d]
   segment_ids: nn.Variable  # [b, s]
   index: nn.Variable  # [] next slot to write
 
@@ -73,7 +74,7 @@ class NativeSparseAttention(nn.Module):
   [h, d, e]. RoPE rotates q and every branch's per-token keys; compressed keys
   are built from rotated keys.
 
-  The chosen blocks are sown as intermediates/block_indices (int32 [b, t, k, n],
+  The chosen blocks are sown as intermediates/block_indices (int32 [b, t, k, ns],
   -1 for unused slots) when the 'intermediates' collection is mutable.
 
   Segment ids (packed rows) are supported: every branch attends within the
@@ -86,7 +87,7 @@ class NativeSparseAttention(nn.Module):
 
   In decode mode the layer keeps a 'cache' collection: cached_key_{cmp,slc,win}
   and cached_value_{cmp,slc,win} [b, s, k, d] (keys after RoPE),
-  cached_compressed_key / cached_compressed_value [b, c, k, d] (c whole
+  cached_compressed_key / cached_compressed_value [b, nc, k, d] (nc whole
   compressed blocks of s slots), cached_segment_ids [b, s] and cache_index [].
   As in `Attention`, the first decode-mode call (inside `init`) only creates
   the cache, sized by its input length s; each later call writes its t tokens
@@ -98,11 +99,11 @@ class NativeSparseAttention(nn.Module):
   Attributes:
     num_heads: h; num_kv_heads: k (divides h; the selection is shared per group).
     head_dim: d; rope_theta: RoPE base.
-    compress_block, compress_stride: l and m of the compressed blocks.
-    select_block: L, tokens per selection block; select_top_n: n (capped at
+    compress_block, compress_stride: l and st of the compressed blocks.
+    select_block: B, tokens per selection block; select_top_n: ns (capped at
       the number of blocks); select_local_blocks: the query's own block and
       the ones before it that are always selected (with the first block, these
-      count toward n).
+      count toward ns).
     window: sliding-window length (the query and the window - 1 before it).
     attention_impl: 'auto' | 'xla' | 'pallas'. 'pallas' runs the selection
       kernels (pallas_kernels/nsa_selection: Mosaic TPU kernels on TPU chips,
@@ -145,7 +146,7 @@ class NativeSparseAttention(nn.Module):
                        "or 'pallas'.")
 
   def _impl(self) -> str:
-    return resolve_impl(self.attention_impl, backend=attention_ops.default_backend(),
+    return resolve_impl(self.attention_impl, backend=implementations.default_backend(),
                         dtype=self.dtype, head_dim=self.head_dim,
                         select_block=self.select_block,
                         group=self.num_heads // self.num_kv_heads)
@@ -213,7 +214,7 @@ class NativeSparseAttention(nn.Module):
     return (out_cmp, out_slc, out_win), block_indices
 
   def _select(self, probs, t, segment_ids, **slots):
-    """Top-n selection blocks [b, t, k, n] (slots: kv_len, q_offset, kv_segment_ids)."""
+    """Top-ns selection blocks [b, t, k, ns] (slots: kv_len, q_offset, kv_segment_ids)."""
     block_indices = cmp_lib.select_blocks(
         probs, t=t, block=self.compress_block, stride=self.compress_stride,
         select_block=self.select_block, top_n=self.select_top_n,
@@ -224,14 +225,14 @@ class NativeSparseAttention(nn.Module):
     """The cache variables (created for t slots if absent) and whether they existed."""
     initialized = self.has_variable("cache", "cache_index")
     k, d = self.num_kv_heads, self.head_dim
-    c = cmp_lib.num_compressed(t, self.compress_block, self.compress_stride)
+    nc = cmp_lib.num_compressed(t, self.compress_block, self.compress_stride)
     zeros = lambda axes: nn.with_logical_partitioning(jnp.zeros, axes)  # noqa: E731
     var = lambda name, shape: self.variable(  # noqa: E731
         "cache", name, zeros(_CACHE_AXES), shape, self.dtype)
     keys = {br: var(f"cached_key_{br}", (b, t, k, d)) for br in BRANCHES}
     values = {br: var(f"cached_value_{br}", (b, t, k, d)) for br in BRANCHES}
-    compressed = (var("cached_compressed_key", (b, c, k, d)),
-                  var("cached_compressed_value", (b, c, k, d)))
+    compressed = (var("cached_compressed_key", (b, nc, k, d)),
+                  var("cached_compressed_value", (b, nc, k, d)))
     segs = self.variable("cache", "cached_segment_ids", zeros(("batch", "cache_length")),
                          (b, t), jnp.int32)
     index = self.variable("cache", "cache_index", zeros(()), (), jnp.int32)
@@ -276,17 +277,17 @@ class NativeSparseAttention(nn.Module):
   def _update_compressed(self, compressed, cmp_kv, start, t, compressors):
     """Builds the compressed blocks whose last token lies in slots start .. start + t - 1.
 
-    Returns the updated cached compressed keys and values [b, c, k, d].
+    Returns the updated cached compressed keys and values [b, nc, k, d].
     """
-    l, m = self.compress_block, self.compress_stride
-    c = compressed[0].value.shape[1]
-    candidates = min(-(-t // m), c)  # at most ceil(t / m) blocks end among t slots
+    l, st = self.compress_block, self.compress_stride
+    nc = compressed[0].value.shape[1]
+    candidates = min(-(-t // st), nc)  # at most ceil(t / st) blocks end among t slots
     if candidates == 0:
       return tuple(var.value for var in compressed)
-    first = jnp.maximum(0, -((l - 1 - start) // m))  # first block ending at or after start
+    first = jnp.maximum(0, -((l - 1 - start) // st))  # first block ending at or after start
     ids = first + jnp.arange(candidates, dtype=jnp.int32)
-    done = (ids * m + l - 1 <= start + t - 1) & (ids < c)
-    target = jnp.where(done, ids, c)  # c: out of range, dropped
+    done = (ids * st + l - 1 <= start + t - 1) & (ids < nc)
+    target = jnp.where(done, ids, nc)  # nc: out of range, dropped
     for var, fn, x in zip(compressed, compressors, cmp_kv):
       new = fn(x, blocks=ids).astype(var.value.dtype)
       var.value = var.value.at[:, target].set(new, mode="drop")
@@ -357,7 +358,7 @@ def _per_shard(fn, q, k, v, block_indices, segment_ids):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return fn(*args)
-  dividing = attention_ops._dividing_spec  # pylint: disable=protected-access
+  dividing = implementations.dividing_spec
   q_spec = dividing(("batch", None, "heads", None), q.shape, mesh)
   kv_spec = dividing(("batch", None, "kv_heads", None), k.shape, mesh)
   if kv_spec[2] != q_spec[2]:  # Heads and kv heads must split alike to keep groups whole.

@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from layers.moe import MoeFeedForward
-from layers.router import route
+from layers.moe import MoeFeedForward, route
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")

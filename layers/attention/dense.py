@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from layers import attention_ops
+from layers.attention import implementations
 from layers.linear import Einsum
 from layers.rope import apply_rope
 
@@ -102,10 +102,10 @@ class Attention(nn.Module):
     if decoding:
       out = self._decode_attention(q, key, value, segment_ids, cache)
     else:
-      impl = attention_ops.resolve_impl(
-          self.attention_impl, backend=attention_ops.default_backend(), dtype=self.dtype,
+      impl = implementations.resolve_impl(
+          self.attention_impl, backend=implementations.default_backend(), dtype=self.dtype,
           head_dim=d)
-      out = attention_ops.dot_product_attention(
+      out = implementations.dot_product_attention(
           q, key, value, impl=impl, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
           interpret=jax.default_backend() == "cpu", chip=self.attention_chip)
     out = checkpoint_name(nn.with_logical_constraint(out, _QUERY_AXES), "attention")
@@ -143,6 +143,6 @@ class Attention(nn.Module):
         cached_segs.value, segment_ids.astype(jnp.int32), (zero, start))
     cached_key.value, cached_value.value, cached_segs.value = keys, values, segs
     index.value = start + t
-    mask = attention_ops.attention_mask(t, s, q_segment_ids=segment_ids, kv_segment_ids=segs,
+    mask = implementations.attention_mask(t, s, q_segment_ids=segment_ids, kv_segment_ids=segs,
                                         q_offset=start)
-    return attention_ops.xla_attention(q, keys, values, mask)
+    return implementations.xla_attention(q, keys, values, mask)

@@ -116,7 +116,7 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                                       implementation="cudnn")
 
 
-def _dividing_spec(logical_axes, shape, mesh) -> PartitionSpec:
+def dividing_spec(logical_axes, shape, mesh) -> PartitionSpec:
   """The mesh spec of `logical_axes`, replicating dims the mesh axes don't divide.
 
   Small batches (a few sampling prompts) stay whole rather than fail to split.
@@ -154,8 +154,8 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return attend(q, k, v, *segments)
-  q_spec = _dividing_spec(("batch", None, "heads", None), q.shape, mesh)
-  kv_spec = _dividing_spec(("batch", None, "kv_heads", None), k.shape, mesh)
+  q_spec = dividing_spec(("batch", None, "heads", None), q.shape, mesh)
+  kv_spec = dividing_spec(("batch", None, "kv_heads", None), k.shape, mesh)
   seg_spec = PartitionSpec(q_spec[0], None)
   return jax.shard_map(attend, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec) + (seg_spec,) * len(segments),
                        out_specs=q_spec, check_vma=False)(q, k, v, *segments)

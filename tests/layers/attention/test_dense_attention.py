@@ -1,76 +1,19 @@
-"""Tests for layers/: norms, RoPE, attention functions and the attention layer."""
+"""Dense attention (layers/attention/dense.py, implementations.py): the functions, the switch, the layer."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from layers import attention_ops
 from layers.attention import Attention
-from layers.linear import Einsum
-from layers.mlp import SwiGLU
-from layers.norms import RMSNorm
-from layers.rope import apply_rope
+from layers.attention import implementations
 
 jax.config.update("jax_default_matmul_precision", "highest")
-_attention = jax.jit(attention_ops.dot_product_attention, static_argnames=("impl", "interpret"))
+_attention = jax.jit(implementations.dot_product_attention, static_argnames=("impl", "interpret"))
 
 
 def _normal(seed, shape):
   return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-def test_rmsnorm_matches_formula():
-  x = _normal(0, (2, 3, 8))
-  norm = RMSNorm(eps=1e-5)
-  params = norm.init(jax.random.key(0), x)
-  scale = _normal(1, (8,))
-  y = norm.apply({"params": {"scale": scale}}, x)
-  xn = np.asarray(x, np.float64)
-  want = xn / np.sqrt((xn ** 2).mean(-1, keepdims=True) + 1e-5) * np.asarray(scale)
-  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
-  assert params["params"]["scale"].names == ("embed",)
-  assert RMSNorm(dtype=jnp.bfloat16).apply(params, x).dtype == jnp.bfloat16
-
-
-@pytest.mark.parametrize("theta", [10_000.0, 500_000.0])
-def test_rope_matches_direct_formula(theta):
-  b, t, h, d = 2, 5, 3, 8
-  x = np.asarray(_normal(0, (b, t, h, d)), np.float64)
-  positions = np.array([[0, 1, 2, 3, 4], [7, 3, 0, 11, 100]])
-  got = np.asarray(apply_rope(jnp.asarray(x, jnp.float32), jnp.asarray(positions), theta))
-  want = np.empty_like(x)
-  for bi in range(b):
-    for ti in range(t):
-      for i in range(d // 2):  # HF rotate-half: dim i pairs with dim i + d/2.
-        angle = positions[bi, ti] * theta ** (-2.0 * i / d)
-        c, s = np.cos(angle), np.sin(angle)
-        x1, x2 = x[bi, ti, :, i], x[bi, ti, :, i + d // 2]
-        want[bi, ti, :, i] = x1 * c - x2 * s
-        want[bi, ti, :, i + d // 2] = x2 * c + x1 * s
-  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-
-
-def test_rope_scores_depend_only_on_relative_position():
-  q, k = _normal(0, (1, 1, 1, 16)), _normal(1, (1, 1, 1, 16))
-  def score(m, n):
-    qm = apply_rope(q, jnp.array([[m]]), 10_000.0)
-    kn = apply_rope(k, jnp.array([[n]]), 10_000.0)
-    return float(jnp.sum(qm * kn))
-  assert score(3, 1) == pytest.approx(score(12, 10), abs=1e-4)
-  assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)
-
-
-def test_swiglu_matches_formula():
-  x = _normal(0, (2, 3, 8))
-  mlp = SwiGLU(hidden_dim=12)
-  params = mlp.init(jax.random.key(0), x)["params"]
-  raw = jax.tree.map(lambda p: p.value, params, is_leaf=lambda p: hasattr(p, "names"))
-  gate, up, down = raw["gate"]["kernel"], raw["up"]["kernel"], raw["down"]["kernel"]
-  want = (jax.nn.silu(x @ gate) * (x @ up)) @ down
-  np.testing.assert_allclose(mlp.apply({"params": params}, x), want, rtol=1e-5, atol=1e-5)
-  assert params["gate"]["kernel"].names == ("embed", "mlp")
-  assert params["down"]["kernel"].names == ("mlp", "embed")
 
 
 def _naive_attention(q, k, v, segment_ids):
@@ -127,14 +70,14 @@ def test_xla_attention_is_causal():
 
 def test_attention_mask_with_cache_offset():
   kv_seg = jnp.array([[0, 1, 1, 1, 0, 0]])
-  mask = attention_ops.attention_mask(2, 6, q_segment_ids=jnp.array([[1, 1]]),
+  mask = implementations.attention_mask(2, 6, q_segment_ids=jnp.array([[1, 1]]),
                                       kv_segment_ids=kv_seg, q_offset=2)
   np.testing.assert_array_equal(mask[0], [[0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 0, 0]])
 
 
 def test_resolve_impl():
-  assert attention_ops.default_backend() == "cpu"
-  resolve = attention_ops.resolve_impl
+  assert implementations.default_backend() == "cpu"
+  resolve = implementations.resolve_impl
   assert resolve("auto", backend="cpu", dtype=jnp.bfloat16, head_dim=64) == "xla"
   assert resolve("auto", backend="tpu", dtype=jnp.bfloat16, head_dim=64) == "pallas"
   assert resolve("auto", backend="tpu", dtype=jnp.float16, head_dim=64) == "xla"
@@ -150,11 +93,11 @@ def test_resolve_impl():
 
 def test_attention_layer_auto_uses_xla_on_cpu(monkeypatch):
   calls = []
-  original = attention_ops.dot_product_attention
+  original = implementations.dot_product_attention
   def spy(*args, impl, **kwargs):
     calls.append(impl)
     return original(*args, impl=impl, **kwargs)
-  monkeypatch.setattr(attention_ops, "dot_product_attention", spy)
+  monkeypatch.setattr(implementations, "dot_product_attention", spy)
   layer = Attention(num_heads=4, num_kv_heads=2, head_dim=8, attention_impl="auto")
   x = jax.ShapeDtypeStruct((2, 5, 16), jnp.float32)
   params = jax.eval_shape(lambda x: layer.init(jax.random.key(0), x), x)
@@ -164,11 +107,3 @@ def test_attention_layer_auto_uses_xla_on_cpu(monkeypatch):
   assert kernels["query"]["kernel"].names == ("embed", "heads", "head_dim")
   assert kernels["key"]["kernel"].names == ("embed", "kv_heads", "head_dim")
   assert kernels["out"]["kernel"].names == ("heads", "head_dim", "embed")
-
-
-def test_einsum_init_is_fan_in_scaled():
-  layer = Einsum((4, 8, 256), ("heads", "head_dim", "embed"), "bthd,hde->bte", num_contracting=2)
-  kernel = layer.init(jax.random.key(0), jnp.zeros((1, 1, 4, 8)))["params"]["kernel"]
-  assert kernel.names == ("heads", "head_dim", "embed")
-  std = float(jnp.std(kernel.value))
-  assert 0.8 / np.sqrt(32) < std < 1.2 / np.sqrt(32)

@@ -1,11 +1,11 @@
 """Routed experts under a device mesh: per-shard dispatch with all-to-all over the expert axis.
 
-Shapes: b batch, t sequence, e embed, m expert hidden, E experts, k experts per
-token, X expert-parallel shards (size of the mesh axes 'expert' maps to),
-El = E / X experts per shard, n local tokens, a = n * k local assignments,
-C capacity slots per expert per sequence.
+Shapes: see layers/__init__.py (here b, t, e, m, E, K, C; X expert-parallel
+shards, the size of the mesh axes 'expert' maps to; El = E / X experts per
+shard; n local tokens, a = n * K local assignments; a prime marks a per-shard
+size, as b').
 
-Without a mesh (or a one-device mesh) the plain functions of moe_dispatch run.
+Without a mesh (or a one-device mesh) the plain functions of dispatch.py run.
 Under a mesh the expert computation runs per shard in `jax.shard_map`:
 
 * tokens keep the sharding the logical rules give ('batch' over its mesh
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from layers import moe_dispatch as md
+from layers.moe import dispatch as md
 
 IMPLS = ("dropless", "capacity")
 
@@ -58,33 +58,33 @@ def _spec_entry(axes: tuple[str, ...]):
 def moe_experts(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: jax.Array,
                 up: jax.Array, down: jax.Array, *, impl: str, capacity_factor: float = 1.25,
                 token_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Routed SwiGLU experts: x [b, t, e], weights/indices [b, t, k] -> ([b, t, e], dropped []).
+  """Routed SwiGLU experts: x [b, t, e], weights/indices [b, t, K] -> ([b, t, e], dropped []).
 
   impl 'dropless' computes every assignment (dropped = 0); 'capacity' gives
-  each expert C = capacity(t, k, E, capacity_factor) slots per sequence
-  (moe_dispatch.capacity_slots), so results do not depend on the batch
+  each expert C = capacity(t, K, E, capacity_factor) slots per sequence
+  (dispatch.capacity_slots), so results do not depend on the batch
   sharding. gate/up [E, e, m], down [E, m, e]; weights float32.
 
   Raises:
-    ValueError: naming model.moe_impl, model.capacity_factor or
-      model.num_experts (not divisible by the expert mesh axes).
+    ValueError: naming model.moe.impl, model.moe.capacity_factor or
+      model.moe.num_experts (not divisible by the expert mesh axes).
   """
   if impl not in IMPLS:
-    raise ValueError(f"model.moe_impl={impl!r}; choose one of {IMPLS}.")
-  b, t, k = indices.shape
+    raise ValueError(f"model.moe.impl={impl!r}; choose one of {IMPLS}.")
+  b, t, top_k = indices.shape
   num_experts = gate.shape[0]
   slots = cap = None
   dropped = jnp.zeros((), jnp.int32)
   if impl == "capacity":
-    cap = md.capacity(t, k, num_experts, capacity_factor)
+    cap = md.capacity(t, top_k, num_experts, capacity_factor)
     slots = md.capacity_slots(indices, token_mask, num_experts, cap)
     dropped = slots.dropped
 
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     if impl == "dropless":
-      y = md.dropless(x.reshape(b * t, -1), weights.reshape(b * t, k), indices.reshape(b * t, k),
-                      gate, up, down)
+      y = md.dropless(x.reshape(b * t, -1), weights.reshape(b * t, top_k),
+                      indices.reshape(b * t, top_k), gate, up, down)
       return y.reshape(x.shape), dropped
     return md.capacity_experts(x, weights, slots.slot, gate, up, down, cap), dropped
 
@@ -96,7 +96,7 @@ def moe_experts(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: jax.
                   if mesh.shape[a] > 1)
   ep = math.prod(mesh.shape[a] for a in ep_axes)
   if num_experts % ep:
-    raise ValueError(f"model.num_experts={num_experts} must be divisible by the {ep} expert-"
+    raise ValueError(f"model.moe.num_experts={num_experts} must be divisible by the {ep} expert-"
                      f"parallel shards (mesh axes {ep_axes}).")
   exchange = bool(ep_axes) and all(a in token_axes for a in ep_axes)
   if ep_axes and not exchange and any(a in token_axes for a in ep_axes):
@@ -129,10 +129,10 @@ def _finish(partial_out: jax.Array, axes: tuple[str, ...]) -> jax.Array:
 
 
 def _dropless_shard(x, weights, indices, gate, up, down, *, ep_axes, ep, exchange, mlp_axes):
-  """Per-shard dropless experts. x [b', t', e], weights/indices [b', t', k], gate [El, e, m'] ..."""
-  bl, tl, k = indices.shape
-  n, a, num_local = bl * tl, bl * tl * k, gate.shape[0]
-  x2, w2, idx = x.reshape(n, -1), weights.reshape(n, k), indices.reshape(n, k)
+  """Per-shard dropless experts. x [b', t', e], weights/indices [b', t', K], gate [El, e, m'] ..."""
+  bl, tl, top_k = indices.shape
+  n, a, num_local = bl * tl, bl * tl * top_k, gate.shape[0]
+  x2, w2, idx = x.reshape(n, -1), weights.reshape(n, top_k), indices.reshape(n, top_k)
   if not exchange:  # Tokens replicated over the expert axes (or none): my experts, then psum.
     local = idx - _local_expert_offset(ep_axes, num_local)
     local = jnp.where((local >= 0) & (local < num_local), local, num_local)
@@ -141,9 +141,9 @@ def _dropless_shard(x, weights, indices, gate, up, down, *, ep_axes, ep, exchang
     # as invariant, so x2[order] would be too and its gradient would miss the
     # psum over ep_axes. Marking x2 varying first keeps the gradient right.
     x2 = jax.lax.pcast(x2, ep_axes, to="varying") if ep_axes else x2
-    ys = md.swiglu_grouped(x2[sa.order // k], gate, up, down, sa.group_sizes)
+    ys = md.swiglu_grouped(x2[sa.order // top_k], gate, up, down, sa.group_sizes)
     ys = _finish(ys, mlp_axes)
-    y = md.combine(ys[md.inverse_permutation(sa.order)].reshape(n, k, -1), w2, x.dtype)
+    y = md.combine(ys[md.inverse_permutation(sa.order)].reshape(n, top_k, -1), w2, x.dtype)
     return _finish(y, ep_axes).reshape(x.shape)
 
   # 1. Sort local assignments by expert; destination shard = expert // El.
@@ -155,7 +155,7 @@ def _dropless_shard(x, weights, indices, gate, up, down, *, ep_axes, ep, exchang
   pos = jnp.arange(a, dtype=jnp.int32)
   src = starts[:, None] + pos[None, :]  # [X, a]
   live = pos[None, :] < send_counts[:, None]
-  xs = jnp.concatenate([x2[sa.order // k], jnp.zeros_like(x2[:1])])  # row a is zeros
+  xs = jnp.concatenate([x2[sa.order // top_k], jnp.zeros_like(x2[:1])])  # row a is zeros
   send = xs[jnp.where(live, src, a)]  # [X, a, e]
   send_ids = jnp.where(live, sa.experts[jnp.minimum(src, a - 1)] % num_local, num_local)
   # 3. Exchange: recv[i] holds what shard i sent me (ids are local, El marks padding).
@@ -169,13 +169,13 @@ def _dropless_shard(x, weights, indices, gate, up, down, *, ep_axes, ep, exchang
   # 5. Send results home; back[j, p] is the result for my sorted row starts[j] + p.
   back = jax.lax.all_to_all(out, ep_axes, 0, 0, tiled=True)
   ys = back[dest, pos - starts[dest]]  # [a, e] in sorted order
-  y = ys[md.inverse_permutation(sa.order)].reshape(n, k, -1)
+  y = ys[md.inverse_permutation(sa.order)].reshape(n, top_k, -1)
   return md.combine(y, w2, x.dtype).reshape(x.shape)
 
 
 def _capacity_shard(x, weights, slot, gate, up, down, *, cap, ep_axes, ep, exchange, mlp_axes):
-  """Per-shard capacity experts. x [b', t, e], weights/slot [b', t, k], gate [El, e, m'] ..."""
-  bl, _, k = slot.shape
+  """Per-shard capacity experts. x [b', t, e], weights/slot [b', t, K], gate [El, e, m'] ..."""
+  bl, _, top_k = slot.shape
   num_local = gate.shape[0]
   num_experts = num_local * ep
   buffers = md.to_expert_major(md.dispatch(x, slot, num_experts * cap), num_experts)  # [E, b'C, e]
@@ -188,7 +188,7 @@ def _capacity_shard(x, weights, slot, gate, up, down, *, cap, ep_axes, ep, excha
     mine = jax.lax.dynamic_slice_in_dim(buffers, offset, num_local, axis=0)
     out = _finish(md.swiglu_batched(mine, gate, up, down), mlp_axes)
     out = jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(buffers), out, offset, axis=0)
-  y = md.gather_slots(md.from_expert_major(out, bl), slot)  # [b', t, k, e]
-  y = md.combine(y.reshape(-1, k, y.shape[-1]), weights.reshape(-1, k), x.dtype)
+  y = md.gather_slots(md.from_expert_major(out, bl), slot)  # [b', t, K, e]
+  y = md.combine(y.reshape(-1, top_k, y.shape[-1]), weights.reshape(-1, top_k), x.dtype)
   y = y.reshape(x.shape)
   return y if exchange else _finish(y, ep_axes)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from layers import grouped_matmul
+from layers.moe import grouped_matmul
 
 
 @pytest.mark.parametrize("sizes,rows,tile", [

@@ -1,13 +1,13 @@
 """NSA's compression branch and block selection (arXiv 2502.11089, sections 3.3.1-3.3.2).
 
-Shapes: b batch, t sequence, h query heads, k kv heads, g = h / k, d head dim,
-l compress_block, c number of compressed blocks, m stride, L select_block,
-u number of selection blocks = ceil(t / L), n selected blocks per query.
+Shapes: see layers/__init__.py (here b, t, s, h, k, g, d, m; l compress_block,
+st compress_stride, nc compressed blocks, B select_block, nb = ceil(s / B)
+selection blocks, ns selected blocks per query).
 
-Compressed block c covers tokens c*m .. c*m + l - 1 (only whole blocks: c <
-(t - l) // m + 1) and becomes one key and one value. Query i sees compressed
-block c iff the block ends at or before i (and, with segment ids, lies wholly
-inside i's segment).
+Compressed block j covers tokens j*st .. j*st + l - 1 (only whole blocks: j <
+nc = (t - l) // st + 1) and becomes one key and one value. Query i sees
+compressed block j iff the block ends at or before i (and, with segment ids,
+lies wholly inside i's segment).
 
 Decoding: the masks and the selection also serve t new queries at slots
 q_offset .. q_offset + t - 1 of a KV cache of s slots (kv_len=s,
@@ -25,7 +25,7 @@ _COMPRESSED_AXES = ("batch", "compressed_length", "kv_heads", "head_dim")
 
 
 def num_compressed(t: int, block: int, stride: int) -> int:
-  """c: whole compressed blocks in a sequence of t tokens."""
+  """nc: whole compressed blocks in a sequence of t tokens."""
   return 0 if t < block else (t - block) // stride + 1
 
 
@@ -34,11 +34,11 @@ class CompressKV(nn.Module):
 
   phi(block) = gelu((x + pos) W1) W2 with x the block's per-token keys [l, d],
   pos a learned intra-block position encoding [l, k, d] (per kv head), W1
-  [l, d, f] contracting the whole block, W2 [f, d]; f = hidden (default d).
+  [l, d, m] contracting the whole block, W2 [m, d]; m = hidden (default d).
   W1, W2 are shared by the kv heads.
 
   Attributes:
-    block: l; stride: m; hidden: f (None: head dim).
+    block: l; stride: st; hidden: m (None: head dim).
     dtype, param_dtype: computation and parameter dtypes.
   """
   block: int
@@ -49,30 +49,30 @@ class CompressKV(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, blocks: jax.Array | None = None) -> jax.Array:
-    """x [b, t, k, d] -> [b, c, k, d]; or [b, n, k, d] for the n block ids `blocks`.
+    """x [b, t, k, d] -> [b, nc, k, d]; or only the blocks `blocks` (one row per id).
 
-    blocks: int [n] (may be traced, as when decoding); tokens past t - 1 are
-    clamped, so a block that is not whole gives a meaningless row.
+    blocks: int block ids, 1-D (may be traced, as when decoding); tokens past
+    t - 1 are clamped, so a block that is not whole gives a meaningless row.
     """
     _, t, k, d = x.shape
-    f = self.hidden or d
+    m = self.hidden or d
     pos = self.param("pos", nn.with_logical_partitioning(
         nn.initializers.normal(0.02), ("compress_block", "kv_heads", "head_dim")),
                      (self.block, k, d), self.param_dtype)
     w1 = self.param("w1", nn.with_logical_partitioning(
         nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                          in_axis=(0, 1), out_axis=2),
-        ("compress_block", "head_dim", "compress_mlp")), (self.block, d, f), self.param_dtype)
+        ("compress_block", "head_dim", "compress_mlp")), (self.block, d, m), self.param_dtype)
     w2 = self.param("w2", nn.with_logical_partitioning(
         nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
-        ("compress_mlp", "head_dim")), (f, d), self.param_dtype)
+        ("compress_mlp", "head_dim")), (m, d), self.param_dtype)
     x, pos, w1, w2 = promote_dtype(x, pos, w1, w2, dtype=self.dtype)
     if blocks is None:
       blocks = np.arange(num_compressed(t, self.block, self.stride))
-    token = blocks[:, None] * self.stride + np.arange(self.block)  # [c, l]
-    tokens = x[:, jnp.minimum(token, t - 1)] + pos  # [b, c, l, k, d]
-    hidden = nn.gelu(jnp.einsum("bclkd,ldf->bckf", tokens, w1))
-    out = jnp.einsum("bckf,fd->bckd", hidden, w2)
+    token = blocks[:, None] * self.stride + np.arange(self.block)  # [nc, l]
+    tokens = x[:, jnp.minimum(token, t - 1)] + pos  # [b, nc, l, k, d]
+    hidden = nn.gelu(jnp.einsum("bclkd,ldm->bckm", tokens, w1))
+    out = jnp.einsum("bckm,md->bckd", hidden, w2)
     return nn.with_logical_constraint(out, _COMPRESSED_AXES)
 
 
@@ -119,10 +119,10 @@ def _query_slots(t: int, q_offset):
 
 def compressed_mask(t: int, block: int, stride: int, segment_ids=None, *, kv_len=None,
                     q_offset=0, kv_segment_ids=None):
-  """bool [b or 1, 1, t, c]: query i (at slot q_offset + i) sees compressed block c.
+  """bool [b or 1, 1, t, nc]: query i (at slot q_offset + i) sees compressed block j.
 
   Args:
-    t: queries; block, stride: l, m.
+    t: queries; block, stride: l, st.
     segment_ids: the queries' ids [b, t] or None (one segment).
     kv_len: s, the slots the blocks are cut from (default t).
     q_offset: slot of the first query (int or traced scalar).
@@ -130,8 +130,8 @@ def compressed_mask(t: int, block: int, stride: int, segment_ids=None, *, kv_len
   """
   s = t if kv_len is None else kv_len
   kv_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
-  c = num_compressed(s, block, stride)
-  first = np.arange(c) * stride
+  nc = num_compressed(s, block, stride)
+  first = np.arange(nc) * stride
   last = first + block - 1
   mask = (jnp.asarray(last)[None, :] <= _query_slots(t, q_offset)[:, None])[None]
   if segment_ids is not None:
@@ -142,26 +142,26 @@ def compressed_mask(t: int, block: int, stride: int, segment_ids=None, *, kv_len
 
 
 def overlap_weights(t: int, block: int, stride: int, select_block: int) -> np.ndarray:
-  """float32 [c, u]: tokens compressed block c shares with selection block j, / stride.
+  """float32 [nc, nb]: tokens compressed block i shares with selection block j, / stride.
 
-  The paper's eq. 9 up to its index convention: with l = 32, m = 16, L = 64,
+  The paper's eq. 9 up to its index convention: with l = 32, st = 16, B = 64,
   selection block j gathers compressed blocks 4j-1 .. 4j+3 with weights
   1, 2, 2, 2, 1.
   """
-  c = num_compressed(t, block, stride)
-  u = -(-t // select_block)
-  first = np.arange(c)[:, None] * stride
-  lo = np.maximum(first, np.arange(u)[None, :] * select_block)
-  hi = np.minimum(first + block, (np.arange(u)[None, :] + 1) * select_block)
+  nc = num_compressed(t, block, stride)
+  nb = -(-t // select_block)
+  first = np.arange(nc)[:, None] * stride
+  lo = np.maximum(first, np.arange(nb)[None, :] * select_block)
+  hi = np.minimum(first + block, (np.arange(nb)[None, :] + 1) * select_block)
   return (np.maximum(hi - lo, 0) / stride).astype(np.float32)
 
 
 def select_blocks(probs, *, t: int, block: int, stride: int, select_block: int, top_n: int,
                   local_blocks: int, segment_ids=None, kv_len=None, q_offset=0,
                   kv_segment_ids=None):
-  """Top-n selection blocks per (query, kv head) from compressed-branch probabilities.
+  """The top-ns selection blocks per (query, kv head) from compressed-branch probabilities.
 
-  Importance of selection block j for query i and kv head c: the compressed
+  Importance of selection block j for query i and a kv head: the compressed
   probabilities of the group's g heads, summed, mapped with overlap_weights.
   Always chosen: the block holding the first token of i's segment (block 0
   without segment ids), i's own block and the local_blocks - 1 before it.
@@ -169,17 +169,17 @@ def select_blocks(probs, *, t: int, block: int, stride: int, select_block: int, 
   gradient flows through the choice.
 
   Args:
-    probs: float32 [b, k, g, t, c], c = num_compressed(s).
+    probs: float32 [b, k, g, t, nc], nc = num_compressed(s).
     segment_ids, kv_len, q_offset, kv_segment_ids: as in `compressed_mask`.
 
   Returns:
-    int32 [b, t, k, n] with n = min(top_n, u), u = ceil(s / L): distinct block
-    ids, -1 for unused slots (fewer than n eligible blocks).
+    int32 [b, t, k, ns] with ns = min(top_n, nb), nb = ceil(s / B): distinct
+    block ids, -1 for unused slots (fewer than ns eligible blocks).
   """
   s = t if kv_len is None else kv_len
   kv_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
-  u = -(-s // select_block)
-  n = min(top_n, u)
+  nb = -(-s // select_block)
+  ns = min(top_n, nb)
   w = jnp.asarray(overlap_weights(s, block, stride, select_block))
   score = jnp.einsum("bkgtc,cu->btku", jax.lax.stop_gradient(probs), w,
                      precision=jax.lax.Precision.HIGHEST)
@@ -187,13 +187,13 @@ def select_blocks(probs, *, t: int, block: int, stride: int, select_block: int, 
   starts = segment_starts(kv_ids, s)  # [b or 1, s]
   starts = jax.lax.dynamic_slice_in_dim(starts, q_offset, t, axis=1)
   first = (starts // select_block)[:, :, None]  # [b or 1, t, 1]
-  blocks = jnp.arange(u, dtype=jnp.int32)
-  eligible = (blocks <= own) & (blocks >= first)  # [b or 1, t, u]
+  blocks = jnp.arange(nb, dtype=jnp.int32)
+  eligible = (blocks <= own) & (blocks >= first)  # [b or 1, t, nb]
   forced = (blocks == first) | ((blocks <= own) & (blocks > own - local_blocks))
   forced = (forced & eligible)[:, :, None]
   eligible = eligible[:, :, None]
   score = jnp.where(forced, jnp.inf, jnp.where(eligible, score, -jnp.inf))
-  values, idx = jax.lax.top_k(score, n)
+  values, idx = jax.lax.top_k(score, ns)
   return jnp.where(values > -jnp.inf, idx, -1).astype(jnp.int32)
 
 
@@ -201,12 +201,12 @@ def selection_mask(block_indices, *, t: int, select_block: int, segment_ids=None
                    q_offset=0, kv_segment_ids=None):
   """bool [b, k, t, s]: query i sees slot j of its selected blocks (causal, segments).
 
-  block_indices: int [b, t, k, n]; the other arguments as in `compressed_mask`.
+  block_indices: int [b, t, k, ns]; the other arguments as in `compressed_mask`.
   """
   s = t if kv_len is None else kv_len
   kv_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
-  u = -(-s // select_block)
-  chosen = jnp.any(block_indices[..., None] == jnp.arange(u), axis=-2)  # [b, t, k, u]
+  nb = -(-s // select_block)
+  chosen = jnp.any(block_indices[..., None] == jnp.arange(nb), axis=-2)  # [b, t, k, nb]
   keys = jnp.repeat(chosen, select_block, axis=-1)[..., :s]  # [b, t, k, s]
   causal = jnp.arange(s)[None, :] <= _query_slots(t, q_offset)[:, None]
   mask = keys & causal[None, :, None]
