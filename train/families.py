@@ -8,7 +8,7 @@ import jax
 
 from models import llama
 from models import moe
-from pallas_kernels import flash_attention_config
+from pallas_kernels.common import config as kernel_config
 from train import flops
 from train import lm_task
 from train import moe_task
@@ -31,7 +31,7 @@ def kernel_chip(model_config) -> str:
   """
   if model_config.attention_chip:
     return model_config.attention_chip
-  return flash_attention_config.chip_of_device(jax.devices()[0]) or ""
+  return kernel_config.chip_of_device(jax.devices()[0]) or ""
 
 
 def _make_llama(model_config) -> nn.Module:

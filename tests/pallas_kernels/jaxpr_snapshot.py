@@ -38,10 +38,10 @@ import jax  # noqa: E402  pylint: disable=wrong-import-position
 import jax.numpy as jnp  # noqa: E402  pylint: disable=wrong-import-position
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh  # noqa: E402  pylint: disable=wrong-import-position
 
-from pallas_kernels import flash_attention_config as config_lib  # noqa: E402  pylint: disable=wrong-import-position
-from pallas_kernels.block_sparse_attention import (  # noqa: E402  pylint: disable=wrong-import-position
+from pallas_kernels.block_sparse import (  # noqa: E402  pylint: disable=wrong-import-position
     CausalMask, ChunkedCausalMask, FullMask, LocalMask, PrefixLMMask, block_sparse_attention,
     build_block_map, random_block_mask)
+from pallas_kernels.common import config as config_lib  # noqa: E402  pylint: disable=wrong-import-position
 from pallas_kernels.flash_attention import flash_attention  # noqa: E402  pylint: disable=wrong-import-position
 from pallas_kernels.nsa_selection import selected_block_attention  # noqa: E402  pylint: disable=wrong-import-position
 
