@@ -56,7 +56,7 @@ class KernelMap:
     mask_fetch: int32 [heads, rows, steps]: mask_id with FULL entries holding
       the previous partial id (what a pipeline fetches: no new copy).
     counts: int32 [heads, rows]: real entries per row.
-    partial_masks: int8 [n, block_rows, block_cols] (n >= 1; 1 visible),
+    partial_masks: int8 [T, block_rows, block_cols] (T >= 1; 1 visible),
       transposed (keys as rows) for dk/dv.
     block_rows, block_cols: tile shape.
     head_div: kernel head -> map head is head // head_div (query heads for
@@ -221,7 +221,7 @@ def _transposed_map(classified_of_q_head, *, num_kv_heads, group, per_kv_head, r
                     cols):
   """dk/dv map: per (map kv head, key tile) the (group head, query tile) entries.
 
-  classified_of_q_head(h) -> (kinds [nq, nk], tiles) for query head h at
+  classified_of_q_head(h) -> (kinds [q tiles, kv tiles], tiles) for query head h at
   (cols x rows) tiles.
   """
   dedup, heads = _Dedup((rows, cols)), []

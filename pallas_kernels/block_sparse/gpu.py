@@ -37,7 +37,7 @@ def has_partial(kmap: KernelMap) -> bool:
 
 
 def pack_bits(tiles, wgs: int):
-  """int8 [n, rows, cols] 0/1 -> int32 [n, wgs, cols / 32, rows / wgs] bit planes.
+  """int8 [T, rows, cols] 0/1 -> int32 [T, wgs, cols / 32, rows / wgs] bit planes.
 
   Bit c % 32 of word [.., c // 32, r] is the mask at (r, c) of the warpgroup's
   rows: 1 bit per element, so a ring slot of a 128 x 128 tile is 2 KiB.
@@ -60,7 +60,7 @@ def unpack_bits(ops: Ops, words_ref, shape):
 
 
 def map_operands(kmap: KernelMap, wgs: int):
-  """(index, mask_id, counts, packed masks [n, wgs, cols / 32, rows / wgs]) as arrays."""
+  """(index, mask_id, counts, packed masks [T, wgs, cols / 32, rows / wgs]) as arrays."""
   return (jnp.asarray(kmap.index), jnp.asarray(kmap.mask_id), jnp.asarray(kmap.counts),
           jnp.asarray(pack_bits(kmap.partial_masks, wgs)))
 
@@ -72,7 +72,7 @@ def mask_scratch(partial: bool, slots: int, wgs: int, rows: int, cols: int):
 
 
 def seg_stats(q_seg, kv_seg, block_q: int, block_kv: int):
-  """Per-warpgroup-tile (q_min, q_max) [b, tq / block_q], (kv_min, kv_max) [b, tk / block_kv]."""
+  """Per-warpgroup-tile (q_min, q_max) [b, t / block_q], (kv_min, kv_max) [b, s / block_kv]."""
   return (*masking.segment_block_stats(q_seg, block_q),
           *masking.segment_block_stats(kv_seg, block_kv))
 
@@ -209,7 +209,7 @@ def _fwd_kernel(*refs, kmap: KernelMap, group: int, scale: float, slots: int, op
 
 def forward(q, k, v, q_seg, kv_seg, *, kmap: KernelMap, scale: float, slots: int,
             interpret):
-  """(out [b, tq, h, d], lse [b, h, tq] f32 log2 units) over the tiles of kmap."""
+  """(out [b, t, h, d], lse [b, h, t] f32 log2 units) over the tiles of kmap."""
   batch, q_len, num_heads, head_dim = q.shape
   rows, bkv = kmap.block_rows, kmap.block_cols
   bq = rows // COMPUTE_WGS

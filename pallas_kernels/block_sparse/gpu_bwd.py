@@ -92,7 +92,7 @@ def _dkv_kernel(*refs, kmap: KernelMap, group: int, num_q_blocks: int, scale: fl
 
 def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, *, kmap: KernelMap, scale: float,
                 slots: int, wgs: int, interpret):
-  """dq [b, tq, h, d] over the dq map's tiles (CTA: wgs * block_q query rows)."""
+  """dq [b, t, h, d] over the dq map's tiles (CTA: wgs * block_q query rows)."""
   batch, q_len, num_heads, head_dim = q.shape
   rows, bkv, dtype = kmap.block_rows, kmap.block_cols, q.dtype
   bq = rows // wgs
@@ -115,7 +115,7 @@ def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, *, kmap: KernelMap, scal
 
 def backward_dkv(q, k, v, do, lse, delta, q_seg, kv_seg, *, kmap: KernelMap, scale: float,
                  slots: int, wgs: int, interpret):
-  """(dk, dv) [b, tk, k, d] over the dkv map's tiles (CTA: wgs * block_kv key rows)."""
+  """(dk, dv) [b, s, k, d] over the dkv map's tiles (CTA: wgs * block_kv key rows)."""
   batch, kv_len, num_kv_heads, head_dim = k.shape
   rows, bq, dtype = kmap.block_rows, kmap.block_cols, k.dtype
   bkv = rows // wgs

@@ -1,7 +1,6 @@
 """Plain-jnp block-sparse attention: the kernels' oracle (dense [t, s] mask).
 
-Legend: b batch, t query length, s key/value length, h query heads, k kv heads
-(h % k == 0), g = h // k, d head dim.
+Legend: layers/__init__.py (h % k == 0).
 """
 
 import jax

@@ -131,7 +131,7 @@ def _fwd_kernel(*refs, kmap: KernelMap, has_segments: bool, scale: float, nk: in
 
 
 def forward(q, k, v, q_seg, kv_seg, *, kmap: KernelMap, scale: float, interpret):
-  """(out [b, h, tq, d], lse [b, h, tq] f32 log2 units) over the tiles of kmap."""
+  """(out [b, h, t, d], lse [b, h, t] f32 log2 units) over the tiles of kmap."""
   batch, num_heads, q_len, head_dim = q.shape
   bq, bkv, nq = kmap.block_rows, kmap.block_cols, kmap.num_rows
   nk, group = k.shape[2] // bkv, num_heads // k.shape[1]

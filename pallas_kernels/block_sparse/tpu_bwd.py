@@ -59,7 +59,7 @@ def _dq_kernel(*refs, kmap: KernelMap, has_segments: bool, scale: float, nk: int
 
 def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, *, kmap: KernelMap, scale: float,
                 interpret):
-  """dq [b, h, tq, d] over the tiles of kmap (the dq map)."""
+  """dq [b, h, t, d] over the tiles of kmap (the dq map)."""
   batch, num_heads, _, head_dim = q.shape
   bq, bkv, nq = kmap.block_rows, kmap.block_cols, kmap.num_rows
   nk, group = k.shape[2] // bkv, num_heads // k.shape[1]
@@ -133,7 +133,7 @@ def _rem(x, n: int):
 
 def backward_dkv(q, k, v, do, lse, delta, q_seg, kv_seg, *, kmap: KernelMap, scale: float,
                  interpret):
-  """(dk, dv) [b, k, tk, d], summed over each kv head's query heads (the dkv map)."""
+  """(dk, dv) [b, k, s, d], summed over each kv head's query heads (the dkv map)."""
   batch, num_kv_heads, _, head_dim = k.shape
   bkv, bq, nk = kmap.block_rows, kmap.block_cols, kmap.num_rows
   nq, group = q.shape[2] // bq, q.shape[1] // num_kv_heads

@@ -43,7 +43,7 @@ class Ops:
   interpret: bool
 
   def matmul_nt(self, a_smem, b_smem, shape):
-    """f32 [m, n] = a @ b.T with a [m, k], b [n, k] in SMEM."""
+    """f32 [rows, cols] = a @ b.T with a [rows, depth], b [cols, depth] in SMEM."""
     if self.interpret:
       return lax.dot_general(a_smem[...], b_smem[...], _NT,
                              preferred_element_type=jnp.float32)
@@ -54,7 +54,7 @@ class Ops:
     return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
   def matmul_acc(self, acc, a, b_smem):
-    """acc + a @ b with acc f32 [m, n], a [m, k] in registers, b [k, n] in SMEM."""
+    """acc + a @ b: acc f32 [rows, cols], a [rows, depth] in registers, b [depth, cols] in SMEM."""
     if self.interpret:
       return acc + lax.dot_general(a, b_smem[...], _NN,
                                    preferred_element_type=jnp.float32)
@@ -70,7 +70,7 @@ class Ops:
     return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=plgpu.Layout.WGMMA)
 
   def full(self, shape, value, dtype=jnp.float32):
-    """A [m, n] tile (wgmma layout) or a per-row [m] vector (its row reduction)."""
+    """A [rows, cols] tile (wgmma layout) or a per-row [rows] vector (its row reduction)."""
     x = jnp.full(shape, value, dtype)
     if self.interpret:
       return x
@@ -108,7 +108,7 @@ def smem(shape, dtype, tiled: bool = False):
 
 
 def bcast(vector, shape, axis: int):
-  """[m] -> [m, n] (axis=0: vector indexes rows) or [n] -> [m, n] (axis=1)."""
+  """[rows] -> [rows, cols] (axis=0: vector indexes rows) or [cols] -> [rows, cols] (axis=1)."""
   return lax.broadcast_in_dim(vector, shape, [axis])
 
 

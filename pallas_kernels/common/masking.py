@@ -100,7 +100,7 @@ def segments_uniform(q_min, q_max, kv_min, kv_max):
 
 def _static_tile_may_see(num_q_blocks, num_kv_blocks, *, block_q, block_kv,
                          window: Window):
-  """[nq, nk] bool (numpy): some query of q block i may see some key of block j."""
+  """bool [num_q_blocks, num_kv_blocks] (numpy): q block i may see some key of kv block j."""
   left, right = window
   first_row = np.arange(num_q_blocks)[:, None] * block_q
   last_row = first_row + block_q - 1
@@ -115,7 +115,7 @@ def _static_tile_may_see(num_q_blocks, num_kv_blocks, *, block_q, block_kv,
 
 
 def segment_block_stats(segment_ids, block: int):
-  """Per-block (min, max) of int [b, n * block] segment ids -> two [b, n] int32."""
+  """Per-block (min, max) of int [b, nb * block] segment ids -> two [b, nb] int32."""
   b, length = segment_ids.shape
   blocks = segment_ids.reshape(b, length // block, block)
   return blocks.min(axis=-1).astype(jnp.int32), blocks.max(axis=-1).astype(jnp.int32)
@@ -142,8 +142,8 @@ def block_ranges(batch: int, num_q_blocks: int, num_kv_blocks: int, *,
     seg_stats: None or (q_min, q_max, kv_min, kv_max) from segment_block_stats.
 
   Returns:
-    (kv_lo, kv_hi) int32 [b, nq]: q block i visits kv blocks [lo, hi);
-    (q_lo, q_hi) int32 [b, nk]: kv block j visits q blocks [lo, hi);
+    (kv_lo, kv_hi) int32 [b, num_q_blocks]: q block i visits kv blocks [lo, hi);
+    (q_lo, q_hi) int32 [b, num_kv_blocks]: kv block j visits q blocks [lo, hi);
     max_kv_steps, max_q_steps: static upper bounds of hi - lo (grid extents).
     Tiles inside a range may still be wholly masked (the kernels mask them).
   """

@@ -28,12 +28,12 @@ def widen(x, n: int):
 
 
 def lane_replicated(x):
-  """[b, n] -> [b, n, 128] (column values, lane-replicated)."""
+  """[b, len] -> [b, len, 128] (column values, lane-replicated)."""
   return jnp.broadcast_to(x[..., None], (*x.shape, LANES))
 
 
 def sublane_replicated(x):
-  """[..., n] -> [..., 8, n] (row values, sublane-replicated)."""
+  """[..., len] -> [..., 8, len] (row values, sublane-replicated)."""
   return jnp.broadcast_to(x[..., None, :], (*x.shape[:-1], SUBLANES, x.shape[-1]))
 
 

@@ -34,10 +34,10 @@ def gpu_ranges(tiling: Tiling, batch: int, q_seg, kv_seg, *, q_rows: int, kv_row
   A CTA covers q_rows query rows (forward, dq) or kv_rows key rows (dk/dv).
 
   Returns:
-    (lo, hi) int32 [b, tq // q_rows]: kv blocks of kv_rows each q CTA visits;
-    (lo, hi) int32 [b, tk // kv_rows]: q blocks of q_rows each kv CTA visits;
-    seg_stats: (q_min, q_max) [b, nq] per tiling.block_q rows and
-    (kv_min, kv_max) [b, nk] per tiling.block_kv rows, or ().
+    (lo, hi) int32 [b, t // q_rows]: kv blocks of kv_rows each q CTA visits;
+    (lo, hi) int32 [b, s // kv_rows]: q blocks of q_rows each kv CTA visits;
+    seg_stats: (q_min, q_max) [b, t // block_q] and (kv_min, kv_max)
+    [b, s // block_kv] (tiling's blocks), or (). t and s are padded.
   """
   stats, cta_stats = (), None
   if tiling.has_segments:
@@ -152,12 +152,12 @@ def forward(q, k, v, q_seg, kv_seg, *, tiling: Tiling, slots: int, interpret):
   """Forward pass.
 
   Args:
-    q: [b, tq, h, d]; k, v: [b, tk, k, d] (padded; d % 64 == 0; bf16 or f16).
-    q_seg, kv_seg: int32 [b, tq], [b, tk] (padded) or None.
+    q: [b, t, h, d]; k, v: [b, s, k, d] (t, s padded; d % 64 == 0; bf16 or f16).
+    q_seg, kv_seg: int32 [b, t], [b, s] (padded) or None.
     interpret: False, or the GPU interpreter's params.
 
   Returns:
-    out [b, tq, h, d] in q.dtype; lse [b, h, tq] float32 (log2 units).
+    out [b, t, h, d] in q.dtype; lse [b, h, t] float32 (log2 units).
   """
   batch, q_len, num_heads, head_dim = q.shape
   bq, bkv = tiling.block_q, tiling.block_kv

@@ -101,7 +101,7 @@ def _dkv_kernel(*refs, tiling: Tiling, slots: int, wgs: int, ops: Ops):
 
 def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, *, tiling: Tiling, slots: int,
                 wgs: int, interpret):
-  """dq [b, tq, h, d] from q, do [b, tq, h, d], k, v [b, tk, k, d], lse, delta [b, h, tq]."""
+  """dq [b, t, h, d] from q, do [b, t, h, d], k, v [b, s, k, d], lse, delta [b, h, t]."""
   batch, q_len, num_heads, head_dim = q.shape
   bq, bkv, dtype = tiling.block_q, tiling.block_kv, q.dtype
   (kv_lo, kv_hi), _, stats = gpu_ranges(tiling, batch, q_seg, kv_seg, q_rows=wgs * bq,
@@ -123,7 +123,7 @@ def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, *, tiling: Tiling, slots
 
 def backward_dkv(q, k, v, do, lse, delta, q_seg, kv_seg, *, tiling: Tiling, slots: int,
                  wgs: int, interpret):
-  """(dk, dv) [b, tk, k, d], summed over each kv head's query heads."""
+  """(dk, dv) [b, s, k, d], summed over each kv head's query heads."""
   batch, kv_len, num_kv_heads, head_dim = k.shape
   bq, bkv, dtype = tiling.block_q, tiling.block_kv, k.dtype
   _, (q_lo, q_hi), stats = gpu_ranges(tiling, batch, q_seg, kv_seg, q_rows=bq,

@@ -1,7 +1,6 @@
 """Plain-jnp attention with the flash-attention signature: the kernels' oracle.
 
-Legend: b batch, t query length, s key/value length, h query heads, k kv heads
-(h % k == 0), g = h // k query heads per kv head, d head dim.
+Legend: layers/__init__.py (h % k == 0).
 """
 
 import jax

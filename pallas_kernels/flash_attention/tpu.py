@@ -30,8 +30,9 @@ def tile_ranges(tiling: Tiling, batch: int, q_seg, kv_seg):
   """Scalar-prefetch operands and grid extents for a launch.
 
   Returns:
-    kv_range: (lo, hi) int32 [b * nq] flattened; q_range: (lo, hi) [b * nk];
-    seg_stats: (q_min, q_max) [b * nq] and (kv_min, kv_max) [b * nk], or ();
+    kv_range: (lo, hi) int32 [b * num_q_blocks] flattened; q_range: (lo, hi)
+    [b * num_kv_blocks]; seg_stats: (q_min, q_max) [b * num_q_blocks] and
+    (kv_min, kv_max) [b * num_kv_blocks], or ();
     max_kv_steps, max_q_steps.
   """
   stats = None
@@ -104,11 +105,11 @@ def forward(q, k, v, q_seg, kv_seg, *, tiling: Tiling, interpret):
   """Forward pass.
 
   Args:
-    q: [b, h, tq, d]; k, v: [b, k, tk, d] (padded lengths).
-    q_seg, kv_seg: int32 [b, tq], [b, tk] (padded) or None.
+    q: [b, h, t, d]; k, v: [b, k, s, d] (t, s padded).
+    q_seg, kv_seg: int32 [b, t], [b, s] (padded) or None.
 
   Returns:
-    out [b, h, tq, d] in q.dtype; lse [b, h, tq] float32 (log2 units).
+    out [b, h, t, d] in q.dtype; lse [b, h, t] float32 (log2 units).
   """
   batch, num_heads, _, head_dim = q.shape
   (kv_lo, kv_hi), _, seg_stats, max_kv, _ = tile_ranges(tiling, batch, q_seg, kv_seg)

@@ -111,7 +111,7 @@ def _dkv_kernel(*refs, tiling: Tiling, num_steps: int):
 
 
 def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, *, tiling: Tiling, interpret):
-  """dq [b, h, tq, d] from q, do [b, h, tq, d], k, v [b, k, tk, d], lse, delta [b, h, tq]."""
+  """dq [b, h, t, d] from q, do [b, h, t, d], k, v [b, k, s, d], lse, delta [b, h, t]."""
   batch, num_heads, _, head_dim = q.shape
   (kv_lo, kv_hi), _, seg_stats, max_kv, _ = fwd_lib.tile_ranges(tiling, batch, q_seg, kv_seg)
   nq, bq, bkv, group = tiling.num_q_blocks, tiling.block_q, tiling.block_kv, tiling.group
@@ -157,7 +157,7 @@ def backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, *, tiling: Tiling, inter
 
 
 def backward_dkv(q, k, v, do, lse, delta, q_seg, kv_seg, *, tiling: Tiling, interpret):
-  """(dk, dv) [b, k, tk, d], summed over each kv head's query heads."""
+  """(dk, dv) [b, k, s, d], summed over each kv head's query heads."""
   batch, num_kv_heads, _, head_dim = k.shape
   _, (q_lo, q_hi), seg_stats, _, max_q = fwd_lib.tile_ranges(tiling, batch, q_seg, kv_seg)
   nk, bq, bkv, group = tiling.num_kv_blocks, tiling.block_q, tiling.block_kv, tiling.group

@@ -51,7 +51,7 @@ def selected_block_attention(q, k, v, block_indices, *, block_size: int, scale=N
 
   Args:
     q: [b, t, h, d]; k, v: [b, s, k, d]; float32 or bfloat16, one dtype.
-    block_indices: int [b, t, k, n]; entries outside 0 .. nb - 1 are unused
+    block_indices: int [b, t, k, ns]; entries outside 0 .. nb - 1 are unused
       slots; the valid entries of one (b, i, c) should be distinct (a repeated
       block is counted twice, as in the reference).
     block_size: B (a multiple of 8 for the compiled TPU kernel).
@@ -153,8 +153,8 @@ def _check(q, k, v, idx, q_seg, kv_seg, block_size):
   if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
     raise ValueError(f"num_q_heads={q.shape[2]} must be a multiple of num_kv_heads={k.shape[2]}.")
   if idx.shape[:3] != (q.shape[0], q.shape[1], k.shape[2]):
-    raise ValueError(f"block_indices must be [b, t, k, n] = {(*q.shape[:2], k.shape[2])} + "
-                     f"(n,); got {idx.shape}.")
+    raise ValueError(f"block_indices must be [b, t, k, ns] = {(*q.shape[:2], k.shape[2])} + "
+                     f"(ns,); got {idx.shape}.")
   if not jnp.issubdtype(idx.dtype, jnp.integer):
     raise ValueError(f"block_indices must be integer; got {idx.dtype}.")
   if not (q.dtype == k.dtype == v.dtype) or jnp.dtype(q.dtype) not in map(jnp.dtype, _DTYPES):
@@ -170,14 +170,14 @@ def _check(q, k, v, idx, q_seg, kv_seg, block_size):
 
 
 def block_table(block_indices, geo: Geometry):
-  """The kernels' block table: (blk, act) int32 [b, k, t, n].
+  """The kernels' block table: (blk, act) int32 [b, k, t, ns].
 
   act is 1 where the slot holds a valid block that starts at or before the
   query. blk is the slot's block where active; elsewhere it repeats the last
   active block before it (or the query's own block), so skipped steps of the
   grid fetch nothing new.
   """
-  idx = block_indices.astype(jnp.int32).transpose(0, 2, 1, 3)  # [b, k, t, n]
+  idx = block_indices.astype(jnp.int32).transpose(0, 2, 1, 3)  # [b, k, t, ns]
   q_pos = jnp.arange(geo.q_len, dtype=jnp.int32)[:, None]
   active = (idx >= 0) & (idx < geo.num_blocks) & (idx * geo.block <= q_pos)
   slots = jnp.arange(geo.top_n, dtype=jnp.int32)
@@ -189,7 +189,7 @@ def block_table(block_indices, geo: Geometry):
 
 
 def _padded(x, geo: Geometry, mode="constant"):
-  """x [b, s, ...] zero- (or edge-) padded to [b, nb * B, ...]."""
+  """x [b, s, ...] zero- (or edge-) padded to [b, nb·B, ...]."""
   widths = [(0, 0), (0, geo.padded_kv_len - geo.kv_len)] + [(0, 0)] * (x.ndim - 2)
   return jnp.pad(x, widths, mode=mode)
 

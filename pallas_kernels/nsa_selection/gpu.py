@@ -33,7 +33,7 @@ ROWS = 64  # wgmma M tile: query rows (heads of the group, zero-padded) per CTA.
 
 
 def pad_rows(x, num_kv: int):
-  """[b, t, h, ...] -> [b, t, k * ROWS, ...]: each group's g heads zero-padded to ROWS."""
+  """[b, t, h, ...] -> [b, t, k * r, ...]: each group's g heads zero-padded to r = ROWS."""
   b, t, h = x.shape[:3]
   g = h // num_kv
   grouped = x.reshape(b, t, num_kv, g, *x.shape[3:])
@@ -42,7 +42,7 @@ def pad_rows(x, num_kv: int):
 
 
 def unpad_rows(x, num_kv: int, g: int):
-  """Inverse of pad_rows: [b, t, k * ROWS, ...] -> [b, t, k * g, ...]."""
+  """Inverse of pad_rows: [b, t, k * r, ...] -> [b, t, k * g, ...]."""
   b, t = x.shape[:2]
   grouped = x.reshape(b, t, num_kv, ROWS, *x.shape[3:])[:, :, :, :g]
   return grouped.reshape(b, t, num_kv * g, *x.shape[3:])
@@ -112,15 +112,15 @@ def forward(q, k, v, blk, act, q_seg, kv_seg, *, block: int, kv_len: int, scale:
   """Selected-block attention forward on Hopper.
 
   Args:
-    q: [b, t, h, d]; k, v: [b, s_pad, k, d] with s_pad = nb * B (zero-padded);
-      bfloat16 or float16, d % 64 == 0.
-    blk, act: int32 [b, k, t, n] block table (nsa_selection.block_table).
-    q_seg, kv_seg: int32 [b, t], [b, s_pad] or None.
+    q: [b, t, h, d]; k, v: [b, nb·B, k, d] (zero-padded); bfloat16 or
+      float16, d % 64 == 0.
+    blk, act: int32 [b, k, t, ns] block table (api.block_table).
+    q_seg, kv_seg: int32 [b, t], [b, nb·B] or None.
     block: B; kv_len: s (keys at or past it are masked); scale: logit scale.
     interpret: False, or the Mosaic GPU interpreter's params.
 
   Returns:
-    out [b, t, h, d] in q.dtype; lse [b, t, k * ROWS] float32, the log2-unit
+    out [b, t, h, d] in q.dtype; lse [b, t, k * r] float32, the log2-unit
     log-sum-exp of every (padded) row (gpu_bwd.py reads it).
   """
   b, t, h, d = q.shape

@@ -44,7 +44,7 @@ class Shape:
 
   Attributes:
     block: B; kv_len: s (keys at or past it are padding); num_blocks: nb.
-    top_n: n; scale: logit scale (natural units); has_segments.
+    top_n: ns; scale: logit scale (natural units); has_segments.
   """
   block: int
   kv_len: int
@@ -115,11 +115,11 @@ def backward_dq(q, k, v, do, lse, delta, blk, act, q_seg, kv_seg, *, shape: Shap
   """dq [b, t, h, d].
 
   Args:
-    q, do: [b, t, h, d]; k, v: [b, sp, k, d] zero-padded to sp = nb * B.
-    lse: [b, t, k * ROWS] float32 from gpu.forward.
+    q, do: [b, t, h, d]; k, v: [b, nb·B, k, d] (zero-padded).
+    lse: [b, t, k * r] float32 from gpu.forward.
     delta: [b, t, h] float32, sum(out * do) over d.
-    blk, act: int32 [b, k, t, n] block table (nsa_selection.block_table).
-    q_seg, kv_seg: int32 [b, t], [b, sp] or None.
+    blk, act: int32 [b, k, t, ns] block table (api.block_table).
+    q_seg, kv_seg: int32 [b, t], [b, nb·B] or None.
     interpret: False, or the Mosaic GPU interpreter's params.
   """
   b, t, h, d = q.shape
@@ -150,15 +150,15 @@ def work_items(blk, act, *, num_blocks: int, pairs_per_cta: int):
   """The dk/dv kernel's work list, built in XLA from the block table.
 
   Args:
-    blk, act: int32 [b, k, t, n] block table.
-    num_blocks: nb; pairs_per_cta: C, the most pairs one CTA walks.
+    blk, act: int32 [b, k, t, ns] block table.
+    num_blocks: nb; pairs_per_cta: the most pairs one CTA walks.
 
   Returns:
-    pair_q: int32 [b, k, t * n], query position of each pair, sorted by block
+    pair_q: int32 [b, k, t * ns], query position of each pair, sorted by block
       (inactive slots last).
-    item_block, item_lo, item_hi: int32 [b, k, W] with W = nb + ceil(t n / C):
-      CTA w walks pairs [lo, hi) of block item_block; unused items have
-      block nb and lo = hi.
+    item_block, item_lo, item_hi: int32 [b, k, items] with
+      items = nb + ceil(t * ns / pairs_per_cta): CTA w walks pairs [lo, hi) of
+      block item_block; unused items have block nb and lo = hi.
   """
   b, num_kv, t, n = blk.shape
   pairs = t * n
@@ -255,7 +255,7 @@ def _dkv_kernel(*refs, shape: Shape, ops: Ops):
 
 def backward_dkv(q, k, v, do, lse, delta, blk, act, q_seg, kv_seg, *, shape: Shape,
                  interpret, pairs_per_cta: int | None = None):
-  """(dk, dv) [b, sp, k, d], summed over the group's heads and every query.
+  """(dk, dv) [b, nb·B, k, d], summed over the group's heads and every query.
 
   Arguments as in `backward_dq`; pairs_per_cta bounds one CTA's work
   (default PAIRS_PER_CTA).
@@ -291,7 +291,7 @@ def backward_dkv(q, k, v, do, lse, delta, blk, act, q_seg, kv_seg, *, shape: Sha
 
 
 def _sum_partials(part, item_block, num_blocks: int):
-  """[b, k, W, B, d] per-item partials -> [b, sp, k, d]: summed per block in float32."""
+  """[b, k, items, B, d] per-item partials -> [b, nb·B, k, d]: summed per block in float32."""
   b, num_kv, num_items, bk, d = part.shape
   # One segment per (batch, kv head, block); unused items (block nb) get their own.
   rows = jnp.arange(b * num_kv, dtype=jnp.int32).reshape(b, num_kv, 1)

@@ -1,8 +1,7 @@
 """Plain-jnp selected-block attention (NSA's selection branch): the kernels' oracle.
 
-Legend: b batch, t query length, s key/value length, h query heads, k kv heads
-(h % k == 0), g = h // k query heads per kv head, d head dim, n selected blocks
-per query, B block size (tokens per kv block).
+Legend: layers/__init__.py (h % k == 0; B block length, ns selected blocks per
+query).
 """
 
 import jax
@@ -22,7 +21,7 @@ def selected_block_attention_reference(q, k, v, block_indices, *, block_size: in
 
   Args:
     q: [b, t, h, d]; k, v: [b, s, k, d].
-    block_indices: int [b, t, k, n].
+    block_indices: int [b, t, k, ns].
     block_size: B.
     scale: logit scale, default 1 / sqrt(d).
     q_segment_ids, kv_segment_ids: int [b, t] and [b, s], or None.
@@ -40,7 +39,7 @@ def selected_block_attention_reference(q, k, v, block_indices, *, block_size: in
   pad = nb * block_size - s
   kp = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
   vp = jnp.pad(v.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
-  # [b, k, nb, B, d] blocks, gathered per (query, group, slot): [b, t, k, n, B, d].
+  # [b, k, nb, B, d] blocks, gathered per (query, group, slot): [b, t, k, ns, B, d].
   kb = kp.reshape(b, nb, block_size, num_kv, d).transpose(0, 3, 1, 2, 4)
   vb = vp.reshape(b, nb, block_size, num_kv, d).transpose(0, 3, 1, 2, 4)
   idx = block_indices.astype(jnp.int32)
@@ -49,7 +48,7 @@ def selected_block_attention_reference(q, k, v, block_indices, *, block_size: in
   bi = jnp.arange(b)[:, None, None, None]
   ki = jnp.arange(num_kv)[None, None, :, None]
   k_sel, v_sel = kb[bi, ki, idx_c], vb[bi, ki, idx_c]
-  kv_pos = idx_c[..., None] * block_size + jnp.arange(block_size)  # [b, t, k, n, B]
+  kv_pos = idx_c[..., None] * block_size + jnp.arange(block_size)  # [b, t, k, ns, B]
   q_pos = jnp.arange(t)[None, :, None, None, None]
   mask = valid[..., None] & (kv_pos <= q_pos) & (kv_pos < s)
   if q_segment_ids is not None:
@@ -59,7 +58,7 @@ def selected_block_attention_reference(q, k, v, block_indices, *, block_size: in
   qg = q.astype(jnp.float32).reshape(b, t, num_kv, g, d)
   logits = jnp.einsum("btkgd,btknjd->btkgnj", qg, k_sel,
                       precision=jax.lax.Precision.HIGHEST) * scale
-  mask = mask[:, :, :, None]  # [b, t, k, 1, n, B]
+  mask = mask[:, :, :, None]  # [b, t, k, 1, ns, B]
   logits = jnp.where(mask, logits, -1e30)
   peak = jnp.max(logits, axis=(-2, -1), keepdims=True)
   p = jnp.where(mask, jnp.exp(logits - peak), 0.0)

@@ -33,9 +33,9 @@ class Geometry:
 
   Attributes:
     block: B, keys per kv block.
-    q_len: queries per kernel call (a chunk of t, see nsa_selection.query_chunk);
-    kv_len: s; padded_kv_len: sp = nb * B.
-    num_kv_heads: k; group: g = h // k; top_n: n slots per query.
+    q_len: queries per kernel call (a chunk of t, see tpu_core.query_chunk);
+    kv_len: s; padded_kv_len: nb·B.
+    num_kv_heads: k; group: g = h // k; top_n: ns slots per query.
     scale: logit scale (natural units).
     has_segments: segment ids are given.
   """
@@ -55,7 +55,7 @@ class Geometry:
 
   @property
   def num_pairs(self) -> int:
-    """Length of the dkv pair list per (batch, kv head): t * n + nb."""
+    """Length of the dkv pair list per (batch, kv head): t * ns + nb."""
     return self.q_len * self.top_n + self.num_blocks
 
 
@@ -111,7 +111,7 @@ def _fwd_kernel(*refs, geo: Geometry):
 
 
 def query_specs(geo: Geometry, head_dim: int):
-  """BlockSpecs of the (b, k, t, n) grids: q rows, kv block, stat rows, kv segs."""
+  """BlockSpecs of the (b, k, t, ns) grids: q rows, kv block, stat rows, kv segs."""
   g, bk = geo.group, geo.block
 
   def q_map(b, kh, i, j, *_):
@@ -137,8 +137,8 @@ def forward(q, k, v, blk, act, q_offset, q_seg, kv_seg, *, geo: Geometry, interp
   """Forward pass.
 
   Args:
-    q: [b, k, t, g, d]; k, v: [b, k, sp, d].
-    blk, act: int32 [b * k * t * n]: block of each slot, and 1 where it runs.
+    q: [b, k, t, g, d]; k, v: [b, k, nb·B, d].
+    blk, act: int32 [b * k * t * ns]: block of each slot, and 1 where it runs.
     q_offset: int32 [1], position of the call's first query (t queries from it).
     q_seg: int32 [b * t] or None; kv_seg: int32 [b, nb, 8, B] or None.
 

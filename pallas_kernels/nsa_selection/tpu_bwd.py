@@ -117,14 +117,14 @@ def _dkv_kernel(*refs, geo: Geometry):
 
 def backward_dkv(q, k, v, do, lse, delta, pair_blk, pair_q, q_offset, q_seg, kv_seg_col, *,
                  geo: Geometry, interpret):
-  """(dk, dv) [b, k, sp, d] float32, summed over the group's heads and the call's queries.
+  """(dk, dv) [b, k, nb·B, d] float32, summed over the group's heads and the call's queries.
 
   Args:
     pair_blk, pair_q: int32 [b * k * pairs]: per (batch, kv head) the pair
       list sorted by block; pair_q is the query's index in the call (its
       position minus q_offset), -1 for a no-op.
     q_offset: int32 [1], position of the call's first query.
-    kv_seg_col: int32 [b, sp, 128] lane-replicated kv segment ids, or None.
+    kv_seg_col: int32 [b, nb·B, 128] lane-replicated kv segment ids, or None.
     The rest as in `backward_dq`.
   """
   batch, num_kv, t, g, head_dim = q.shape

@@ -5,7 +5,8 @@ SMEM (about 1 MiB per core on current chips). A call's tables grow with
 b * k * t * ns, so long sequences run as a loop (lax.map / lax.scan) over
 chunks of `query_chunk` queries, each with its own slice of the block table
 and the position of its first query: the forward and dq are per chunk, and
-dk/dv are summed over chunks in float32.
+dk/dv are summed over chunks in float32. For the kernels (and below, where a
+chunk is meant) t is a chunk's length.
 """
 
 import dataclasses
@@ -23,8 +24,8 @@ from pallas_kernels.nsa_selection.tpu import Geometry
 def query_chunk(batch: int, geo: Geometry) -> int:
   """Queries per kernel call so that the largest call's tables fit SMEM_PREFETCH_WORDS.
 
-  The dk/dv call is the largest: two pair arrays of b * k * (tc * n + nb) words,
-  the query segment ids (b * tc) and the offset.
+  The dk/dv call is the largest: two pair arrays of b * k * (t * ns + nb) words,
+  the query segment ids (b * t) and the offset, with t the chunk's queries.
 
   Raises:
     ValueError: when not even one query fits (shard the batch or kv heads).
@@ -44,9 +45,9 @@ def pair_list(blk, act, geo: Geometry):
   """The dkv kernel's (block, query) pairs of one chunk, sorted by block per (batch, kv head).
 
   Args:
-    blk, act: int32 [b, k, tc, n] block table of the chunk.
+    blk, act: int32 [b, k, t, ns] block table of the chunk.
 
-  Returns (pair_blk, pair_q) int32 [b * k * (tc * n + nb)]; pair_q is the
+  Returns (pair_blk, pair_q) int32 [b * k * (t * ns + nb)]; pair_q is the
   query's index in the chunk, -1 for inactive slots and for the one no-op pair
   appended per block (so the kernel writes every block).
   """
@@ -72,11 +73,11 @@ def _rows(x):
 @dataclasses.dataclass(frozen=True)
 class _Chunk:
   """One chunk's kernel inputs (leading axis: chunks, when stacked)."""
-  q: jax.Array  # [b, k, tc, g, d]
-  blk: jax.Array  # [b, k, tc, n]
-  act: jax.Array  # [b, k, tc, n]
+  q: jax.Array  # [b, k, t, g, d], t the chunk's queries
+  blk: jax.Array  # [b, k, t, ns]
+  act: jax.Array  # [b, k, t, ns]
   offset: jax.Array  # [1]
-  q_seg: jax.Array | None  # [b * tc]
+  q_seg: jax.Array | None  # [b * t]
 
 
 jax.tree_util.register_dataclass(_Chunk, data_fields=["q", "blk", "act", "offset", "q_seg"],
@@ -87,9 +88,9 @@ def attention(q, k, v, blk, act, q_seg, kv_seg, *, geo: Geometry, interpret):
   """Selected-block attention on TPU in kernel layout.
 
   Args:
-    q: [b, k, t, g, d]; k, v: [b, k, sp, d] (zero-padded to sp = nb * B).
-    blk, act: int32 [b, k, t, n] block table (nsa_selection.block_table).
-    q_seg: int32 [b, t] or None; kv_seg: int32 [b, sp] (edge-padded) or None.
+    q: [b, k, t, g, d]; k, v: [b, k, nb·B, d] (zero-padded).
+    blk, act: int32 [b, k, t, ns] block table (api.block_table).
+    q_seg: int32 [b, t] or None; kv_seg: int32 [b, nb·B] (edge-padded) or None.
     geo: the call's Geometry (q_len = t).
 
   Returns:
@@ -101,7 +102,7 @@ def attention(q, k, v, blk, act, q_seg, kv_seg, *, geo: Geometry, interpret):
   pad = num_chunks * tc - t
 
   def chunked(x, fill=0):
-    """[b, k, t, ...] (or [b, t]) -> [chunks, ..., tc, ...] along the query axis."""
+    """[b, k, t, ...] (or [b, t]) -> [chunks, ..., chunk length, ...] along the query axis."""
     axis = 1 if x.ndim == 2 else 2
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, pad)
@@ -114,12 +115,12 @@ def attention(q, k, v, blk, act, q_seg, kv_seg, *, geo: Geometry, interpret):
   chunks = _Chunk(chunked(q), chunked(blk), chunked(act), offsets, q_segs)
   segs = None if kv_seg is None else _kv_seg_operands(kv_seg, geo)
   out = _core(chunks, k, v, segs, dataclasses.replace(geo, q_len=tc), interpret)
-  out = jnp.moveaxis(out, 0, 2)  # [b, k, chunks, tc, g, d]
+  out = jnp.moveaxis(out, 0, 2)  # [b, k, chunks, chunk length, g, d]
   return out.reshape(*out.shape[:2], num_chunks * tc, *out.shape[4:])[:, :, :t]
 
 
 def _kv_seg_operands(kv_seg, geo: Geometry):
-  """(kv ids as [b, nb, 8, B] rows for fwd/dq, lane-replicated [b, sp, 128] for dkv)."""
+  """(kv ids as [b, nb, 8, B] rows for fwd/dq, lane-replicated [b, nb·B, 128] for dkv)."""
   b = kv_seg.shape[0]
   blocks = kv_seg.reshape(b, geo.num_blocks, 1, geo.block)
   rows = jnp.broadcast_to(blocks, (b, geo.num_blocks, SUBLANES, geo.block))

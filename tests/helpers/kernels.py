@@ -1,6 +1,6 @@
 """Helpers shared by the attention-kernel tests: inputs, fwd+bwd runs, and exports.
 
-Legend: b batch, t query length, s key length, h query heads, k kv heads, d head dim.
+Legend: layers/__init__.py; the keyword kh is k, the kv heads.
 """
 
 import jax
