@@ -341,4 +341,3 @@ def density_of(mask: Mask, q_len: int, kv_len: int, block: int) -> float:
   kinds, _ = _classify(mask, 0, q_len=q_len, kv_len=kv_len, rows=block, cols=block,
                        num_rows=n_r, num_cols=n_c)
   return float(np.mean(kinds != SKIP))
-

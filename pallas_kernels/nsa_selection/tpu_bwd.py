@@ -26,8 +26,6 @@ from pallas_kernels.nsa_selection.tpu import (Geometry, prefetch_operands, query
                                               slot_index, split_refs, tile_mask)
 
 
-
-
 def _dq_kernel(*refs, geo: Geometry):
   (blk_ref, act_ref, q_off, q_seg_ref), ins, kv_seg_ref, rest = split_refs(
       refs, geo.has_segments, 6)
