@@ -29,7 +29,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import flash_attention_config as config_lib
+from pallas_kernels.common import config as config_lib
 from pallas_kernels.flash_attention import flash_attention
 
 

@@ -42,10 +42,10 @@ import attention as dense_bench  # pylint: disable=g-import-not-at-top,wrong-imp
 
 from layers.attention import nsa as nsa_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from layers.attention import nsa_compression as nsa_cmp  # pylint: disable=g-import-not-at-top,wrong-import-position
-from pallas_kernels import flash_attention_config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from pallas_kernels.block_sparse_attention import (  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pallas_kernels.block_sparse import (  # pylint: disable=g-import-not-at-top,wrong-import-position
     CausalMask, ChunkedCausalMask, LocalMask, PrefixLMMask, block_sparse_attention,
     build_block_map, random_block_mask)
+from pallas_kernels.common import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pallas_kernels.flash_attention import flash_attention  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DENSITIES = (1.0, 0.5, 0.25, 0.125, 0.06)

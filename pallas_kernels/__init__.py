@@ -1,0 +1,29 @@
+"""Pallas kernels for Mosaic GPU (Hopper) and Mosaic TPU, each with a plain-jnp reference.
+
+One subpackage per operation, whose `__init__` is its public API:
+
+  flash_attention/  flash_attention, attention_reference, FlashAttentionConfig
+  block_sparse/     block_sparse_attention under a static Mask (CausalMask,
+                    LocalMask, ...), build_block_map, the reference
+  nsa_selection/    selected_block_attention (NSA's selection branch), the reference
+  common/           what they share: the chip config (common.config, public),
+                    masking and tiling, the call plan, the TPU and GPU helpers,
+                    the online-softmax and backward steps
+
+Inside an operation, files are named by role:
+
+  api.py            the entry point: checks, config, layout and padding, and the
+                    custom VJP that calls the platform's kernels
+  reference.py      the plain-jnp oracle, same signature
+  tpu.py, gpu.py    the forward kernel of that platform, and what its backward
+                    shares with it
+  tpu_bwd.py,       the backward kernels (dq and dk/dv); they import from their
+  gpu_bwd.py        forward twin, never the reverse
+  tpu_core.py       (NSA) the XLA driver of the TPU kernels: query chunks and
+                    their custom VJP
+
+The forward / backward rule holds in common/ too: tpu_steps and tpu_steps_bwd,
+gpu_cta and gpu_cta_bwd. Imports point down: an operation imports common/ and
+never another operation; pallas_kernels imports nothing from layers/, models/,
+train/ or configs/. Shape letters follow the legend in layers/__init__.py.
+"""

@@ -15,7 +15,7 @@ import jax
 
 from models.config_schema import ModelConfig
 from models.family import ModelFamily
-from pallas_kernels.flash_attention_config import chip_of_device
+from pallas_kernels.common.config import chip_of_device
 from train.tasks.base import Task
 
 # family name -> (model package exposing FAMILY, "module:TaskClass" that trains it).

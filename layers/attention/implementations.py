@@ -17,7 +17,7 @@ import jax.extend as jex
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from pallas_kernels.flash_attention_config import MAX_HEAD_DIM as _PALLAS_MAX_HEAD_DIM
+from pallas_kernels.common.config import MAX_HEAD_DIM as _PALLAS_MAX_HEAD_DIM
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -142,7 +142,7 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   partitioner never gathers its inputs.
   """
   from pallas_kernels import flash_attention as fa  # pylint: disable=g-import-not-at-top
-  from pallas_kernels import flash_attention_config as fa_config  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.common import config as fa_config  # pylint: disable=g-import-not-at-top
   config = fa_config.FlashAttentionConfig(chip=chip) if chip else None
 
   def attend(q, k, v, *segment_ids):

@@ -294,7 +294,7 @@ class NativeSparseAttention(nn.Module):
     return tuple(var.value for var in compressed)
 
   def _kernel_kwargs(self):
-    from pallas_kernels import flash_attention_config as fa  # pylint: disable=g-import-not-at-top
+    from pallas_kernels.common import config as fa  # pylint: disable=g-import-not-at-top
     config = fa.FlashAttentionConfig(chip=self.attention_chip) if self.attention_chip else None
     return dict(interpret=jax.default_backend() == "cpu", config=config)
 
