@@ -134,6 +134,12 @@ class ModelConfig(ConfigSection):
     """
     return {}
 
+  def on_chip(self, chip: str) -> "ModelConfig":
+    """This config with its kernel target set to `chip` (this machine's, '' on CPU)
+    where it leaves the choice to the machine; families without kernels ignore it."""
+    del chip
+    return self
+
   def train_flops_per_token(self, seq_len: int) -> float | None:
     """Model FLOPs of one training token (forward + backward), for MFU; None if uncounted."""
     del seq_len

@@ -71,20 +71,12 @@ def model_config(model_section: Mapping[str, Any]) -> ModelConfig:
     raise
 
 
-def kernel_chip(config: ModelConfig) -> str:
-  """`model.attention_chip`, or this machine's kernel target when it is ''.
-
-  Resolved here, when the model is built, so nothing queries the device while
-  tracing. '' stays '' where no kernel targets the device (CPU: interpret mode).
-  """
-  if config.attention_chip:
-    return config.attention_chip
-  return chip_of_device(jax.devices()[0]) or ""
-
-
 def build_model(model_section: Mapping[str, Any]) -> nn.Module:
-  """The family's module for `config.model`, attention chip resolved."""
-  config = model_config(model_section)
-  if hasattr(config, "attention_chip"):
-    config = dataclasses.replace(config, attention_chip=kernel_chip(config))
+  """The family's module for `config.model`.
+
+  The kernel target (`model.attention_chip` '' = this machine's) is resolved
+  here, when the model is built, so nothing queries the device while tracing;
+  it stays '' where no kernel targets the device (CPU: interpret mode).
+  """
+  config = model_config(model_section).on_chip(chip_of_device(jax.devices()[0]) or "")
   return get_family(model_section["family"]).model.model_class(config)

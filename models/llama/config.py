@@ -104,6 +104,9 @@ class LlamaConfig(ModelConfig):
     check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
     check_dtype_names(self)
 
+  def on_chip(self, chip):
+    return self if self.attention_chip else dataclasses.replace(self, attention_chip=chip)
+
   def sharded_sizes(self):
     return {"num_heads": ("heads", self.num_heads),
             "num_kv_heads": ("kv_heads", self.num_kv_heads)}

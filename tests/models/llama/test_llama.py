@@ -1,4 +1,4 @@
-"""Tests for models/llama.py: config validation, properties of the forward pass, decoding.
+"""Tests for models/llama/: config validation, properties of the forward pass, decoding.
 
 Parameters come from `random_params` (shapes from `jax.eval_shape` of init,
 values from numpy) rather than a compiled init: faster, and it perturbs the
