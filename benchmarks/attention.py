@@ -2,7 +2,7 @@
 
     python benchmarks/attention.py            # on an H100 / H200 (or a TPU: ours vs XLA)
     python benchmarks/attention.py --smoke    # tiny sizes on CPU, kernels interpreted
-    python benchmarks/attention.py --only="S8192 H16 D128" --json=rows.jsonl   # some rows, as JSON too
+    python benchmarks/attention.py --only="S8192 H16 D128" --json=rows.jsonl  # some rows, JSON too
 
 Problems (bf16): B*S = 16k tokens, H*D = 2048, head_dim 64 and 128, S in
 2k/4k/8k/16k, causal and not; plus at S = 8k, head_dim 128: GQA 4:1, 4 packed

@@ -2,7 +2,7 @@
 
     python benchmarks/sparse_attention.py            # on an H100 / H200 (or a TPU)
     python benchmarks/sparse_attention.py --smoke    # tiny sizes on CPU, kernels interpreted
-    python benchmarks/sparse_attention.py --nsa --only=S8192 --json=rows.jsonl   # 8k rows, as JSON too
+    python benchmarks/sparse_attention.py --nsa --only=S8192 --json=rows.jsonl  # 8k rows, JSON too
 
 Problems (bf16, head_dim 128, B = 1, H = 16): S = 8k and 32k; masks: random
 per-tile BlockMasks at densities 100, 50, 25, 12.5 and 6 % (tiles of 128
