@@ -135,7 +135,8 @@ def plan(platform: str, smoke: bool) -> list[Step]:
   budget = lambda seconds: SMOKE_BUDGET_S if smoke else seconds  # noqa: E731
   for path in hardware_test_files():
     name = str(path.relative_to(REPO / "tests").with_suffix(""))
-    steps.append(Step("kernels", name, [PY, "-m", "pytest", "-q", "-n", "0", "-m", "gpu or tpu",
+    # -v names each test as it starts: the log shows which one a timeout stopped.
+    steps.append(Step("kernels", name, [PY, "-m", "pytest", "-v", "-n", "0", "-m", "gpu or tpu",
                                         str(path.relative_to(REPO)), "--junitxml={out}"],
                       budget(KERNEL_BUDGET_S)))
   for case in SMOKE_LAYER_CASES if smoke else LAYER_CASES:
@@ -245,15 +246,28 @@ class Runner:
     lines = [line.rstrip()[:200] for line in output.splitlines() if line.strip()]
     step.status = "timeout" if timed_out else ("ok" if proc.returncode == 0 else "failed")
     if step.is_pytest:
-      parse_junit(step, scratch, self.platform)
-    elif scratch.exists():
-      step.rows = [json.loads(line) for line in scratch.read_text().splitlines() if line.strip()]
+      parse_junit(step, scratch, self.platform, output)
+    else:
+      step.rows = read_rows(scratch)
       step.note = note_for(step)
+      if step.status == "ok" and not step.rows:
+        step.status, step.failure = "failed", ["exited 0 but wrote no rows (--json)"]
     if timed_out:
       step.failure = [f"no result within {timeout:.0f} s; last output:"] + lines[-2:]
     elif step.status == "failed" and not step.failure:
       step.failure = error_lines(lines)
     return trim(output)
+
+
+def read_rows(path: pathlib.Path) -> list[dict]:
+  """The JSON lines a step wrote; a line cut short by a kill is dropped."""
+  rows = []
+  for line in (path.read_text().splitlines() if path.exists() else []):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      pass
+  return rows
 
 
 def error_lines(lines: list[str]) -> list[str]:
@@ -264,12 +278,19 @@ def error_lines(lines: list[str]) -> list[str]:
   return lines[-3:]
 
 
-def parse_junit(step: Step, path: pathlib.Path, platform: str) -> None:
-  """Counts and failures of a pytest step from its JUnit XML (absent if pytest crashed)."""
-  if not path.exists():
-    return
+def parse_junit(step: Step, path: pathlib.Path, platform: str, output: str) -> None:
+  """Counts and failures of a pytest step from its JUnit XML, which pytest writes at its
+  end: a killed or crashed run has only its -v log, whose outcome words are counted."""
   counts, skip_reason = dict(passed=0, failed=0, skipped=0), ""
-  for case in ElementTree.parse(path).getroot().iter("testcase"):
+  try:
+    cases = list(ElementTree.parse(path).getroot().iter("testcase"))
+  except (OSError, ElementTree.ParseError):
+    for outcome in re.findall(r"::\S+ (PASSED|FAILED|ERROR|SKIPPED)", output):
+      counts[{"PASSED": "passed", "SKIPPED": "skipped"}.get(outcome, "failed")] += 1
+    step.note = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n) + " (from the log)"
+    step.rows = [dict(counts, skip_reason="")]
+    return
+  for case in cases:
     bad = next((c for c in case if c.tag in ("failure", "error")), None)
     skipped = case.find("skipped")
     if bad is not None:
@@ -278,8 +299,8 @@ def parse_junit(step: Step, path: pathlib.Path, platform: str) -> None:
       step.failure.append(f"{case.get('name')}: {message[0][:200]}")
     elif skipped is not None:
       counts["skipped"] += 1
-      skip_reason = (skipped.get("message") or "").splitlines()[0][:160] if skipped.get(
-          "message") else skip_reason
+      message = skipped.get("message") or skip_reason
+      skip_reason = message.splitlines()[0][:160] if message else ""
     else:
       counts["passed"] += 1
   step.note = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n) or "no tests"
@@ -338,7 +359,7 @@ def markdown(report: dict, steps: list[Step]) -> str:
     for s in bad:
       lines += [f"**{s.label}** ({s.status})", "", "```"] + s.failure[:8] + ["```", ""]
   for s in steps:
-    if s.rows and not s.is_pytest:
+    if s.rows and not s.is_pytest and s.stage != "probe":
       keys = list(dict.fromkeys(k for row in s.rows for k in row))
       lines += ["", f"## {s.label}", "", "| " + " | ".join(keys) + " |",
                 "|" + "---|" * len(keys)]
@@ -388,7 +409,8 @@ def main() -> int:
   parser.add_argument("--out", required=True, help="folder for results.json, summary.md, log.txt")
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CPU (and the tests)")
   parser.add_argument("--only", default="",
-                      help="comma-separated substrings of stage/step names to run")
+                      help="run only the steps whose stage/name holds one of these "
+                           "comma-separated substrings (e.g. train,layers)")
   parser.add_argument("--deadline", type=float, default=None,
                       help=f"seconds for the whole run (default {DEADLINE_S}, smoke "
                            f"{SMOKE_DEADLINE_S})")

@@ -127,16 +127,20 @@ def test_pytest_counts_failures_and_all_skipped_on_a_device(tmp_path):
   (tmp_path / "test_skips.py").write_text(
       "import pytest\n"
       "def test_skip(): pytest.skip('needs a GPU kernel target; have cpu')\n")
-  for name in ("test_sample", "test_skips"):
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{name}.py",
-                    f"--junitxml={name}.xml"], cwd=tmp_path, capture_output=True, check=False)
+  logs = {name: subprocess.run(
+      [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", f"{name}.py",
+       f"--junitxml={name}.xml"], cwd=tmp_path, capture_output=True, text=True, check=False).stdout
+          for name in ("test_sample", "test_skips")}
   step = hc.Step("kernels", "sample", ["pytest"], 60, status="failed")
-  hc.parse_junit(step, tmp_path / "test_sample.xml", "gpu")
+  hc.parse_junit(step, tmp_path / "test_sample.xml", "gpu", "")
   assert step.note == "1 passed, 1 failed, 1 skipped"
   assert step.failure == ["test_bad: AssertionError: kernel differs"]
   skips = hc.Step("kernels", "skips", ["pytest"], 60, status="ok")
-  hc.parse_junit(skips, tmp_path / "test_skips.xml", "gpu")
+  hc.parse_junit(skips, tmp_path / "test_skips.xml", "gpu", "")
   assert skips.status == "failed" and "have cpu" in skips.failure[0]
   on_cpu = hc.Step("kernels", "skips", ["pytest"], 60, status="ok")
-  hc.parse_junit(on_cpu, tmp_path / "test_skips.xml", "cpu")
+  hc.parse_junit(on_cpu, tmp_path / "test_skips.xml", "cpu", "")
   assert on_cpu.status == "ok" and on_cpu.note == "1 skipped"
+  killed = hc.Step("kernels", "killed", ["pytest"], 60, status="timeout")  # No XML: the log.
+  hc.parse_junit(killed, tmp_path / "absent.xml", "gpu", logs["test_sample"])
+  assert killed.note == "1 passed, 1 failed, 1 skipped (from the log)"
