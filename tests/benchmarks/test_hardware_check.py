@@ -16,12 +16,22 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-def _hardware_check():
-  spec = importlib.util.spec_from_file_location("hardware_check",
-                                                REPO / "benchmarks" / "hardware_check.py")
+def _load(name: str):
+  """benchmarks/<name>.py as a module (benchmarks/ is a folder of scripts, not a package)."""
+  spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def _hardware_check():
+  return _load("hardware_check")
+
+
+def test_the_check_runs_every_layer_case():
+  hc, layer_check = _hardware_check(), _load("hardware_layer_check")
+  assert sorted(hc.LAYER_CASES) == sorted(layer_check.CASES)
+  assert set(hc.SMOKE_LAYER_CASES) <= set(layer_check.CASES)
 
 
 def test_smoke_runs_every_stage(tmp_path):
