@@ -13,7 +13,7 @@ paths round to bfloat16, so a few 1e-3 is expected and a wrong tile shows as
 a large max.
 
 Cases (real sizes; --smoke shrinks lengths, heads and blocks):
-  attention_d64       Llama 1B's attention (layers.attention_ops): causal, GQA
+  attention_d64       Llama 1B's attention (layers.attention): causal, GQA
                       4:1, head_dim 64, packed segments, t 4096
   attention_d128      3B/8B and the MoE configs: GQA 4:1, head_dim 128, segments
   attention_mha_d128  Qwen2-MoE: no GQA, head_dim 128, one segment
@@ -41,8 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 # The project modules this check depends on (update here when they move).
-from layers import attention_ops
-from layers.nsa import NativeSparseAttention
+from layers.attention import NativeSparseAttention, dot_product_attention
 from pallas_kernels.flash_attention_config import chip_of_device
 
 # ||pallas - xla|| / ||xla|| and max|pallas - xla| / max|xla|, both bfloat16.
@@ -90,7 +89,7 @@ def segment_ids(b: int, t: int, n: int) -> jax.Array:
 
 
 def attention_outputs(case: Case, impl: str, chip: str):
-  """{name: array}: attention_ops' output and dq, dk, dv for a fixed cotangent."""
+  """{name: array}: dot_product_attention's output and dq, dk, dv for a fixed cotangent."""
   keys = jax.random.split(jax.random.key(0), 4)
   bf16 = jnp.bfloat16
   q = jax.random.normal(keys[0], (case.b, case.t, case.h, case.d), bf16)
@@ -101,7 +100,7 @@ def attention_outputs(case: Case, impl: str, chip: str):
   interpret = jax.default_backend() == "cpu"
 
   def both(q, k, v, do):
-    fn = lambda q, k, v: attention_ops.dot_product_attention(  # noqa: E731
+    fn = lambda q, k, v: dot_product_attention(  # noqa: E731
         q, k, v, impl=impl, q_segment_ids=ids, kv_segment_ids=ids, interpret=interpret,
         chip=chip)
     out, vjp = jax.vjp(fn, q, k, v)

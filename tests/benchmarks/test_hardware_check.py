@@ -13,7 +13,9 @@ import subprocess
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+from helpers import REPO_ROOT
+
+REPO = pathlib.Path(REPO_ROOT)
 
 
 def _load(name: str):
