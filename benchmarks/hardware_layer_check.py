@@ -42,7 +42,7 @@ import numpy as np
 
 # The project modules this check depends on (update here when they move).
 from layers.attention import NativeSparseAttention, dot_product_attention
-from pallas_kernels.flash_attention_config import chip_of_device
+from pallas_kernels.common.config import chip_of_device
 
 # ||pallas - xla|| / ||xla|| and max|pallas - xla| / max|xla|, both bfloat16.
 REL_NORM_TOL = 2e-2
