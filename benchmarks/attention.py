@@ -2,6 +2,7 @@
 
     python benchmarks/attention.py            # on an H100 / H200 (or a TPU: ours vs XLA)
     python benchmarks/attention.py --smoke    # tiny sizes on CPU, kernels interpreted
+    python benchmarks/attention.py --only="S8192 H16 D128" --json=rows.jsonl  # some rows, JSON too
 
 Problems (bf16): B*S = 16k tokens, H*D = 2048, head_dim 64 and 128, S in
 2k/4k/8k/16k, causal and not; plus at S = 8k, head_dim 128: GQA 4:1, 4 packed
@@ -23,6 +24,7 @@ then the median of --iters runs; on GPU with CUPTI device timers when available
 import argparse
 import dataclasses
 import functools
+import json
 import statistics
 import time
 
@@ -190,6 +192,17 @@ def _max_error(p: Problem, impls, args):
     return None
 
 
+def write_row(path: str, row: dict) -> None:
+  """Appends `row` to the JSON-lines file `path` (--json; nothing when empty).
+
+  One line per printed row, written as it is printed, so a run stopped
+  part-way keeps the rows it finished.
+  """
+  if path:
+    with open(path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(row) + "\n")
+
+
 def _cell(ms, flops):
   if ms is None:
     return "       n/a       "
@@ -201,6 +214,7 @@ def main():
   parser.add_argument("--smoke", action="store_true", help="tiny sizes; interpret on CPU")
   parser.add_argument("--iters", type=int, default=None, help="timed runs per entry")
   parser.add_argument("--only", default="", help="substring filter on row names")
+  parser.add_argument("--json", default="", help="also append each row to this JSON-lines file")
   args = parser.parse_args()
   backend = jax.default_backend()
   interpret = backend == "cpu"
@@ -233,6 +247,11 @@ def main():
       cells = " ".join(_cell(t, f) for t, f in zip(times, flops))
       note = f"  max|ours - xla| {err:.1e}" if name == "pallas (ours)" and err is not None else ""
       print(f"{p.name:42s} {name:15s} {cells}  {ratio}{note}", flush=True)
+      write_row(args.json, dict(
+          problem=p.name, impl=name, fwd_ms=times[0], bwd_ms=times[1], fwd_bwd_ms=times[2],
+          fwd_bwd_tflops=flops[2] / times[2] / 1e9 if times[2] else None,
+          cudnn_time_ratio=base[2] / times[2] if base and base[2] and times[2] else None,
+          max_err_vs_xla=err if name == "pallas (ours)" else None))
 
 
 if __name__ == "__main__":

@@ -15,11 +15,13 @@ for every row (the router and the capacity padding are not counted), so the
 TFLOP/s column compares useful work.
 
 Timing: two random input sets alternated, --warmup runs of each, then the
-median wall clock of --iters runs after block_until_ready.
+median wall clock of --iters runs after block_until_ready. --json=PATH also
+appends each row to a JSON-lines file.
 """
 
 import argparse
 import datetime
+import json
 import statistics
 import time
 
@@ -78,6 +80,7 @@ def main():
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU)")
+  parser.add_argument("--json", default="", help="also append each row to this JSON-lines file")
   args = parser.parse_args()
   if args.smoke:
     args.tokens, args.seq, args.embed, args.mlp = 512, 128, 64, 128
@@ -108,7 +111,12 @@ def main():
     _, dropped = step(variables, *arg_sets[0])
     total = args.tokens * args.topk
     drop = f"{float(dropped) / total:7.1%}" if name == "capacity" else "-"
-    print(f"| {name:<9} | {ms:9.2f} | {flops / ms / 1e9:8.3g} | {drop:>8} |")
+    print(f"| {name:<9} | {ms:9.2f} | {flops / ms / 1e9:8.3g} | {drop:>8} |", flush=True)
+    if args.json:
+      with open(args.json, "a", encoding="utf-8") as f:
+        f.write(json.dumps(dict(impl=name, tokens=args.tokens, ms=ms, tflops=flops / ms / 1e9,
+                                dropped=float(dropped) / total if name == "capacity" else None))
+                + "\n")
 
 
 if __name__ == "__main__":

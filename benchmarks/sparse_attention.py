@@ -2,6 +2,7 @@
 
     python benchmarks/sparse_attention.py            # on an H100 / H200 (or a TPU)
     python benchmarks/sparse_attention.py --smoke    # tiny sizes on CPU, kernels interpreted
+    python benchmarks/sparse_attention.py --nsa --only=S8192 --json=rows.jsonl  # 8k rows, JSON too
 
 Problems (bf16, head_dim 128, B = 1, H = 16): S = 8k and 32k; masks: random
 per-tile BlockMasks at densities 100, 50, 25, 12.5 and 6 % (tiles of 128
@@ -25,6 +26,8 @@ long S).
 
 Timing is benchmarks/attention.py's: random inputs, two alternated sets,
 warm-up, median of --iters runs, CUPTI device timers on GPU when available.
+--only keeps the rows whose label (problem and impl) holds one of its
+comma-separated substrings; the dense baselines of a kept row always run.
 """
 
 import argparse
@@ -168,8 +171,28 @@ def _time(fn, args_sets, iters, use_cupti, p):
   return dense_bench.time_problem(p, fn, args_sets, iters, use_cupti)
 
 
-def run_problem(p: Problem, *, config, interpret, iters, use_cupti, smoke):
-  """Prints the dense rows and one row per mask."""
+def _kept(label: str, only: str) -> bool:
+  """Whether --only keeps the row `label`: empty keeps all, else any comma-separated part."""
+  return not only or any(part in label for part in only.split(","))
+
+
+def _fraction(base, t):
+  return base / t if base and t else None
+
+
+def _row(json_path, p, impl, times, **extra):
+  """Appends one row (--json): problem, impl, fwd/bwd/fwd+bwd ms and extra fields."""
+  dense_bench.write_row(json_path, dict(problem=p.name, impl=impl, fwd_ms=times[0],
+                                        bwd_ms=times[1], fwd_bwd_ms=times[2], **extra))
+
+
+def run_problem(p: Problem, *, config, interpret, iters, use_cupti, smoke, only="",
+                json_path=""):
+  """Prints the dense rows and one row per mask kept by `only`."""
+  masks = {name: mask for name, mask in masks_for(p, smoke).items()
+           if _kept(f"{p.name} sparse {name}", only)}
+  if not masks:
+    return
   args_sets = [_inputs(p, seed) for seed in (0, 1)]
   dense_flops = 4.0 * p.batch * p.heads * p.seq * p.seq * p.head_dim
   kw = dict(interpret=interpret, config=config)
@@ -181,8 +204,10 @@ def run_problem(p: Problem, *, config, interpret, iters, use_cupti, smoke):
   print(f"{p.name:24s} {'flash causal':26s} {'':>8s} "
         f"{_cells(causal, flops(dense_flops / 2))}  "
         + "/".join(_ratio(d, c) for d, c in zip(dense, causal)))
+  _row(json_path, p, "flash dense", dense)
+  _row(json_path, p, "flash causal", causal, dense_time_ratio=_fraction(dense[2], causal[2]))
   cfg = config or config_lib.default_config("tpu_v5e")
-  for name, mask in masks_for(p, smoke).items():
+  for name, mask in masks.items():
     block_map = build_block_map(mask, q_len=p.seq, kv_len=p.seq, num_q_heads=p.heads,
                                 head_dim=p.head_dim, config=cfg, interpret=interpret)
     build_ms = block_map.build_seconds * 1e3  # The build itself (not a cache hit).
@@ -192,20 +217,23 @@ def run_problem(p: Problem, *, config, interpret, iters, use_cupti, smoke):
     ratio = "/".join(_ratio(d, t) for d, t in zip(dense, times))
     print(f"{p.name:24s} {'sparse ' + name:26s} {block_map.density():7.1%} "
           f"{_cells(times, flops(useful))}  {ratio}  map build {build_ms:.1f} ms", flush=True)
+    _row(json_path, p, "sparse " + name, times, density=block_map.density(),
+         dense_time_ratio=_fraction(dense[2], times[2]), map_build_ms=build_ms)
 
 
 def _ratio(base, t):
   return f"{base / t:.2f}" if base and t else "n/a"
 
 
-def nsa_rows(*, config, interpret, iters, use_cupti, smoke, implementations=None):
+def nsa_rows(*, config, interpret, iters, use_cupti, smoke, implementations=None, only="",
+             json_path=""):
   """NSA forward/backward vs dense causal flash at S = 8k, 16k, 32k, 64k (H = 64, K = 4).
 
   implementations: name -> callable(q, k, v) (default NSA_IMPLEMENTATIONS);
   each is timed like the rows above (fwd, bwd, fwd+bwd) with the time ratio
   to causal flash attention; TFLOP/s are those of causal flash's FLOPs (NSA
   does fewer: the ratio is the speedup that matters). Prints nothing when no
-  implementation is registered.
+  implementation is registered. `only` filters rows as in run_problem.
   """
   implementations = NSA_IMPLEMENTATIONS if implementations is None else implementations
   if not implementations:
@@ -216,6 +244,10 @@ def nsa_rows(*, config, interpret, iters, use_cupti, smoke, implementations=None
   kw = dict(interpret=interpret, config=config)
   for seq in seqs:
     p = Problem(1, seq, heads, head_dim, 64)
+    kept = {name: fn for name, fn in implementations.items()
+            if _kept(f"{p.name} nsa {name}", only)}
+    if not kept:
+      continue
     keys = jax.random.split(jax.random.key(seq), 4)
     mk = lambda key, h: jax.random.normal(key, (1, seq, h, head_dim), jnp.bfloat16)
     args_sets = [(mk(keys[0], heads), mk(keys[1], kv_heads), mk(keys[2], kv_heads),
@@ -225,11 +257,13 @@ def nsa_rows(*, config, interpret, iters, use_cupti, smoke, implementations=None
                  use_cupti, p)
     print(f"{p.name:24s} {'flash causal (NSA base)':26s} {'':>8s} "
           f"{_cells(base, (flops, 2.5 * flops, 3.5 * flops))}")
-    for name, fn in implementations.items():
+    _row(json_path, p, "flash causal (NSA base)", base)
+    for name, fn in kept.items():
       times = _time(fn, args_sets, iters, use_cupti, p)
       print(f"{p.name:24s} {'nsa ' + name:26s} {'':>8s} "
             f"{_cells(times, (flops, 2.5 * flops, 3.5 * flops))}  "
             + "/".join(_ratio(b, t) for b, t in zip(base, times)), flush=True)
+      _row(json_path, p, "nsa " + name, times, flash_causal_time_ratio=_fraction(base[2], times[2]))
 
 
 def main():
@@ -237,6 +271,9 @@ def main():
   parser.add_argument("--smoke", action="store_true", help="tiny sizes; interpret on CPU")
   parser.add_argument("--iters", type=int, default=None, help="timed runs per entry")
   parser.add_argument("--nsa", action="store_true", help="also run the NSA rows")
+  parser.add_argument("--only", default="",
+                      help="comma-separated substrings; keep rows whose label holds one")
+  parser.add_argument("--json", default="", help="also append each row to this JSON-lines file")
   args = parser.parse_args()
   backend = jax.default_backend()
   interpret = backend == "cpu"
@@ -256,7 +293,7 @@ def main():
   print(header)
   print("-" * len(header))
   common = dict(config=config, interpret=interpret, iters=iters, use_cupti=backend == "gpu",
-                smoke=args.smoke)
+                smoke=args.smoke, only=args.only, json_path=args.json)
   for p in problems(args.smoke, config):
     run_problem(p, **common)
   if args.nsa:

@@ -14,10 +14,12 @@ MFU = tokens/s * FLOPs/token / (devices * peak FLOP/s). The peak is the
 published dense bf16 figure of the device (`train.flops.PEAK_FLOPS`). In the
 same run a large matmul in the config's compute dtype is timed as the
 baseline: the FLOP/s this device actually reaches, so on CPU (no published
-peak) the step can still be compared to what the hardware does.
+peak) the step can still be compared to what the hardware does. --json=PATH
+also appends these numbers to a JSON-lines file.
 """
 
 import datetime
+import json
 import statistics
 import time
 
@@ -36,6 +38,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/llama_tiny.py", "Co
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps (compilation, autotuning).")
 _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 0, "Baseline matmul size (0: by device).")
+_JSON = flags.DEFINE_string("json", "", "Also append the results to this JSON-lines file.")
 
 
 def random_batch(task, data_config, vocab: int, seed: int) -> dict:
@@ -111,6 +114,14 @@ def main(argv):
         else "MFU         n/a: no published peak for this device")
   print(f"baseline    {size}x{size} {config.model.dtype} matmul: {baseline / 1e12:.3f} TFLOP/s; "
         f"train step reaches {achieved / baseline:.1%} of it")
+  if _JSON.value:
+    row = dict(family=config.model.family, attention=config.model.attention,
+               attention_impl=config.model.attention_impl, layers=config.model.num_layers,
+               batch=d.global_batch_size, seq_len=d.seq_len, step_ms=step_s * 1e3,
+               tokens_per_s=tokens_per_s, tflops_per_device=achieved / 1e12,
+               mfu=achieved / peak if peak else None, matmul_tflops=baseline / 1e12)
+    with open(_JSON.value, "a", encoding="utf-8") as f:
+      f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":
