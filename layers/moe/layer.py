@@ -139,7 +139,8 @@ class MoeFeedForward(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
-  def _check(self):
+  def check(self) -> None:
+    """Raises ValueError naming the config field (`model.moe.*`) of an impossible setup."""
     check_router_config(num_experts=self.num_experts, num_experts_per_token=self.num_experts_per_token,
                         kind=self.router, num_groups=self.router_num_groups,
                         topk_groups=self.router_topk_groups)
@@ -156,7 +157,7 @@ class MoeFeedForward(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
     """x [b, t, e], token_mask [b, t] bool (True = real token) or None -> [b, t, e]."""
-    self._check()
+    self.check()
     b, t, e = x.shape
     num_experts, top_k = self.num_experts, self.num_experts_per_token
     mask = jnp.ones((b, t), bool) if token_mask is None else token_mask.astype(bool)

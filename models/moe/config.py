@@ -10,11 +10,11 @@ shapes are in configs/moe.py. Shapes: see layers/__init__.py.
 import dataclasses
 from typing import ClassVar
 
-from layers.moe import check_router_config
-from models.config_schema import ConfigSection, field, section
-from models.llama.config import LlamaConfig, check_choice
+import jax.numpy as jnp
 
-MOE_IMPLS = ("dropless", "capacity")
+from layers.moe import MoeFeedForward
+from models.config_schema import ConfigSection, field, section
+from models.llama.config import LlamaConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,17 +48,20 @@ class MoeLayerConfig(ConfigSection):
                                   shapes_params=False)
 
   def __post_init__(self):
-    check_router_config(num_experts=self.num_experts,
-                        num_experts_per_token=self.num_experts_per_token, kind=self.router,
-                        num_groups=self.router_num_groups, topk_groups=self.router_topk_groups)
-    check_choice("moe.impl", self.impl, MOE_IMPLS)
-    if self.impl == "capacity" and not self.capacity_factor > 0:
-      raise ValueError(f"model.moe.capacity_factor={self.capacity_factor} must be > 0.")
-    if self.shared_expert_gate and self.shared_expert_mlp_dim < 1:
-      raise ValueError("model.moe.shared_expert_gate=True needs "
-                       "model.moe.shared_expert_mlp_dim > 0.")
-    if self.expert_mlp_dim < 1:
-      raise ValueError(f"model.moe.expert_mlp_dim={self.expert_mlp_dim} must be at least 1.")
+    self.layer().check()
+
+  def layer(self, dtype: str = "float32", param_dtype: str = "float32",
+            name: str | None = None) -> MoeFeedForward:
+    """The MoE layer these fields describe."""
+    return MoeFeedForward(
+        num_experts=self.num_experts, num_experts_per_token=self.num_experts_per_token,
+        expert_mlp_dim=self.expert_mlp_dim, shared_expert_mlp_dim=self.shared_expert_mlp_dim,
+        shared_expert_gate=self.shared_expert_gate, router=self.router,
+        router_norm_topk=self.router_norm_topk, router_num_groups=self.router_num_groups,
+        router_topk_groups=self.router_topk_groups,
+        routed_scaling_factor=self.routed_scaling_factor, impl=self.impl,
+        capacity_factor=self.capacity_factor, dtype=jnp.dtype(dtype),
+        param_dtype=jnp.dtype(param_dtype), name=name)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

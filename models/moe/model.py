@@ -18,7 +18,6 @@ import re
 import jax
 import jax.numpy as jnp
 
-from layers.moe import MoeFeedForward
 from models.llama import model as llama
 from models.moe.config import MoeConfig
 
@@ -29,18 +28,9 @@ class MoeBlock(llama.Block):
   """
 
   def feed_forward(self, y, segment_ids):
-    cfg, moe = self.config, self.config.moe
+    cfg = self.config
     token_mask = None if segment_ids is None else segment_ids > 0
-    layer = MoeFeedForward(
-        num_experts=moe.num_experts, num_experts_per_token=moe.num_experts_per_token,
-        expert_mlp_dim=moe.expert_mlp_dim, shared_expert_mlp_dim=moe.shared_expert_mlp_dim,
-        shared_expert_gate=moe.shared_expert_gate, router=moe.router,
-        router_norm_topk=moe.router_norm_topk, router_num_groups=moe.router_num_groups,
-        router_topk_groups=moe.router_topk_groups,
-        routed_scaling_factor=moe.routed_scaling_factor, impl=moe.impl,
-        capacity_factor=moe.capacity_factor, dtype=jnp.dtype(cfg.dtype),
-        param_dtype=jnp.dtype(cfg.param_dtype), name="moe")
-    return layer(y, token_mask)
+    return cfg.moe.layer(cfg.dtype, cfg.param_dtype, name="moe")(y, token_mask)
 
 
 class Moe(llama.Llama):
