@@ -1,4 +1,4 @@
-"""A tiny Mamba-2 (~0.5M parameters) on the embedded corpus, CPU-friendly.
+"""A tiny Mamba-2 (~0.6M parameters) on the embedded corpus, CPU-friendly.
 
 python -m train.main --config=configs/mamba_tiny.py --workdir=/tmp/mamba_tiny
 """
