@@ -40,7 +40,7 @@ def document_index(segment_ids: jax.Array | None, shape: tuple[int, int],
 
 
 def _segsum(a: jax.Array) -> jax.Array:
-  """[..., B] -> [..., B, B]: out[i, j] = a[j+1] + ... + a[i] for j <= i, -inf above the diagonal."""
+  """[..., B] -> [..., B, B]: out[i, j] = a[j+1] + ... + a[i] for j <= i, -inf above it."""
   length = a.shape[-1]
   lower = jnp.tril(jnp.ones((length, length), bool), -1)  # i > j: a[i] enters the sum.
   terms = jnp.where(lower, a[..., :, None], 0.0)

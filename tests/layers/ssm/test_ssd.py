@@ -44,6 +44,25 @@ def test_chunked_matches_sequential(t, chunk, packed):
   np.testing.assert_allclose(final, final_ref, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("heads,groups", [(4, 1), (4, 4), (6, 3)])
+@pytest.mark.parametrize("t,chunk", [(2, 3), (31, 8), (64, 16), (100, 32), (129, 64)])
+def test_chunked_matches_sequential_sweep(heads, groups, t, chunk):
+  """Group layouts and long rows with many chunks and documents."""
+  rng = np.random.default_rng(t)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+  args = dict(x=normal(2, t, heads, D), dt=jnp.asarray(rng.uniform(0.01, 0.5, (2, t, heads)),
+                                                       jnp.float32),
+              a=-jnp.asarray(rng.uniform(0.5, 3.0, heads), jnp.float32),
+              bmat=normal(2, t, groups, N), cmat=normal(2, t, groups, N),
+              d_skip=normal(heads))
+  seg = packed_ids(t, sorted(rng.integers(0, t, 4).tolist()), pad=t // 5)
+  y, final = ssd(**args, chunk_size=chunk, segment_ids=seg)
+  y_ref, final_ref = ssd_sequential(**args, segment_ids=seg)
+  np.testing.assert_allclose(y, y_ref, atol=5e-5, rtol=5e-5)
+  np.testing.assert_allclose(final, final_ref, atol=5e-5, rtol=5e-5)
+
+
 def test_bfloat16_inputs_keep_float32_state():
   args = inputs(0, 2, 40, jnp.bfloat16)
   y, final = ssd(**args, chunk_size=16)

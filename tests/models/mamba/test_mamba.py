@@ -175,6 +175,24 @@ def test_prefill_then_decode_equals_full_forward(scan_layers):
   np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=2e-5, rtol=2e-5)
 
 
+def test_packed_row_prefilled_in_pieces_equals_full_forward():
+  """Chunked prefill in several calls, cutting inside and at document boundaries, continues
+  the conv window and the state exactly (and resets them at each new document)."""
+  cfg = make_config()
+  params = random_params(cfg)
+  tokens = random_tokens(6)
+  seg = jnp.asarray(np.repeat([1, 2, 3], (4, 6, 3))[None].repeat(B, 0), jnp.int32)
+  full = forward_fn(cfg)(params, tokens, seg)
+  run = decode_fn(cfg)
+  cache, pieces, start = init_cache(cfg, B, T), [], 0
+  for length in (5, 1, 4, 3):
+    logits, cache = run(params, cache, tokens[:, start:start + length],
+                        seg[:, start:start + length])
+    pieces.append(logits)
+    start += length
+  np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=2e-5, rtol=2e-5)
+
+
 def test_left_padding_does_not_leak_into_the_state():
   """A left-padded prompt (segment 0 on the padding) decodes as the same prompt unpadded."""
   cfg = make_config()
