@@ -6,5 +6,5 @@
 """
 
 from layers.ssm.conv import CausalConv, causal_conv
-from layers.ssm.mamba2 import Mamba2Mixer
+from layers.ssm.mamba2 import GatedRMSNorm, Mamba2Mixer
 from layers.ssm.ssd import document_index, ssd

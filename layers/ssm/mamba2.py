@@ -50,13 +50,40 @@ def _dt_bias_init(key, shape, dtype, dt_min=1e-3, dt_max=1e-1, floor=1e-4):
   return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
 
 
+class GatedRMSNorm(nn.Module):
+  """RMSNorm of y · silu(z) over each group of heads, in float32 (norm after the gate).
+
+  Attributes:
+    num_groups: ng; each group of h/ng heads is normalised on its own.
+    eps: added to the mean square.
+    dtype: dtype of the output.
+    param_dtype: dtype of `scale` [h, d] (initialised to ones).
+  """
+  num_groups: int
+  eps: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, y: jax.Array, z: jax.Array) -> jax.Array:
+    """y, z [b, t, h, d] -> [b, t, h, d] in `dtype`."""
+    b, t, h, d = y.shape
+    scale = self.param("scale", nn.with_logical_partitioning(
+        nn.initializers.ones, ("heads", "head_dim")), (h, d), self.param_dtype)
+    gated = y.astype(jnp.float32) * nn.silu(z.astype(jnp.float32))
+    grouped = gated.reshape(b, t, self.num_groups, (h // self.num_groups) * d)
+    grouped = grouped * jax.lax.rsqrt(jnp.mean(grouped * grouped, axis=-1, keepdims=True)
+                                      + self.eps)
+    return (grouped.reshape(b, t, h, d) * scale.astype(jnp.float32)).astype(self.dtype)
+
+
 class Mamba2Mixer(nn.Module):
   """One Mamba-2 mixer: [b, t, e] -> [b, t, e].
 
   Parameters: in_z/kernel and in_x/kernel [e, h, d], in_b/kernel and
   in_c/kernel [e, ng, N], in_dt/kernel [e, h]; conv_x/{kernel [w, h, d],
   bias [h, d]}, conv_b and conv_c/{kernel [w, ng, N], bias [ng, N]};
-  dt_bias, A_log, D [h]; norm_scale [h, d]; out/kernel [h, d, e].
+  dt_bias, A_log, D [h]; norm/scale [h, d]; out/kernel [h, d, e].
 
   In decode mode the layer keeps a 'cache' collection (see `_Cache`): the
   conv windows, the SSM state and the last segment id. Each call continues
@@ -142,20 +169,9 @@ class Mamba2Mixer(nn.Module):
       if segment_ids is not None:
         cache.segment_ids.value = segment_ids[:, -1].astype(jnp.int32)
 
-    y = self._gated_norm(y, z)
+    y = GatedRMSNorm(self.num_groups, self.norm_eps, name="norm", **kw)(y, z)
     return Einsum((h, d, e), ("heads", "head_dim", "embed"), "bthd,hde->bte",
                   num_contracting=2, name="out", **kw)(y)
-
-  def _gated_norm(self, y: jax.Array, z: jax.Array) -> jax.Array:
-    """RMSNorm of y · silu(z) [b, t, h, d] over each group of h/ng heads, in float32."""
-    b, t, h, d = y.shape
-    scale = self.param("norm_scale", nn.with_logical_partitioning(
-        nn.initializers.ones, ("heads", "head_dim")), (h, d), self.param_dtype)
-    gated = y.astype(jnp.float32) * nn.silu(z.astype(jnp.float32))
-    grouped = gated.reshape(b, t, self.num_groups, (h // self.num_groups) * d)
-    grouped = grouped * jax.lax.rsqrt(jnp.mean(grouped * grouped, axis=-1, keepdims=True)
-                                      + self.norm_eps)
-    return (grouped.reshape(b, t, h, d) * scale.astype(jnp.float32)).astype(self.dtype)
 
   def _cache_variables(self, b: int) -> _Cache:
     """The cache variables, created as zeros if absent."""

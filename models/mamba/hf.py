@@ -112,7 +112,7 @@ def _block_from_hf(reader: TensorReader, prefix: str, cfg: MambaConfig) -> dict:
       "dt_bias": reader.take(prefix + "mixer.dt_bias", (h,)),
       "A_log": reader.take(prefix + "mixer.A_log", (h,)),
       "D": reader.take(prefix + "mixer.D", (h,)),
-      "norm_scale": reader.take(prefix + "mixer.norm.weight", (h * d,)).reshape(heads),
+      "norm": {"scale": reader.take(prefix + "mixer.norm.weight", (h * d,)).reshape(heads)},
       "out": {"kernel": reader.take(prefix + "mixer.out_proj.weight",
                                     (e, h * d)).T.reshape(h, d, e)},
   }
@@ -134,7 +134,7 @@ def _block_to_hf(block: dict, prefix: str, cfg: MambaConfig) -> dict[str, np.nda
       prefix + "mixer.conv1d.bias": conv_b,
       prefix + "mixer.dt_bias": m["dt_bias"], prefix + "mixer.A_log": m["A_log"],
       prefix + "mixer.D": m["D"],
-      prefix + "mixer.norm.weight": m["norm_scale"].reshape(-1),
+      prefix + "mixer.norm.weight": m["norm"]["scale"].reshape(-1),
       prefix + "mixer.out_proj.weight": m["out"]["kernel"].reshape(-1, e).T,
   }
 

@@ -240,3 +240,16 @@ def test_bfloat16_close_to_float32_and_remat_same():
   assert float(jnp.abs(bf16 - f32).max()) < 0.1 * float(jnp.abs(f32).max())
   remat = forward_fn(dataclasses.replace(cfg, remat_policy="full"))(params, tokens, ONES)
   np.testing.assert_allclose(remat, f32, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_weight_decay_skips_per_head_vectors_and_norms(scan_layers):
+  """A_log, D, dt_bias, conv biases and norm scales never decay, scanned or not."""
+  from train import optimizers  # pylint: disable=g-import-not-at-top
+  params = nn.unbox(abstract_params(make_config(scan_layers=scan_layers)))
+  mask = optimizers._decay_mask(params)  # pylint: disable=protected-access
+  flat = {jax.tree_util.keystr(path): wants
+          for path, wants in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  decayed = {name.split("']['")[-1].rstrip("']") for name, wants in flat.items() if wants}
+  assert decayed == {"kernel", "embedding"}
+  assert not any(wants for name, wants in flat.items() if "conv" in name and "bias" in name)
