@@ -253,3 +253,20 @@ def test_weight_decay_skips_per_head_vectors_and_norms(scan_layers):
   decayed = {name.split("']['")[-1].rstrip("']") for name, wants in flat.items() if wants}
   assert decayed == {"kernel", "embedding"}
   assert not any(wants for name, wants in flat.items() if "conv" in name and "bias" in name)
+
+
+def test_real_size_gradient_traces_scanned_and_rematerialised():
+  """mamba2-130m's shapes (scanned, remat as configs/mamba.py sets it) trace through a
+  gradient abstractly: bfloat16 compute, float32 params and gradients."""
+  cfg = MambaConfig.from_dict(mamba_configs.get_config("size=130m,seq_len=512").model)
+  assert cfg.scan_layers and cfg.remat_policy == "dots_with_no_batch_dims_saveable"
+  params = nn.unbox(abstract_params(cfg))
+  tokens = jax.ShapeDtypeStruct((2, 512), jnp.int32)
+
+  def loss(p, t):
+    logits = Mamba(cfg).apply({"params": p}, t, segment_ids=jnp.ones_like(t))
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+
+  grads = jax.eval_shape(jax.grad(loss), params, tokens)
+  assert grads["layers"]["mixer"]["in_x"]["kernel"].shape == (24, 768, 24, 64)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
