@@ -29,6 +29,9 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ("layers", None),
     ("cache_length", None),
     ("expert", "expert"),
+    ("ssm_groups", None),  # Mamba: groups sharing B and C.
+    ("ssm_state", None),  # Mamba: state size N.
+    ("conv_width", None),  # Mamba: causal convolution taps.
 )
 
 def model_section(model_config: ModelConfig) -> ml_collections.ConfigDict:

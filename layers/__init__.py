@@ -19,7 +19,10 @@ and train/; a module that needs a letter not listed here adds it here.
                       · C slots per expert (capacity) · X expert-parallel
                       shards · El = E/X experts per shard
   per shard           a prime marks a size inside one shard: b', t', m'
+  state space (SSM)   N state size · ng groups sharing B and C (h/ng heads each)
+                      · w convolution width; h and d are the SSM heads and head
+                      dim, B the chunk length and nb the chunks
 
 Flat modules hold the basic blocks (linear, embedding, norms, rope, mlp);
-subpackages group a concept family (attention/, moe/).
+subpackages group a concept family (attention/, moe/, ssm/).
 """

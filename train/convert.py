@@ -5,10 +5,11 @@ r"""One command for every foreign checkpoint format: import into and export from
   python -m train.convert export --model=NAME WORKDIR DST
 
 NAME is a format a family registers (`python -m train.convert list`): llama
-(transformers LlamaForCausalLM), mixtral (MixtralForCausalLM) and qwen2_moe
-(Qwen2MoeForCausalLM) today; SRC and DST are that format's files (a
-transformers `save_pretrained` directory for these). The converters live with
-their family (models/<family>/hf.py); this module adds the checkpoint side.
+(transformers LlamaForCausalLM), mixtral (MixtralForCausalLM), qwen2_moe
+(Qwen2MoeForCausalLM) and mamba2 (Mamba2ForCausalLM) today; SRC and DST are
+that format's files (a transformers `save_pretrained` directory for these). The
+converters live with their family (models/<family>/hf.py); this module adds the
+checkpoint side.
 
 `import` writes a params-only checkpoint whose config holds the imported
 model's `config.model` and the run sections of `--config` (default

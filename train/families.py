@@ -22,6 +22,7 @@ from train.tasks.base import Task
 REGISTRY: dict[str, tuple[str, str]] = {
     "llama": ("models.llama", "train.tasks.language_model:LanguageModelTask"),
     "moe": ("models.moe", "train.tasks.moe_language_model:MoeLanguageModelTask"),
+    "mamba": ("models.mamba", "train.tasks.language_model:LanguageModelTask"),
 }
 
 

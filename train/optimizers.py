@@ -21,15 +21,20 @@ def learning_rate_schedule(opt_config, num_steps: int) -> optax.Schedule:
       end_value=opt_config.lr * opt_config.end_lr_factor)
 
 
+# Per-channel parameters skipped by name: norm scales, biases, and the Mamba mixer's
+# per-head decay rate, skip weight and step-size bias.
+_NO_DECAY_NAMES = ("scale", "bias", "A_log", "D", "dt_bias")
+
+
 def _decay_mask(params):
   """Weight decay on matrices only: norms scales and biases (ndim < 2) are skipped.
 
   Scanned layers add a leading 'layers' dimension, so a stacked norm scale is
-  2-D; names ending in 'scale' or 'bias' are therefore skipped by name as well.
+  2-D; the names in `_NO_DECAY_NAMES` are therefore skipped by name as well.
   """
   def wants_decay(path, leaf):
     name = str(getattr(path[-1], "key", path[-1]))
-    return leaf.ndim >= 2 and name not in ("scale", "bias")
+    return leaf.ndim >= 2 and name not in _NO_DECAY_NAMES
   return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 

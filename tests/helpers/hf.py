@@ -20,3 +20,24 @@ def make_llama(tied: bool, hf_dir: str):
       param.add_(0.1 * torch.randn_like(param))
   model.save_pretrained(hf_dir)
   return model
+
+
+def make_mamba2(tied: bool, hf_dir: str):
+  """A random, fully perturbed tiny `Mamba2ForCausalLM` (2 groups of heads, chunks of 8)
+  saved to `hf_dir`."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  config = transformers.Mamba2Config(
+      vocab_size=300, hidden_size=32, num_hidden_layers=2, num_heads=8, head_dim=8, expand=2,
+      n_groups=2, state_size=16, conv_kernel=4, chunk_size=8, layer_norm_epsilon=1e-5,
+      tie_word_embeddings=tied, time_step_limit=(0.0, float("inf")))
+  torch.manual_seed(0)
+  model = transformers.Mamba2ForCausalLM(config).float().eval()
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      if name.endswith("A_log"):  # Keep the decays in a realistic range.
+        param.copy_(torch.log(torch.empty_like(param).uniform_(1.0, 16.0)))
+      else:
+        param.add_(0.1 * torch.randn_like(param))
+  model.save_pretrained(hf_dir)
+  return model

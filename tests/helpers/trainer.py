@@ -4,13 +4,23 @@ import json
 import os
 
 from configs import llama_tiny
+from configs import mamba_tiny
 from configs import moe_tiny
 
-_TINY = {"llama": llama_tiny.get_config, "moe": moe_tiny.get_config}
+_TINY = {"llama": llama_tiny.get_config, "moe": moe_tiny.get_config,
+         "mamba": mamba_tiny.get_config}
+# The model fields tiny_config shrinks, per family (the decoders share theirs).
+_DECODER = {"model.embed_dim": 32, "model.num_layers": 2, "model.mlp_dim": 64,
+            "model.head_dim": 8, "model.max_seq_len": 64, "model.dtype": "float32"}
+_TINY_MODEL = {"llama": _DECODER, "moe": _DECODER,
+               "mamba": {"model.embed_dim": 32, "model.num_layers": 2, "model.num_heads": 4,
+                         "model.head_dim": 16, "model.state_size": 8, "model.chunk_size": 16,
+                         "model.max_seq_len": 64, "model.dtype": "float32"}}
 
 
 def tiny_config(data_dir: str, family: str = "llama", **overrides):
-  """A seconds-fast llama_tiny (or moe_tiny): 32-token rows, 8 per batch, float32 compute.
+  """A seconds-fast llama_tiny (or moe_tiny, mamba_tiny): 32-token rows, 8 per batch,
+  float32 compute.
 
   `overrides` are dotted keys, e.g. `{'train.num_steps': 4}` or
   `{'model.nsa.window': 16}`, passed as tiny_config(d, **{'train.num_steps': 4}).
@@ -18,9 +28,8 @@ def tiny_config(data_dir: str, family: str = "llama", **overrides):
   config = _TINY[family]()
   values = {
       "data.data_dir": data_dir, "data.seq_len": 32, "data.global_batch_size": 8,
-      "model.embed_dim": 32, "model.num_layers": 2, "model.mlp_dim": 64,
-      "model.head_dim": 8, "model.max_seq_len": 64, "model.dtype": "float32",
-      "train.num_steps": 6, "train.log_every_steps": 1, "evals.every_steps": 0,
+      **_TINY_MODEL[family], "train.num_steps": 6, "train.log_every_steps": 1,
+      "evals.every_steps": 0,
       "checkpoint.every_steps": 3, "checkpoint.async_save": False,
       "sample.num_scored": 0, "sample.max_new_tokens": 4, "opt.warmup_steps": 2,
   }
