@@ -1,4 +1,4 @@
-"""Tests for layers/low_precision.py: bfloat16 einsums in the form XLA:CPU runs natively."""
+"""Tests for layers/cpu_einsum.py: projection einsums in the forms XLA:CPU runs fastest."""
 
 import jax
 import jax.extend as jex
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from layers import low_precision
+from layers import cpu_einsum
 
 EQUATIONS = [("bte,em->btm", (2, 8, 16), (16, 24)),
              ("bthd,hde->bte", (2, 8, 4, 8), (4, 8, 16)),
@@ -30,12 +30,12 @@ def _loss(einsum, equation):
 @pytest.mark.parametrize("equation,x_shape,y_shape", EQUATIONS)
 def test_values_and_gradients_match_jnp_einsum(equation, x_shape, y_shape):
   x, y = _operands(x_shape, y_shape)
-  got = low_precision.einsum(equation, x, y)
+  got = cpu_einsum.einsum(equation, x, y)
   want = jnp.einsum(equation, x, y)
   assert got.dtype == want.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                              rtol=1e-2, atol=1e-2)
-  got_grads = jax.grad(_loss(low_precision.einsum, equation), argnums=(0, 1))(x, y)
+  got_grads = jax.grad(_loss(cpu_einsum.einsum, equation), argnums=(0, 1))(x, y)
   want_grads = jax.grad(_loss(jnp.einsum, equation), argnums=(0, 1))(x, y)
   for g, w in zip(got_grads, want_grads):
     assert g.dtype == w.dtype == jnp.bfloat16
@@ -46,7 +46,7 @@ def test_values_and_gradients_match_jnp_einsum(equation, x_shape, y_shape):
 def test_every_dot_takes_bfloat16_and_gives_float32_on_cpu():
   """The forward dot and both backward dots are bf16 x bf16 -> f32 (XLA:CPU's native form)."""
   x, y = _operands((2, 8, 16), (16, 24))
-  jaxpr = jax.make_jaxpr(jax.grad(_loss(low_precision.einsum, "bte,em->btm"),
+  jaxpr = jax.make_jaxpr(jax.grad(_loss(cpu_einsum.einsum, "bte,em->btm"),
                                   argnums=(0, 1)))(x, y)
   dots = []
 
@@ -63,15 +63,26 @@ def test_every_dot_takes_bfloat16_and_gives_float32_on_cpu():
     assert eqn.outvars[0].aval.dtype == jnp.float32
 
 
-def test_float32_is_plain_einsum():
+def test_float32_values_and_gradients_match_jnp_einsum():
   x, y = _operands((2, 8, 16), (16, 24), jnp.float32)
-  jaxpr = jax.make_jaxpr(lambda x, y: low_precision.einsum("bte,em->btm", x, y))(x, y)
+  np.testing.assert_allclose(cpu_einsum.einsum("bte,em->btm", x, y),
+                             jnp.einsum("bte,em->btm", x, y), rtol=1e-6, atol=1e-6)
+  got = jax.grad(_loss(cpu_einsum.einsum, "bte,em->btm"), argnums=(0, 1))(x, y)
+  want = jax.grad(_loss(jnp.einsum, "bte,em->btm"), argnums=(0, 1))(x, y)
+  for g, w in zip(got, want):
+    assert g.dtype == jnp.float32
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_other_dtypes_are_plain_einsum():
+  x, y = _operands((2, 8, 16), (16, 24), jnp.float16)
+  jaxpr = jax.make_jaxpr(lambda x, y: cpu_einsum.einsum("bte,em->btm", x, y))(x, y)
   assert [e.primitive.name for e in jaxpr.eqns] == ["dot_general"]
 
 
 def test_remat_policies_see_the_dots():
   x, y = _operands((2, 8, 16), (16, 24))
-  loss = _loss(low_precision.einsum, "bte,em->btm")
+  loss = _loss(cpu_einsum.einsum, "bte,em->btm")
   want = jax.grad(loss, argnums=(0, 1))(x, y)
   for policy in (jax.checkpoint_policies.nothing_saveable, jax.checkpoint_policies.dots_saveable):
     got = jax.grad(jax.checkpoint(loss, policy=policy), argnums=(0, 1))(x, y)
@@ -80,7 +91,7 @@ def test_remat_policies_see_the_dots():
 
 
 def test_transposed_equations():
-  assert low_precision._transposed_equations("bte,em->btm") == ("btm,em->bte", "bte,btm->em")
-  assert low_precision._transposed_equations("ab,bc->c") is None  # 'a' summed in x only
-  assert low_precision._transposed_equations("aa,ab->b") is None  # repeated index
-  assert low_precision._transposed_equations("...e,em->...m") is None
+  assert cpu_einsum._transposed_equations("bte,em->btm") == ("btm,em->bte", "bte,btm->em")
+  assert cpu_einsum._transposed_equations("ab,bc->c") is None  # 'a' summed in x only
+  assert cpu_einsum._transposed_equations("aa,ab->b") is None  # repeated index
+  assert cpu_einsum._transposed_equations("...e,em->...m") is None
