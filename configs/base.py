@@ -78,6 +78,8 @@ def get_base_config(model_config: ModelConfig) -> ml_collections.ConfigDict:
   t.num_steps = 300  # Optimizer steps to train for.
   t.log_every_steps = 25  # Metrics to console, TensorBoard and metrics.jsonl.
   t.peak_tflops_per_device = 0.0  # For MFU; 0 looks the device kind up (CPU: not shown).
+  t.profile_first_step = 10  # First step (1-based) of the jax.profiler trace in WORKDIR/profile.
+  t.profile_num_steps = 0  # Steps traced from profile_first_step; 0 disables (train/profiling.py).
 
   c.evals = e = ml_collections.ConfigDict()
   e.every_steps = 100  # Evaluate on data.eval_split every this many steps; 0 disables.

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
+from layers import cpu_einsum
+
 
 class Einsum(nn.Module):
   """y = einsum(equation, x, kernel) [+ bias] with a logically partitioned kernel.
@@ -50,7 +52,7 @@ class Einsum(nn.Module):
                         tuple(self.shape), self.param_dtype)
     if self.bias_axes is None:
       x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
-      return jnp.einsum(self.equation, x, kernel)
+      return cpu_einsum.einsum(self.equation, x, kernel)
     bias_shape = tuple(self.shape[self.num_contracting:])
     if len(self.bias_axes) != len(bias_shape):
       raise ValueError(f"Einsum {self.name!r}: bias_axes={tuple(self.bias_axes)} must name the "
@@ -59,7 +61,7 @@ class Einsum(nn.Module):
                                                            tuple(self.bias_axes)),
                       bias_shape, self.param_dtype)
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = jnp.einsum(self.equation, x, kernel)
+    y = cpu_einsum.einsum(self.equation, x, kernel)
     if y.shape[y.ndim - bias.ndim:] != bias.shape:
       raise ValueError(f"Einsum {self.name!r}: bias shape {bias.shape} is not the trailing "
                        f"axes of the output {y.shape} of {self.equation!r}.")

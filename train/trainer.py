@@ -14,6 +14,7 @@ from train import families
 from train import flops
 from train import metrics as metrics_lib
 from train import optimizers
+from train import profiling
 from train import sharding
 from train import state as state_lib
 from train import steps
@@ -132,6 +133,8 @@ class Trainer:
                                        config.train.peak_tflops_per_device)
     first_step = int(jax.device_get(state.step))
     interval, pending, final = _Interval(), [], {}
+    profiler = profiling.StepProfiler(self.workdir, config.train.profile_first_step,
+                                      config.train.profile_num_steps, _console)
 
     def finish_step(step, step_metrics):
       """Host side of step `step` (1-based), run after step + 1 is dispatched."""
@@ -160,7 +163,7 @@ class Trainer:
       with self.sharding_context():
         for step in range(first_step + 1, num_steps + 1):
           batch = self.global_batch(next(data_iter))
-          state, step_metrics = self.train_step(state, batch)
+          state, step_metrics = profiler.run_step(step, self.train_step, state, batch)
           flush()  # The previous step's metrics, fetched while this one runs.
           pending.append((step, step_metrics))
           is_last = step == num_steps
@@ -175,6 +178,7 @@ class Trainer:
             checkpointer.save(state, data_iter, force=is_last)
         flush()
     finally:  # Even on a NaN stop, the last good checkpoint finishes writing.
+      profiler.close()
       checkpointer.wait()
       checkpointer.close()
       writer.close()
