@@ -56,3 +56,91 @@ def wkv7(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, a: jax.Array, b
 
   state, y = jax.lax.scan(step, initial_state.astype(jnp.float32), inputs)
   return jnp.moveaxis(y, 0, 1).astype(r.dtype), state
+
+
+def _chunk_step(state, chunk):
+  """One chunk of the WKV-7 recurrence in matrix form, from the state before it.
+
+  state float32 [b, h, d, d]; chunk = (r, logw, k, v, a, b [b, B, h, d] float32,
+  doc int [b, B], prev_doc int [b]) -> (the state after the chunk, y [b, B, h, d]).
+  """
+  r, logw, k, v, a, b, doc, prev_doc = chunk
+  length = r.shape[1]
+  incl = jnp.cumsum(logw, axis=1)  # log Γ_t = Σ_{i<=t} log w_i
+  excl = incl - logw  # log Γ_{t-1}
+  same = doc[:, :, None] == doc[:, None, :]  # [b, t, j]
+  lower = jnp.tril(jnp.ones((length, length), bool))
+  strict = jnp.tril(jnp.ones((length, length), bool), -1)
+  mask_incl = (same & lower)[..., None, None]  # [b, t, j, 1, 1]
+  mask_strict = (same & strict)[..., None, None]
+  # Pairwise decays exp(log Γ_t − log Γ_j) (and from Γ_{t-1}), only where j <= t (j < t):
+  # exponents <= 0, so nothing overflows; masked entries are exactly zero.
+  decay_incl = jnp.exp(jnp.where(mask_incl, incl[:, :, None] - incl[:, None, :], -jnp.inf))
+  decay_strict = jnp.exp(jnp.where(mask_strict, excl[:, :, None] - incl[:, None, :], -jnp.inf))
+  from_state = (doc == prev_doc[:, None]).astype(jnp.float32)  # [b, t] no reset since S_0
+
+  # u_t = S_{t-1} a_t, which itself depends on u_j (j < t): (I − A_b) U = S_0 terms + A_k V.
+  a_k = jnp.einsum("bthc,btjhc,bjhc->bhtj", a, decay_strict, k)
+  a_b = jnp.einsum("bthc,btjhc,bjhc->bhtj", a, decay_strict, b)
+  rhs = (jnp.einsum("bhic,bthc->bhti", state, a * jnp.exp(excl) * from_state[..., None, None])
+         + jnp.einsum("bhtj,bjhi->bhti", a_k, v))
+  system = jnp.eye(length, dtype=jnp.float32) - a_b
+  u = jax.lax.linalg.triangular_solve(system, rhs, left_side=True, lower=True,
+                                      unit_diagonal=True)  # [b, h, t, i]
+
+  att_k = jnp.einsum("bthc,btjhc,bjhc->bhtj", r, decay_incl, k)
+  att_b = jnp.einsum("bthc,btjhc,bjhc->bhtj", r, decay_incl, b)
+  y = (jnp.einsum("bhic,bthc->bthi", state, r * jnp.exp(incl) * from_state[..., None, None])
+       + jnp.einsum("bhtj,bjhi->bthi", att_k, v) + jnp.einsum("bhtj,bhji->bthi", att_b, u))
+
+  # The state after the chunk: S_0 decayed through it, plus every token's write decayed
+  # from its position to the end (only the last token's document survives).
+  last = incl[:, -1:]  # [b, 1, h, d]
+  to_end = jnp.exp(last - incl) * (doc == doc[:, -1:])[..., None, None]  # [b, j, h, c]
+  keep = (doc[:, -1] == prev_doc).astype(jnp.float32)[:, None, None, None]
+  new_state = (state * jnp.exp(last[:, 0])[:, :, None, :] * keep
+               + jnp.einsum("bjhi,bjhc->bhic", v, k * to_end)
+               + jnp.einsum("bhji,bjhc->bhic", u, b * to_end))
+  return new_state, y
+
+
+def wkv7_chunked(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, a: jax.Array,
+                 b: jax.Array, *, chunk_size: int = 16, doc: jax.Array | None = None,
+                 initial_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """`wkv7` computed by chunks: a matrix form inside each chunk, a `lax.scan` between them.
+
+  Inside a chunk of B tokens, with Γ_t the running product of decays since the
+  chunk's start and u_t = S_{t-1} a_t the vector each token removes:
+
+      (I − A_b) U = [S_0 (Γ_{t-1} ⊙ a_t)]_t + A_k V          (a unit lower-triangular solve)
+      y_t = S_0 (Γ_t ⊙ r_t) + Σ_{j<=t} (r_t ⊙ Γ_t/Γ_j)·k_j v_j + (r_t ⊙ Γ_t/Γ_j)·b_j u_j
+
+  with A_k[t, j] = (a_t ⊙ Γ_{t-1}/Γ_j)·k_j and A_b likewise with b_j (j < t). The
+  pairwise decays Γ_t/Γ_j are formed directly as exp(Σ_{j<i<=t} log w_i), never as
+  a ratio, so they stay in [0, 1]; pairs across a document boundary are masked to
+  zero. Everything is float32. Any length (padded internally with w = 1 and zero
+  inputs, which leave the state unchanged). Assumes w bounded away from zero
+  (RWKV-7: w >= exp(−e^{−1/2}) ≈ 0.545), since log w enters a cumulative sum.
+
+  Args and returns: as `wkv7`, plus chunk_size, the tokens per chunk B.
+  """
+  batch, t, h, d = r.shape
+  chunk = max(1, min(chunk_size, t))
+  if initial_state is None:
+    initial_state = jnp.zeros((batch, h, d, d), jnp.float32)
+  if doc is None:
+    doc = jnp.zeros((batch, t), jnp.int32)
+  doc = doc.astype(jnp.int32)
+  pad = (-t) % chunk
+  f32 = lambda x: jnp.pad(x.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))  # noqa: E731
+  logw = f32(jnp.log(w.astype(jnp.float32)))  # padding: log w = 0, w = 1
+  doc = jnp.pad(doc, ((0, 0), (0, pad)), mode="edge")
+  n = (t + pad) // chunk
+  split = lambda x: jnp.moveaxis(x.reshape((batch, n, chunk) + x.shape[2:]), 1, 0)  # noqa: E731
+  doc_chunks = split(doc)
+  prev_doc = jnp.concatenate([jnp.zeros((1, batch), jnp.int32), doc_chunks[:-1, :, -1]], axis=0)
+  xs = tuple(split(x) for x in (f32(r), logw, f32(k), f32(v), f32(a), f32(b))) + (
+      doc_chunks, prev_doc)
+  state, y = jax.lax.scan(_chunk_step, initial_state.astype(jnp.float32), xs)
+  y = jnp.moveaxis(y, 0, 1).reshape(batch, t + pad, h, d)[:, :t]
+  return y.astype(r.dtype), state

@@ -35,6 +35,8 @@ class RwkvConfig(ModelConfig):
   iclr_rank: int = field(32, "Low-rank width of the in-context learning rate a (a1, a2).")
   value_rank: int = field(32, "Low-rank width of the value-residual mix (v1, v2).")
   gate_rank: int = field(64, "Low-rank width of the output gate (g1, g2).")
+  chunk_size: int = field(16, "WKV-7 chunk length of the matrix form (computation only); 0 "
+                          "runs the sequential token-by-token scan.", shapes_params=False)
   max_seq_len: int = field(256, "Longest row of data and of prompt + sampled tokens (the "
                            "recurrent state itself has no length limit).", shapes_params=False)
   norm_eps: float = field(1e-5, "LayerNorm epsilon (ln0, ln1, ln2, ln_out; ln_x uses 64e-5).")
@@ -50,6 +52,8 @@ class RwkvConfig(ModelConfig):
                  "decay_rank", "iclr_rank", "value_rank", "gate_rank", "max_seq_len"):
       if int(getattr(self, name)) <= 0:
         raise ValueError(f"model.{name}={getattr(self, name)} must be positive.")
+    if self.chunk_size < 0:
+      raise ValueError(f"model.chunk_size={self.chunk_size} must be >= 0 (0: sequential scan).")
     if self.embed_dim % self.head_size:
       raise ValueError(f"model.embed_dim={self.embed_dim} must be a multiple of "
                        f"model.head_size={self.head_size}.")
@@ -74,13 +78,16 @@ class RwkvConfig(ModelConfig):
     per_layer = 4 * e * e + low_rank + 2 * e * self.hidden_dim
     return self.num_layers * per_layer + e * self.vocab_size
 
-  def wkv_flops_per_token(self) -> float:
-    """Forward + backward FLOPs of the sequential WKV-7 per token: each head's
-    [d, d] state is read (S·a, S·r) and written (decay, removal, v kᵀ): ~8·d² per
-    head forward."""
-    return 3.0 * self.num_layers * 8 * self.embed_dim * self.head_size
+  def wkv_flops_per_token(self, seq_len: int) -> float:
+    """Forward + backward FLOPs of the WKV-7 per token. Chunked (B tokens): four
+    [B, B] pair matrices over d channels (A_k, A_b, and r's two), their products with
+    V and U, and the state's read-outs and update, ~(8·B + 10·d)·d per head
+    forward; sequential: ~8·d² per head (read S·a, S·r; write decay, removal, v kᵀ)."""
+    h, d = self.num_heads, self.head_size
+    chunk = min(self.chunk_size, seq_len)
+    per_head = (8 * chunk + 10 * d) * d if chunk > 0 else 8 * d * d
+    return 3.0 * self.num_layers * h * per_head
 
   def train_flops_per_token(self, seq_len: int) -> float:
-    """6 · N_matmul + the WKV recurrence's own multiply-adds (independent of seq_len)."""
-    del seq_len
-    return 6.0 * self.matmul_params() + self.wkv_flops_per_token()
+    """6 · N_matmul + the WKV recurrence's own multiply-adds."""
+    return 6.0 * self.matmul_params() + self.wkv_flops_per_token(seq_len)

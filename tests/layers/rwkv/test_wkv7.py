@@ -1,4 +1,5 @@
-"""The WKV-7 recurrence and the token shift against token-by-token references."""
+"""The WKV-7 recurrence (sequential scan and chunked matrix form) and the token shift against
+token-by-token references."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from helpers.wkv7_reference import wkv7_reference
-from layers.rwkv import token_shift, wkv7
+from layers.rwkv import token_shift, wkv7, wkv7_chunked
 from layers.ssm import document_index
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -23,29 +24,50 @@ def inputs(seed, b=2, t=13, h=3, d=8):
   return r, w, k, v, -kk, kk * iclr
 
 
+FORMS = {"scan": wkv7, "chunk4": lambda *a, **kw: wkv7_chunked(*a, chunk_size=4, **kw),
+         "chunk16": lambda *a, **kw: wkv7_chunked(*a, chunk_size=16, **kw)}
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
 @pytest.mark.parametrize("t", [1, 7, 33])
-def test_matches_reference(t):
+def test_matches_reference(form, t):
   args = inputs(t, t=t)
-  y, state = wkv7(*args)
+  y, state = FORMS[form](*args)
   y_ref, state_ref = wkv7_reference(*args)
   np.testing.assert_allclose(y, y_ref, atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(state, state_ref, atol=1e-4, rtol=1e-4)
 
 
-def test_segments_and_initial_state():
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_segments_and_initial_state(form):
   args = inputs(1, t=17)
   seg = np.array([[1] * 5 + [2] * 9 + [3] * 3, [0] * 4 + [1] * 13], np.int32)
   init = np.random.default_rng(2).normal(size=(2, 3, 8, 8)).astype(np.float32)
   # A first token continuing the initial state (document 0) reads it ...
-  y, state = wkv7(*args, doc=document_index(seg, seg.shape), initial_state=init)
+  y, state = FORMS[form](*args, doc=document_index(seg, seg.shape), initial_state=init)
   y_ref, state_ref = wkv7_reference(*args, segment_ids=seg, initial_state=init)
   np.testing.assert_allclose(y, y_ref, atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(state, state_ref, atol=1e-4, rtol=1e-4)
   # ... one starting a new document does not.
   doc = document_index(seg, seg.shape, jnp.array([7, 7]))
-  y, _ = wkv7(*args, doc=doc, initial_state=init)
+  y, _ = FORMS[form](*args, doc=doc, initial_state=init)
   y_ref, _ = wkv7_reference(*args, segment_ids=seg)
   np.testing.assert_allclose(y, y_ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk", [16, 32, 64])
+def test_chunked_long_rows_with_documents(chunk):
+  """Long rows, many short documents, strongest decays: the chunked form stays at the
+  sequential scan's values (no ratio of decay products is ever formed)."""
+  args = list(inputs(9, b=2, t=300, h=2, d=16))
+  args[1][0, :150] = np.float32(np.exp(-np.exp(-0.5)))  # the fastest decay RWKV-7 allows
+  seg = np.cumsum(np.random.default_rng(3).uniform(size=(2, 300)) < 0.05, axis=1)
+  doc = document_index(seg, seg.shape)
+  y, state = wkv7_chunked(*args, chunk_size=chunk, doc=doc)
+  y_ref, state_ref = wkv7(*args, doc=doc)
+  np.testing.assert_allclose(y, y_ref, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(state, state_ref, atol=1e-4, rtol=1e-4)
 
 
 def test_gradients_match_reference_autodiff():
@@ -63,18 +85,40 @@ def test_gradients_match_reference_autodiff():
 
   weights = jnp.asarray(np.random.default_rng(4).normal(size=(1, 6, 2, 4)), jnp.float32)
   loss = lambda f: lambda *xs: jnp.sum(f(*xs) * weights)  # noqa: E731
-  grads = jax.grad(loss(lambda *xs: wkv7(*xs)[0]), argnums=tuple(range(6)))(*args)
   expected = jax.grad(loss(unrolled), argnums=tuple(range(6)))(*args)
+  for form in (wkv7, lambda *xs: wkv7_chunked(*xs, chunk_size=4)):
+    grads = jax.grad(loss(lambda *xs: form(*xs)[0]), argnums=tuple(range(6)))(*args)
+    for g, e in zip(grads, expected):
+      np.testing.assert_allclose(g, e, atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_gradients_with_documents_match_scan():
+  args = [jnp.asarray(x) for x in inputs(8, b=2, t=19, h=2, d=8)]
+  seg = np.repeat([[1, 2, 3, 4]], 2, 0).repeat([3, 9, 1, 6], axis=1)
+  doc = document_index(seg, seg.shape)
+  init = jnp.asarray(np.random.default_rng(5).normal(size=(2, 2, 8, 8)), jnp.float32)
+  weights = jnp.asarray(np.random.default_rng(6).normal(size=(2, 19, 2, 8)), jnp.float32)
+
+  def loss(form):
+    def f(init, *xs):
+      y, state = form(*xs, doc=doc, initial_state=init)
+      return jnp.sum(y * weights) + jnp.sum(state * init)
+    return f
+  chunked = lambda *a, **kw: wkv7_chunked(*a, chunk_size=8, **kw)  # noqa: E731
+  grads = jax.grad(loss(chunked), argnums=tuple(range(7)))(init, *args)
+  expected = jax.grad(loss(wkv7), argnums=tuple(range(7)))(init, *args)
   for g, e in zip(grads, expected):
-    np.testing.assert_allclose(g, e, atol=1e-4, rtol=1e-4)
+    assert np.all(np.isfinite(g))
+    np.testing.assert_allclose(g, e, atol=2e-4, rtol=2e-4)
 
 
-def test_causal():
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_causal(form):
   args = list(inputs(5, t=10))
-  y, _ = wkv7(*args)
-  for x in args:
-    x[:, 6:] = np.random.default_rng(6).normal(size=x[:, 6:].shape)
-  y2, _ = wkv7(*args)
+  y, _ = FORMS[form](*args)
+  for x, other in zip(args, inputs(6, t=10)):  # new valid inputs (decays in (0, 1)) from 6 on
+    x[:, 6:] = other[:, 6:]
+  y2, _ = FORMS[form](*args)
   np.testing.assert_allclose(y[:, :6], y2[:, :6], atol=0)
 
 

@@ -26,7 +26,7 @@ B, T, V = 3, 13, 64
 
 def make_config(**overrides) -> RwkvConfig:
   fields = dict(vocab_size=V, embed_dim=32, num_layers=3, head_size=8, hidden_dim=64,
-                decay_rank=8, iclr_rank=8, value_rank=4, gate_rank=8, max_seq_len=64,
+                decay_rank=8, iclr_rank=8, value_rank=4, gate_rank=8, chunk_size=4, max_seq_len=64,
                 scan_layers=True, dtype="float32")
   fields.update(overrides)
   return RwkvConfig(**fields)
@@ -145,6 +145,15 @@ def test_scanned_equals_unrolled():
   tokens = random_tokens(7)
   np.testing.assert_allclose(forward_fn(dataclasses.replace(cfg, scan_layers=False))(
       unrolled, tokens, ONES), forward_fn(cfg)(params, tokens, ONES), atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_equals_sequential_scan():
+  cfg = make_config()
+  params, tokens = random_params(cfg), random_tokens(8)
+  seg = jnp.asarray(np.repeat([1, 2], (6, 7))[None].repeat(B, 0), jnp.int32)
+  np.testing.assert_allclose(forward_fn(cfg)(params, tokens, seg),
+                             forward_fn(dataclasses.replace(cfg, chunk_size=0))(params, tokens, seg),
+                             atol=2e-5, rtol=2e-5)
 
 
 def test_causality():
