@@ -24,5 +24,5 @@ and train/; a module that needs a letter not listed here adds it here.
                       dim, B the chunk length and nb the chunks
 
 Flat modules hold the basic blocks (linear, embedding, norms, rope, mlp);
-subpackages group a concept family (attention/, moe/, ssm/).
+subpackages group a concept family (attention/, moe/, ssm/, rwkv/).
 """
