@@ -11,4 +11,4 @@
 from layers.rwkv.channel_mix import ChannelMix
 from layers.rwkv.time_mix import TimeMix, group_norm_heads
 from layers.rwkv.token_shift import token_shift
-from layers.rwkv.wkv7 import wkv7, wkv7_chunked
+from layers.rwkv.wkv7 import unit_lower_inverse, wkv7, wkv7_chunked

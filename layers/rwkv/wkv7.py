@@ -49,13 +49,38 @@ def wkv7(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, a: jax.Array, b
   def step(state, xs):
     r_t, w_t, k_t, v_t, a_t, b_t, keep_t = xs  # [b, h, d] each, keep_t [b]
     state = state * keep_t[:, None, None, None]
-    removed = jnp.einsum("bhij,bhj->bhi", state, a_t)
+    removed = jnp.einsum("bhij,bhj->bhi", state, a_t, precision=jax.lax.Precision.HIGHEST)
     state = (state * w_t[:, :, None, :] + removed[..., None] * b_t[:, :, None, :]
              + v_t[..., None] * k_t[:, :, None, :])
-    return state, jnp.einsum("bhij,bhj->bhi", state, r_t)
+    return state, jnp.einsum("bhij,bhj->bhi", state, r_t, precision=jax.lax.Precision.HIGHEST)
 
   state, y = jax.lax.scan(step, initial_state.astype(jnp.float32), inputs)
   return jnp.moveaxis(y, 0, 1).astype(r.dtype), state
+
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _einsum(equation: str, *operands) -> jax.Array:
+  """float32 einsum at full precision (no bf16 / TF32 passes: the chunk form is float32)."""
+  return jnp.einsum(equation, *operands, precision=_HIGHEST)
+
+
+def unit_lower_inverse(a: jax.Array) -> jax.Array:
+  """(I − a)⁻¹ for strictly lower-triangular a [..., B, B], by matmuls only.
+
+  a is nilpotent (a^B = 0), so (I − a)⁻¹ = I + a + ... + a^{B−1} = (I + a)(I + a²)(I + a⁴)...,
+  ⌈log₂ B⌉ − 1 squarings. Used instead of `lax.linalg.triangular_solve`, whose CPU
+  lowering inside the chunk scan stalled a training run (and matmuls suit GPU/TPU).
+  """
+  length = a.shape[-1]
+  inverse = jnp.eye(length, dtype=a.dtype) + a
+  power, covered = a, 2  # inverse holds the terms a^0 .. a^{covered-1}
+  while covered < length:
+    power = _einsum("...ij,...jk->...ik", power, power)
+    inverse = inverse + _einsum("...ij,...jk->...ik", inverse, power)
+    covered *= 2
+  return inverse
 
 
 def _chunk_step(state, chunk):
@@ -80,18 +105,16 @@ def _chunk_step(state, chunk):
   from_state = (doc == prev_doc[:, None]).astype(jnp.float32)  # [b, t] no reset since S_0
 
   # u_t = S_{t-1} a_t, which itself depends on u_j (j < t): (I − A_b) U = S_0 terms + A_k V.
-  a_k = jnp.einsum("bthc,btjhc,bjhc->bhtj", a, decay_strict, k)
-  a_b = jnp.einsum("bthc,btjhc,bjhc->bhtj", a, decay_strict, b)
-  rhs = (jnp.einsum("bhic,bthc->bhti", state, a * jnp.exp(excl) * from_state[..., None, None])
-         + jnp.einsum("bhtj,bjhi->bhti", a_k, v))
-  system = jnp.eye(length, dtype=jnp.float32) - a_b
-  u = jax.lax.linalg.triangular_solve(system, rhs, left_side=True, lower=True,
-                                      unit_diagonal=True)  # [b, h, t, i]
+  a_k = _einsum("bthc,btjhc,bjhc->bhtj", a, decay_strict, k)
+  a_b = _einsum("bthc,btjhc,bjhc->bhtj", a, decay_strict, b)
+  rhs = (_einsum("bhic,bthc->bhti", state, a * jnp.exp(excl) * from_state[..., None, None])
+         + _einsum("bhtj,bjhi->bhti", a_k, v))
+  u = _einsum("bhts,bhsi->bhti", unit_lower_inverse(a_b), rhs)  # [b, h, t, i]
 
-  att_k = jnp.einsum("bthc,btjhc,bjhc->bhtj", r, decay_incl, k)
-  att_b = jnp.einsum("bthc,btjhc,bjhc->bhtj", r, decay_incl, b)
-  y = (jnp.einsum("bhic,bthc->bthi", state, r * jnp.exp(incl) * from_state[..., None, None])
-       + jnp.einsum("bhtj,bjhi->bthi", att_k, v) + jnp.einsum("bhtj,bhji->bthi", att_b, u))
+  att_k = _einsum("bthc,btjhc,bjhc->bhtj", r, decay_incl, k)
+  att_b = _einsum("bthc,btjhc,bjhc->bhtj", r, decay_incl, b)
+  y = (_einsum("bhic,bthc->bthi", state, r * jnp.exp(incl) * from_state[..., None, None])
+       + _einsum("bhtj,bjhi->bthi", att_k, v) + _einsum("bhtj,bhji->bthi", att_b, u))
 
   # The state after the chunk: S_0 decayed through it, plus every token's write decayed
   # from its position to the end (only the last token's document survives).
@@ -99,8 +122,8 @@ def _chunk_step(state, chunk):
   to_end = jnp.exp(last - incl) * (doc == doc[:, -1:])[..., None, None]  # [b, j, h, c]
   keep = (doc[:, -1] == prev_doc).astype(jnp.float32)[:, None, None, None]
   new_state = (state * jnp.exp(last[:, 0])[:, :, None, :] * keep
-               + jnp.einsum("bjhi,bjhc->bhic", v, k * to_end)
-               + jnp.einsum("bhji,bjhc->bhic", u, b * to_end))
+               + _einsum("bjhi,bjhc->bhic", v, k * to_end)
+               + _einsum("bhji,bjhc->bhic", u, b * to_end))
   return new_state, y
 
 
@@ -112,7 +135,7 @@ def wkv7_chunked(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, a: jax.
   Inside a chunk of B tokens, with Γ_t the running product of decays since the
   chunk's start and u_t = S_{t-1} a_t the vector each token removes:
 
-      (I − A_b) U = [S_0 (Γ_{t-1} ⊙ a_t)]_t + A_k V          (a unit lower-triangular solve)
+      (I − A_b) U = [S_0 (Γ_{t-1} ⊙ a_t)]_t + A_k V     (unit lower-triangular: U by matmuls)
       y_t = S_0 (Γ_t ⊙ r_t) + Σ_{j<=t} (r_t ⊙ Γ_t/Γ_j)·k_j v_j + (r_t ⊙ Γ_t/Γ_j)·b_j u_j
 
   with A_k[t, j] = (a_t ⊙ Γ_{t-1}/Γ_j)·k_j and A_b likewise with b_j (j < t). The

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from helpers.wkv7_reference import wkv7_reference
-from layers.rwkv import token_shift, wkv7, wkv7_chunked
+from layers.rwkv import token_shift, unit_lower_inverse, wkv7, wkv7_chunked
 from layers.ssm import document_index
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -130,3 +130,10 @@ def test_token_shift_resets_at_documents():
   assert last[0, 0] == 6
   shifted, _ = token_shift(x)
   np.testing.assert_array_equal(shifted[0, :, 0], [0, 1, 2, 3, 4, 5])
+
+
+@pytest.mark.parametrize("length", [1, 2, 5, 16, 64])
+def test_unit_lower_inverse(length):
+  a = np.tril(np.random.default_rng(length).normal(size=(3, length, length)) * 0.3, -1)
+  np.testing.assert_allclose(unit_lower_inverse(jnp.asarray(a, jnp.float32)),
+                             np.linalg.inv(np.eye(length) - a), atol=1e-5, rtol=1e-5)
