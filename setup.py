@@ -32,6 +32,7 @@ setuptools.setup(
             "pytest-xdist",
             "torch==2.13.0",
             "transformers>=5",
+            "rwkv",
             "nbclient",
             "nbformat",
             "ipykernel",

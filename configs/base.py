@@ -32,6 +32,8 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ("ssm_groups", None),  # Mamba: groups sharing B and C.
     ("ssm_state", None),  # Mamba: state size N.
     ("conv_width", None),  # Mamba: causal convolution taps.
+    ("low_rank", None),  # RWKV-7: low-rank widths of the decay, iclr, value-mix and gate maps.
+    ("state_dim", None),  # RWKV-7: the key axis of the [d, d] WKV state.
 )
 
 def model_section(model_config: ModelConfig) -> ml_collections.ConfigDict:

@@ -22,7 +22,11 @@ and train/; a module that needs a letter not listed here adds it here.
   state space (SSM)   N state size · ng groups sharing B and C (h/ng heads each)
                       · w convolution width; h and d are the SSM heads and head
                       dim, B the chunk length and nb the chunks
+  RWKV-7              R a low-rank width (decay, in-context learning rate,
+                      value mix, gate); h heads of head size d (h·d = e), a
+                      [d, d] WKV state per head; m the channel-mix width; B the
+                      WKV chunk length
 
 Flat modules hold the basic blocks (linear, embedding, norms, rope, mlp);
-subpackages group a concept family (attention/, moe/, ssm/).
+subpackages group a concept family (attention/, moe/, ssm/, rwkv/).
 """

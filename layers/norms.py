@@ -1,4 +1,4 @@
-"""RMSNorm (Zhang & Sennrich, 2019): x / rms(x) * scale, no mean, no bias.
+"""RMSNorm (Zhang & Sennrich, 2019): x / rms(x) * scale, no mean, no bias; and LayerNorm.
 
 Shapes: b batch, t sequence, e embed.
 """
@@ -29,3 +29,30 @@ class RMSNorm(nn.Module):
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """(x − mean) / sqrt(var + eps) · scale + bias over the last axis, in float32.
+
+  Attributes:
+    eps: added to the variance (torch's LayerNorm default is 1e-5).
+    dtype: dtype of the output.
+    param_dtype: dtype of `scale` (ones) and `bias` (zeros).
+  """
+  eps: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Normalises `x` [..., e] and returns [..., e] in `dtype`."""
+    e = x.shape[-1]
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (e,), self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                           ("embed",)), (e,), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    normed = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)

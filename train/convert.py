@@ -6,10 +6,11 @@ r"""One command for every foreign checkpoint format: import into and export from
 
 NAME is a format a family registers (`python -m train.convert list`): llama
 (transformers LlamaForCausalLM), mixtral (MixtralForCausalLM), qwen2_moe
-(Qwen2MoeForCausalLM) and mamba2 (Mamba2ForCausalLM) today; SRC and DST are
-that format's files (a transformers `save_pretrained` directory for these). The
-converters live with their family (models/<family>/hf.py); this module adds the
-checkpoint side.
+(Qwen2MoeForCausalLM), mamba2 (Mamba2ForCausalLM) and rwkv7_pth (BlinkDL's
+RWKV-7 .pth) today; SRC and DST are that format's files (a transformers
+`save_pretrained` directory for the first four, a .pth file for rwkv7_pth). The
+converters live with their family (models/<family>/hf.py, pth.py); this module
+adds the checkpoint side.
 
 `import` writes a params-only checkpoint whose config holds the imported
 model's `config.model` and the run sections of `--config` (default

@@ -23,6 +23,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "llama": ("models.llama", "train.tasks.language_model:LanguageModelTask"),
     "moe": ("models.moe", "train.tasks.moe_language_model:MoeLanguageModelTask"),
     "mamba": ("models.mamba", "train.tasks.language_model:LanguageModelTask"),
+    "rwkv": ("models.rwkv", "train.tasks.language_model:LanguageModelTask"),
 }
 
 

@@ -21,9 +21,12 @@ def learning_rate_schedule(opt_config, num_steps: int) -> optax.Schedule:
       end_value=opt_config.lr * opt_config.end_lr_factor)
 
 
-# Per-channel parameters skipped by name: norm scales, biases, and the Mamba mixer's
-# per-head decay rate, skip weight and step-size bias.
-_NO_DECAY_NAMES = ("scale", "bias", "A_log", "D", "dt_bias")
+# Per-channel parameters skipped by name: norm scales, biases, the Mamba mixer's
+# per-head decay rate, skip weight and step-size bias, and RWKV-7's token-shift lerps,
+# base decay / iclr / value-mix offsets, key scales, bonus and per-head GroupNorm.
+_NO_DECAY_NAMES = ("scale", "bias", "A_log", "D", "dt_bias",
+                   "x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a",
+                   "r_k", "ln_x_scale", "ln_x_bias")
 
 
 def _decay_mask(params):

@@ -6,20 +6,25 @@ import os
 from configs import llama_tiny
 from configs import mamba_tiny
 from configs import moe_tiny
+from configs import rwkv_tiny
 
 _TINY = {"llama": llama_tiny.get_config, "moe": moe_tiny.get_config,
-         "mamba": mamba_tiny.get_config}
+         "mamba": mamba_tiny.get_config, "rwkv": rwkv_tiny.get_config}
 # The model fields tiny_config shrinks, per family (the decoders share theirs).
 _DECODER = {"model.embed_dim": 32, "model.num_layers": 2, "model.mlp_dim": 64,
             "model.head_dim": 8, "model.max_seq_len": 64, "model.dtype": "float32"}
 _TINY_MODEL = {"llama": _DECODER, "moe": _DECODER,
                "mamba": {"model.embed_dim": 32, "model.num_layers": 2, "model.num_heads": 4,
                          "model.head_dim": 16, "model.state_size": 8, "model.chunk_size": 16,
-                         "model.max_seq_len": 64, "model.dtype": "float32"}}
+                         "model.max_seq_len": 64, "model.dtype": "float32"},
+               "rwkv": {"model.embed_dim": 32, "model.num_layers": 2, "model.head_size": 8,
+                        "model.hidden_dim": 128, "model.decay_rank": 8, "model.iclr_rank": 8,
+                        "model.value_rank": 8, "model.gate_rank": 16, "model.max_seq_len": 64,
+                        "model.dtype": "float32"}}
 
 
 def tiny_config(data_dir: str, family: str = "llama", **overrides):
-  """A seconds-fast llama_tiny (or moe_tiny, mamba_tiny): 32-token rows, 8 per batch,
+  """A seconds-fast llama_tiny (or moe_tiny, mamba_tiny, rwkv_tiny): 32-token rows, 8 per batch,
   float32 compute.
 
   `overrides` are dotted keys, e.g. `{'train.num_steps': 4}` or

@@ -161,7 +161,8 @@ def test_cli_round_trip(tmp_path):
 def test_convert_lists_every_format():
   formats = convert.converters()
   assert {name: family for name, (family, _) in formats.items()} == {
-      "llama": "llama", "mixtral": "moe", "qwen2_moe": "moe", "mamba2": "mamba"}
+      "llama": "llama", "mixtral": "moe", "qwen2_moe": "moe", "mamba2": "mamba",
+      "rwkv7_pth": "rwkv"}
   assert "LlamaForCausalLM" in formats["llama"][1].description
   with pytest.raises(ValueError, match="--model='gpt2' is not a known format"):
     convert.get_converter("gpt2")

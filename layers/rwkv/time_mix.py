@@ -1,0 +1,184 @@
+"""The RWKV-7 time mix (arXiv 2503.14456): token shift, low-rank decay, in-context
+learning rate, value residual, gate, the WKV-7 recurrence, per-head GroupNorm and bonus.
+
+For normed inputs x and the previous token x' (token shift), with δ = x' − x:
+
+    x_c = x + δ·μ_c  for c in r, w, k, v, a, g          (six learned lerps μ)
+    r, k, v = x_r R, x_k K, x_v V
+    w = exp(−e^{−1/2} · σ(w0 + tanh(x_w W1) W2))       (decay per channel, in (0.54, 1))
+    a = σ(a0 + x_a A1 A2)                                (in-context learning rate)
+    g = σ(x_g G1) G2                                     (output gate)
+    k̂ = normalize(k·k_k) per head;  k ← k·(1 + (a − 1)·k_a)
+    v ← v + (v_first − v)·σ(v0 + x_v V1 V2)              (layers after the first)
+    y = WKV7(r, w, k, v, −k̂, k̂·a);  y = GroupNorm_h(y) + (Σ_d r·k·r_k)·v
+    out = (y·g) O
+
+The same maths and order as the reference `rwkv` package's v7 path.
+
+Shapes (layers/__init__.py): b batch, t sequence, e embed, h heads, d head size,
+R low-rank width.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from layers.linear import Einsum
+from layers.rwkv.token_shift import token_shift
+from layers.rwkv.wkv7 import wkv7, wkv7_chunked
+
+_HEAD_AXES = ("batch", "length", "heads", "head_dim")
+DECAY_SCALE = math.exp(-0.5)
+GROUP_NORM_EPS = 64e-5
+
+
+def _lerp_init(power: float):
+  """μ[c] = 1 − (c/e)^power: early channels mostly take the previous token."""
+  def init(key, shape, dtype):
+    del key
+    return (1.0 - (jnp.arange(shape[0]) / shape[0]) ** power).astype(dtype)
+  return init
+
+
+def _decay_init(key, shape, dtype):
+  """w0 spread from slow to fast decay over the channels (as RWKV-LM, mid-depth)."""
+  del key
+  n = jnp.arange(shape[0]) / max(shape[0] - 1, 1)
+  return (-7.0 + 5.0 * n ** 1.55 + 0.5).astype(dtype)
+
+
+def group_norm_heads(y: jax.Array, scale: jax.Array, bias: jax.Array,
+                     eps: float = GROUP_NORM_EPS) -> jax.Array:
+  """LayerNorm of each head's d channels (torch GroupNorm with h groups), float32.
+
+  y [b, t, h, d]; scale, bias [h, d].
+  """
+  y = y.astype(jnp.float32)
+  mean = jnp.mean(y, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(y - mean), axis=-1, keepdims=True)
+  return (y - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(
+      jnp.float32)
+
+
+class TimeMix(nn.Module):
+  """One RWKV-7 time mix: [b, t, e] -> [b, t, e].
+
+  Parameters: x_r, x_w, x_k, x_v, x_a, x_g [e] (lerps); w0, a0 [e]; w1 [e, R_w],
+  w2 [R_w, e]; a1 [e, R_a], a2 [R_a, e]; v0 [e], v1 [e, R_v], v2 [R_v, e] (only
+  with `value_residual`); g1 [e, R_g], g2 [R_g, e]; k_k, k_a, r_k [h, d];
+  receptance, key, value/kernel [e, h, d]; output/kernel [h, d, e];
+  ln_x/{scale, bias} [h, d].
+
+  Attributes:
+    num_heads: h (h·d = e).
+    head_size: d.
+    decay_rank, iclr_rank, value_rank, gate_rank: low-rank widths R_w, R_a, R_v, R_g.
+    chunk_size: tokens per chunk of the WKV-7 matrix form (`wkv7_chunked`); 0 runs the
+      sequential scan (`wkv7`), as does a call of a single token (decode steps).
+    value_residual: mix in the first layer's values (every layer but the first).
+    dtype: computation dtype of the projections (decay, gates and the state are float32).
+    param_dtype: parameter storage dtype.
+  """
+  num_heads: int
+  head_size: int
+  decay_rank: int
+  iclr_rank: int
+  value_rank: int
+  gate_rank: int
+  chunk_size: int = 16
+  value_residual: bool = True
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def _vector(self, name, init, e):
+    return self.param(name, nn.with_logical_partitioning(init, ("embed",)), (e,),
+                      self.param_dtype).astype(jnp.float32)
+
+  def _low_rank(self, name_in, name_out, x, rank, inner=None):
+    """(inner(x W_in)) W_out in float32: x [b, t, e] -> [b, t, e]."""
+    e = x.shape[-1]
+    w_in = self.param(name_in, nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                            ("embed", "low_rank")),
+                      (e, rank), self.param_dtype)
+    w_out = self.param(name_out, nn.with_logical_partitioning(
+        nn.initializers.orthogonal(0.1), ("low_rank", "embed")), (rank, e), self.param_dtype)
+    hidden = jnp.einsum("bte,er->btr", x, w_in.astype(jnp.float32))
+    if inner is not None:
+      hidden = inner(hidden)
+    return jnp.einsum("btr,re->bte", hidden, w_out.astype(jnp.float32))
+
+  @nn.compact
+  def __call__(self, x: jax.Array, v_first: jax.Array | None, doc: jax.Array | None = None,
+               previous: jax.Array | None = None, state: jax.Array | None = None):
+    """The time mix of normed inputs.
+
+    Args:
+      x: [b, t, e] the normed residual stream.
+      v_first: [b, t, h, d] the first layer's values (ignored without `value_residual`).
+      doc: int [b, t] document index (layers.ssm.document_index); None: one document.
+      previous: [b, e] the token before x[:, 0] (decoding), or None.
+      state: float32 [b, h, d, d] the WKV state before x[:, 0] (decoding), or None.
+    Returns:
+      (out [b, t, e] in `dtype`, this layer's values v [b, t, h, d] (before the
+      value residual: the v_first of later layers), the last token [b, e], the
+      float32 state after the last token [b, h, d, d]).
+    """
+    b, t, e = x.shape
+    h, d = self.num_heads, self.head_size
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    shifted, last = token_shift(x, doc, previous)
+    x32 = x.astype(jnp.float32)
+    delta = shifted.astype(jnp.float32) - x32
+    mixed = {c: x32 + delta * self._vector(f"x_{c}", _lerp_init(p), e)
+             for c, p in (("r", 0.2), ("w", 0.9), ("k", 0.7), ("v", 0.7), ("a", 0.9),
+                          ("g", 0.2))}
+
+    heads_in = lambda name, inputs: Einsum((e, h, d), ("embed", "heads", "head_dim"),  # noqa: E731
+                                           "bte,ehd->bthd", name=name, **kw)(inputs)
+    r = heads_in("receptance", mixed["r"]).astype(jnp.float32)
+    k = heads_in("key", mixed["k"]).astype(jnp.float32)
+    v = heads_in("value", mixed["v"]).astype(jnp.float32)
+    split = lambda y: y.reshape(b, t, h, d)  # noqa: E731
+
+    w = self._vector("w0", _decay_init, e) + self._low_rank("w1", "w2", mixed["w"],
+                                                             self.decay_rank, jnp.tanh)
+    w = jnp.exp(-DECAY_SCALE * jax.nn.sigmoid(split(w)))
+    a = jax.nn.sigmoid(split(self._vector("a0", nn.initializers.zeros_init(), e)
+                             + self._low_rank("a1", "a2", mixed["a"], self.iclr_rank)))
+    g = split(self._low_rank("g1", "g2", mixed["g"], self.gate_rank, jax.nn.sigmoid))
+
+    per_head = lambda name, value: self.param(  # noqa: E731
+        name, nn.with_logical_partitioning(nn.initializers.constant(value),
+                                           ("heads", "head_dim")),
+        (h, d), self.param_dtype).astype(jnp.float32)
+    k_k, k_a, r_k = per_head("k_k", 0.85), per_head("k_a", 1.0), per_head("r_k", -0.04)
+    kk = k * k_k
+    kk = kk / jnp.maximum(jnp.linalg.norm(kk, axis=-1, keepdims=True), 1e-12)
+    k = k * (1.0 + (a - 1.0) * k_a)
+    values = v
+    if self.value_residual:
+      mix = jax.nn.sigmoid(split(self._vector("v0", nn.initializers.ones, e)
+                                 + self._low_rank("v1", "v2", mixed["v"], self.value_rank)))
+      v = v + (v_first.astype(jnp.float32) - v) * mix
+
+    r, w, k, v, kk, a = (nn.with_logical_constraint(z, _HEAD_AXES) for z in (r, w, k, v, kk, a))
+    if self.chunk_size > 0 and t > 1:
+      y, state = wkv7_chunked(r, w, k, v, -kk, kk * a, chunk_size=self.chunk_size, doc=doc,
+                              initial_state=state)
+    else:
+      y, state = wkv7(r, w, k, v, -kk, kk * a, doc=doc, initial_state=state)
+    y = checkpoint_name(nn.with_logical_constraint(y, _HEAD_AXES), "wkv")
+
+    ln_scale = self.param("ln_x_scale", nn.with_logical_partitioning(
+        nn.initializers.ones, ("heads", "head_dim")), (h, d), self.param_dtype)
+    ln_bias = self.param("ln_x_bias", nn.with_logical_partitioning(
+        nn.initializers.zeros_init(), ("heads", "head_dim")), (h, d), self.param_dtype)
+    y = group_norm_heads(y, ln_scale, ln_bias)
+    y = y + jnp.sum(r * k * r_k, axis=-1, keepdims=True) * v
+    y = (y * g).astype(self.dtype)
+    out = Einsum((h, d, e), ("heads", "head_dim", "embed"), "bthd,hde->bte",
+                 num_contracting=2, name="output", **kw)(y)
+    return out, values.astype(self.dtype), last, state
