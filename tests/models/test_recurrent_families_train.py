@@ -1,5 +1,6 @@
-"""End-to-end: the tiny RWKV-7 trains to a falling loss on 8 fake devices (data x fsdp x tensor),
-checkpoints, samples through the shared sampler, and reloads."""
+"""End-to-end for the recurrent families (Mamba-2, RWKV-7): the tiny model trains to a
+falling loss on 8 fake devices (data x fsdp x tensor), checkpoints, samples through the
+shared sampler (recurrent cache), and reloads."""
 
 import numpy as np
 import pytest
@@ -14,9 +15,10 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
 
 
-def test_trains_samples_and_reloads(data_dir, tmp_path):
+@pytest.mark.parametrize("family", ["mamba", "rwkv"])
+def test_trains_samples_and_reloads(data_dir, tmp_path, family):
   workdir = str(tmp_path / "run")
-  config = tiny_config(data_dir, family="rwkv", **{
+  config = tiny_config(data_dir, family=family, **{
       "train.num_steps": 20, "train.log_every_steps": 5, "opt.lr": 1e-2,
       "checkpoint.every_steps": 20, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
   trainer.train_and_evaluate(config, workdir)
