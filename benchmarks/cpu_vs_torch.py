@@ -88,7 +88,7 @@ class TreadleSide:
 
   def __init__(self, config, inputs, targets):
     self.run_ = trainer_lib.Trainer(config, workdir="")
-    batch = self.run_.task.dummy_batch(*inputs.shape)
+    batch = self.run_.task.dummy_batch(config.data, inputs.shape[0])  # [b, data.seq_len]
     batch["inputs"], batch["targets"] = inputs, targets
     with self.run_.sharding_context():
       self.state = state_lib.init_state(
