@@ -173,7 +173,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str
   [b, t, h, d]. `interpret` and `chip` only affect 'pallas'.
   """
   if impl == "xla":
-    if jax.default_backend() == "cpu" and q.shape[1] == k.shape[1]:
+    if default_backend() == "cpu" and q.shape[1] == k.shape[1]:
       # Same values; XLA:CPU runs it 1.5-2x as fast (layers/attention/cpu_blocked.py).
       return cpu_blocked.causal_attention(
           q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
