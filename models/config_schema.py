@@ -123,8 +123,10 @@ class ConfigSection:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig(ConfigSection):
-  """Base of a family's config: `family` names it in train/families.py."""
+  """Base of a family's config: `family` names it in train/families.py; `modality`
+  ('text' or 'images') picks the data and sample sections of its run config."""
   family: ClassVar[str] = ""
+  modality: ClassVar[str] = "text"
 
   def sharded_sizes(self) -> dict[str, tuple[str, int]]:
     """Field name -> (logical axis, size) of dimensions the mesh may split.

@@ -5,6 +5,8 @@ Layout: `WORKDIR/checkpoints/<step>/` with items
   model_state  the model's other collections (an MoE's balance biases), for
                families that have them; params + model_state are what a
                notebook or the sampler needs,
+  ema_params   the exponential moving average of the params, for runs that
+               keep one (`opt.ema_decay` > 0); `load_model` prefers it,
   train_state  step, optimizer state and RNG,
   data_iter    each host's grain iterator position,
   config       the run config as JSON (the model is rebuilt from it).
@@ -25,7 +27,7 @@ from etils import epath
 
 from train import families
 
-ITEMS = ("params", "model_state", "train_state", "data_iter", "config")
+ITEMS = ("params", "model_state", "ema_params", "train_state", "data_iter", "config")
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -94,6 +96,8 @@ class Checkpointer:
                  config=ocp.args.JsonSave(self._config.to_dict()))
     if state.model_state:
       items["model_state"] = ocp.args.StandardSave(state.model_state)
+    if state.ema_params:
+      items["ema_params"] = ocp.args.StandardSave(state.ema_params)
     self._manager.save(step, force=force, args=ocp.args.Composite(**items))
 
   def restore(self, step: int, abstract_state, shardings, data_iter):
@@ -119,12 +123,18 @@ class Checkpointer:
                          f"model ({self._config.model.family}) keeps; it was not written by "
                          "this model's trainer. Use a new --workdir.")
       items["model_state"] = ocp.args.StandardRestore(target.model_state)
+    if target.ema_params:
+      if not _has_item(self._manager, step, "ema_params"):
+        raise ValueError(f"The checkpoint at step {step} has no ema_params item but "
+                         f"config.opt.ema_decay={self._config.opt.ema_decay} keeps an EMA: "
+                         "resume with the run's opt.ema_decay=0, or use a new --workdir.")
+      items["ema_params"] = ocp.args.StandardRestore(target.ema_params)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     rest = restored["train_state"]
-    state = abstract_state.replace(step=rest["step"], params=restored["params"],
-                                   opt_state=rest["opt_state"], rng=rest["rng"],
-                                   model_state=restored["model_state"] if target.model_state
-                                   else {})
+    state = abstract_state.replace(
+        step=rest["step"], params=restored["params"], opt_state=rest["opt_state"],
+        rng=rest["rng"], model_state=restored["model_state"] if target.model_state else {},
+        ema_params=restored["ema_params"] if target.ema_params else {})
     return state, True
 
   def wait(self) -> None:
@@ -168,7 +178,7 @@ def load_config(workdir: str, step: int | None = None) -> ml_collections.ConfigD
 
 
 def load_model(workdir: str, step: int | None = None, *, dtype: str | None = None,
-               attention_impl: str = "auto"):
+               attention_impl: str = "auto", use_ema: bool = True):
   """The model and its variables from the latest (or given) checkpoint.
 
   For notebooks and the sampler: variables land on the default device. The
@@ -178,7 +188,9 @@ def load_model(workdir: str, step: int | None = None, *, dtype: str | None = Non
   the run trained with; None keeps it.
   Returns (model, variables) with variables = {'params': ..., **model_state}
   (a checkpoint without a model_state item, e.g. an imported one, gets the
-  model's initial state: zero MoE balance biases).
+  model's initial state: zero MoE balance biases). 'params' are the EMA of the
+  parameters where the run kept one (a diffusion model samples from those),
+  unless `use_ema` is False.
 
   >>> model, variables = load_model(workdir)
   >>> logits = model.apply(variables, tokens)  # [b, t] -> [b, t, v]
@@ -204,7 +216,8 @@ def load_model(workdir: str, step: int | None = None, *, dtype: str | None = Non
                         abstract)
   params_target = target["params"]
   state_target = {name: value for name, value in target.items() if name != "params"}
-  items = dict(params=ocp.args.StandardRestore(params_target))
+  params_item = "ema_params" if use_ema and _has_item(manager, step, "ema_params") else "params"
+  items = {params_item: ocp.args.StandardRestore(params_target)}
   if state_target and _has_item(manager, step, "model_state"):
     items["model_state"] = ocp.args.StandardRestore(state_target)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
@@ -216,4 +229,4 @@ def load_model(workdir: str, step: int | None = None, *, dtype: str | None = Non
     model_state = jax.jit(lambda: {k: v for k, v in init().items() if k != "params"})()
   else:
     model_state = {}
-  return model, {"params": restored["params"], **model_state}
+  return model, {"params": restored[params_item], **model_state}

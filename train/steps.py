@@ -14,7 +14,20 @@ def _split_micro_batches(batch, num_micro: int):
   return jax.tree.map(split, batch)
 
 
-def train_step(state: TrainState, batch, *, model, task, optimizer, opt_config,
+def ema_decay(step: jax.Array, opt_config) -> jax.Array:
+  """The EMA decay at optimizer step `step` (0-based): a warm-up capped at `opt.ema_decay`.
+
+  `opt.ema_warmup_power` 0 ramps as (1 + step) / (10 + step), p > 0 as
+  1 - (1 + step)^-p (diffusers' EMAModel without and with `use_ema_warmup`),
+  so early averages do not hold on to the random initialisation.
+  """
+  step = step.astype(jnp.float32)
+  power = opt_config.ema_warmup_power
+  ramp = (1.0 + step) / (10.0 + step) if power == 0 else 1.0 - (1.0 + step) ** -power
+  return jnp.minimum(opt_config.ema_decay, ramp)
+
+
+def train_step(state: TrainState, batch, *, model, task, optimizer, config,
                schedule) -> tuple[TrainState, dict]:
   """One optimizer step on a global batch; returns the new state and metric sums.
 
@@ -22,12 +35,15 @@ def train_step(state: TrainState, batch, *, model, task, optimizer, opt_config,
   once, so accumulating `opt.grad_accum_steps` micro-batches gives the same
   update as one large batch. The model state (non-param collections) is
   updated by the task after the optimizer step, from the step's metric sums.
+  With `opt.ema_decay` > 0 the EMA of the parameters follows the new ones.
+  `config` is the run config (bound by the trainer; static under jit).
   """
+  opt_config = config.opt
   rng, step_rng = jax.random.split(state.rng)
 
   def loss_fn(params, micro, micro_rng):
     variables = {"params": params, **state.model_state}
-    return task.loss_sums(model, variables, micro, micro_rng, opt_config)
+    return task.loss_sums(model, variables, micro, micro_rng, config)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   num_micro = opt_config.grad_accum_steps
@@ -51,15 +67,20 @@ def train_step(state: TrainState, batch, *, model, task, optimizer, opt_config,
   model_state = task.update_model_state(state.model_state, metrics, model)
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                  learning_rate=schedule(state.step))
+  ema_params = state.ema_params
+  if opt_config.ema_decay > 0:
+    decay = ema_decay(state.step, opt_config)
+    ema_params = jax.tree.map(lambda e, p: (decay * e + (1 - decay) * p).astype(e.dtype),
+                              ema_params, params)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
-                            model_state=model_state)
+                            model_state=model_state, ema_params=ema_params)
   return new_state, metrics
 
 
-def eval_step(variables, batch, *, model, task, opt_config) -> dict:
+def eval_step(variables, batch, *, model, task, config) -> dict:
   """Metric sums of the task's loss on one batch (no gradient).
 
   `variables` is {'params': ..., **model_state} (see `state.variables_of`).
   """
-  _, metrics = task.loss_sums(model, variables, batch, jax.random.PRNGKey(0), opt_config)
+  _, metrics = task.loss_sums(model, variables, batch, jax.random.PRNGKey(0), config)
   return metrics

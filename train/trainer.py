@@ -18,6 +18,7 @@ from train import profiling
 from train import sharding
 from train import state as state_lib
 from train import steps
+from train.tasks import base as base_task
 
 
 def _console(text: str) -> None:
@@ -65,22 +66,23 @@ class Trainer:
     # Parameter shapes do not depend on the batch: init traces one row per data shard.
     self.dummy = self.task.dummy_batch(config.data,
                                        sharding.data_parallel_size(self.mesh, self.rules))
+    self.keeps_ema = config.opt.ema_decay > 0
     with self.sharding_context():
       self.state_shardings = state_lib.state_shardings(
-          self.model, self.task, self.optimizer, self.dummy, self.mesh, self.rules)
+          self.model, self.task, self.optimizer, self.dummy, self.mesh, self.rules,
+          ema=self.keeps_ema)
     self.batch_shardings = {
         key: jax.sharding.NamedSharding(self.mesh, nn.logical_to_mesh_axes(axes, self.rules))
         for key, axes in self.task.batch_axes().items()}
     self.train_step = jax.jit(
         functools.partial(steps.train_step, model=self.model, task=self.task,
-                          optimizer=self.optimizer, opt_config=config.opt,
+                          optimizer=self.optimizer, config=config,
                           schedule=self.schedule),
         in_shardings=(self.state_shardings, self.batch_shardings),
         out_shardings=(self.state_shardings, None), donate_argnums=(0,))
     variable_shardings = state_lib.variables_of(self.state_shardings)
     self.eval_step = jax.jit(
-        functools.partial(steps.eval_step, model=self.model, task=self.task,
-                          opt_config=config.opt),
+        functools.partial(steps.eval_step, model=self.model, task=self.task, config=config),
         in_shardings=(variable_shardings, self.batch_shardings))
 
   @contextlib.contextmanager
@@ -100,7 +102,8 @@ class Trainer:
                              self.dummy, self.config.seed, self.state_shardings)
     if latest is None:
       return init(), None
-    abstract = state_lib.abstract_state(self.model, self.task, self.optimizer, self.dummy)
+    abstract = state_lib.abstract_state(self.model, self.task, self.optimizer, self.dummy,
+                                        ema=self.keeps_ema)
     restored, resumed = checkpointer.restore(latest, abstract, self.state_shardings, data_iter)
     if not resumed:
       _console(f"Starting from the imported params at step {latest} of {self.workdir}.")
@@ -177,14 +180,18 @@ class Trainer:
             flush()  # Never checkpoint a state whose loss is unchecked.
             checkpointer.save(state, data_iter, force=is_last)
         flush()
+      # The EMA where the run keeps one: what sampling uses.
+      context = base_task.ReportContext(
+          print=_console, workdir=self.workdir, step=int(jax.device_get(state.step)),
+          write_images=lambda images: writer.write_images(context.step, images))
+      with self.sharding_context():
+        final.update(self.task.report(self.model, state_lib.sampling_variables(state), config,
+                                      context))
     finally:  # Even on a NaN stop, the last good checkpoint finishes writing.
       profiler.close()
       checkpointer.wait()
       checkpointer.close()
       writer.close()
-    with self.sharding_context():
-      final.update(self.task.report(self.model, state_lib.variables_of(state), config,
-                                    _console))
     return final
 
 

@@ -10,7 +10,8 @@ is trained by gradient; the other collections (the model state, e.g. an MoE's
 and changed after each step by `update_model_state`.
 """
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import flax.linen as nn
@@ -26,14 +27,33 @@ MetricSums = dict[str, jax.Array]
 Variables = dict[str, Any]
 
 
+@dataclasses.dataclass(frozen=True)
+class ReportContext:
+  """Where a task's closing report goes.
+
+  Attributes:
+    print: prints a line on the console (process 0 only).
+    workdir: the run's workdir (e.g. for WORKDIR/samples/).
+    step: the step the reported variables were trained to.
+    write_images: logs {name: uint8 [H, W, 3]} images to TensorBoard at `step`.
+  """
+  print: Callable[[str], None]
+  workdir: str
+  step: int
+  write_images: Callable[[dict[str, np.ndarray]], None]
+
+
 class Task(Protocol):
   """The family-specific half of training.
 
   Attributes:
+    modality: what the task reads and samples: 'text' (prompts in, completions
+      out) or 'images' (class labels in, images out).
     throughput_unit: what the progress line counts per second ('tokens' for
       text, 'examples' for images).
     console_keys: logged scalars shown on the console line besides the loss.
   """
+  modality: str
   throughput_unit: str
   console_keys: tuple[str, ...]
 
@@ -68,9 +88,9 @@ class Task(Protocol):
     """`model.init` on a dummy batch; returns every collection (logically boxed)."""
 
   def loss_sums(self, model: nn.Module, variables: Variables, batch: Batch, rng: jax.Array,
-                opt_config) -> tuple[jax.Array, MetricSums]:
+                config) -> tuple[jax.Array, MetricSums]:
     """Summed training loss (differentiated in variables['params']) and metric sums
-    incl. 'weight'."""
+    incl. 'weight'. `config` is the run config (static under jit)."""
 
   def update_model_state(self, model_state: Variables, metrics: MetricSums,
                          model: nn.Module) -> Variables:
@@ -82,8 +102,12 @@ class Task(Protocol):
   # --- After training.
 
   def sample(self, model: nn.Module, variables: Variables, config,
-             prompts: Sequence[str]) -> list[str]:
-    """Completions of `prompts` under `config.sample` (for `python -m train.sample`)."""
+             requests: Sequence[Any]) -> Any:
+    """Samples under `config.sample` (for `python -m train.sample`): completions
+    (list[str]) of text prompts, or images (float [n, H, W, c] in [-1, 1]) of
+    class labels."""
 
-  def report(self, model: nn.Module, variables: Variables, config, print_fn) -> dict[str, float]:
-    """Runs after training: samples / scores, printed, returned as metrics."""
+  def report(self, model: nn.Module, variables: Variables, config,
+             context: ReportContext) -> dict[str, float]:
+    """Runs after training on the variables sampling uses (the EMA where kept):
+    samples / scores, printed, returned as metrics."""

@@ -83,6 +83,7 @@ class LanguageModelTask:
     family: the model family (its `init_cache` builds the KV cache for sampling).
   """
   family: ModelFamily
+  modality = "text"
   throughput_unit = "tokens"
   console_keys = ()
 
@@ -127,11 +128,11 @@ class LanguageModelTask:
     return dict(model.init(rng, batch["inputs"], positions=batch["positions"],
                            segment_ids=batch["segment_ids"]))
 
-  def loss_sums(self, model, variables, batch, rng, opt_config):
+  def loss_sums(self, model, variables, batch, rng, config):
     del rng  # Deterministic: no dropout in these models.
     logits = model.apply(variables, batch["inputs"], positions=batch["positions"],
                          segment_ids=batch["segment_ids"])
-    return next_token_sums(logits, batch, opt_config)
+    return next_token_sums(logits, batch, config.opt)
 
   def update_model_state(self, model_state, metrics, model):
     del metrics, model  # A dense decoder has no state outside its params.
@@ -147,9 +148,9 @@ class LanguageModelTask:
   def sample(self, model, variables, config, prompts):
     return self.sampler(model, config)(variables, list(prompts), config.sample)
 
-  def report(self, model, variables, config, print_fn):
+  def report(self, model, variables, config, context):
     """Samples `config.sample.prompts`; on the embedded corpus, scores held-out prompts."""
-    sample_config = config.sample
+    sample_config, print_fn = config.sample, context.print
     generate = self.sampler(model, config)
     texts = generate(variables, list(sample_config.prompts), sample_config)
     for prompt, text in zip(sample_config.prompts, texts):

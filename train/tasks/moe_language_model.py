@@ -37,12 +37,12 @@ class MoeLanguageModelTask(lm_task.LanguageModelTask):
     variables.pop("moe_stats", None)  # Sown by init's forward pass; not model state.
     return variables
 
-  def loss_sums(self, model, variables, batch, rng, opt_config):
+  def loss_sums(self, model, variables, batch, rng, config):
     del rng  # Deterministic: no router noise, no dropout.
     moe_config = model.config.moe
     logits, sown = model.apply(variables, batch["inputs"], positions=batch["positions"],
                                segment_ids=batch["segment_ids"], mutable=["moe_stats"])
-    loss, metrics = lm_task.next_token_sums(logits, batch, opt_config)
+    loss, metrics = lm_task.next_token_sums(logits, batch, config.opt)
     stats = moe.stack_moe_layers(sown["moe_stats"])
     weight = metrics["weight"]
     # Layer means, scaled by the token count: the trainer divides every loss
