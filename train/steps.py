@@ -43,7 +43,7 @@ def train_step(state: TrainState, batch, *, model, task, optimizer, config,
 
   def loss_fn(params, micro, micro_rng):
     variables = {"params": params, **state.model_state}
-    return task.loss_sums(model, variables, micro, micro_rng, config)
+    return task.loss_sums(model, variables, micro, micro_rng, config, train=True)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   num_micro = opt_config.grad_accum_steps
@@ -82,5 +82,6 @@ def eval_step(variables, batch, *, model, task, config) -> dict:
 
   `variables` is {'params': ..., **model_state} (see `state.variables_of`).
   """
-  _, metrics = task.loss_sums(model, variables, batch, jax.random.PRNGKey(0), config)
+  _, metrics = task.loss_sums(model, variables, batch, jax.random.PRNGKey(0), config,
+                              train=False)
   return metrics

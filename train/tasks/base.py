@@ -88,9 +88,10 @@ class Task(Protocol):
     """`model.init` on a dummy batch; returns every collection (logically boxed)."""
 
   def loss_sums(self, model: nn.Module, variables: Variables, batch: Batch, rng: jax.Array,
-                config) -> tuple[jax.Array, MetricSums]:
-    """Summed training loss (differentiated in variables['params']) and metric sums
-    incl. 'weight'. `config` is the run config (static under jit)."""
+                config, *, train: bool) -> tuple[jax.Array, MetricSums]:
+    """Summed loss (differentiated in variables['params']) and metric sums incl.
+    'weight'. `config` is the run config (static under jit); `train` False in
+    evaluation (no dropout, no label dropout)."""
 
   def update_model_state(self, model_state: Variables, metrics: MetricSums,
                          model: nn.Module) -> Variables:

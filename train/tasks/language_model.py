@@ -128,8 +128,8 @@ class LanguageModelTask:
     return dict(model.init(rng, batch["inputs"], positions=batch["positions"],
                            segment_ids=batch["segment_ids"]))
 
-  def loss_sums(self, model, variables, batch, rng, config):
-    del rng  # Deterministic: no dropout in these models.
+  def loss_sums(self, model, variables, batch, rng, config, *, train=True):
+    del rng, train  # Deterministic: no dropout in these models.
     logits = model.apply(variables, batch["inputs"], positions=batch["positions"],
                          segment_ids=batch["segment_ids"])
     return next_token_sums(logits, batch, config.opt)

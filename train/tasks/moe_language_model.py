@@ -37,8 +37,8 @@ class MoeLanguageModelTask(lm_task.LanguageModelTask):
     variables.pop("moe_stats", None)  # Sown by init's forward pass; not model state.
     return variables
 
-  def loss_sums(self, model, variables, batch, rng, config):
-    del rng  # Deterministic: no router noise, no dropout.
+  def loss_sums(self, model, variables, batch, rng, config, *, train=True):
+    del rng, train  # Deterministic: no router noise, no dropout.
     moe_config = model.config.moe
     logits, sown = model.apply(variables, batch["inputs"], positions=batch["positions"],
                                segment_ids=batch["segment_ids"], mutable=["moe_stats"])
