@@ -249,7 +249,8 @@ def guided_denoiser(apply_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Ar
     null_label: the label the model was trained with for "no class" (label dropout).
     guidance_scale: s, a Python float: out = uncond + s·(cond − uncond). s = 1 runs the
       conditional model alone and s = 0 the unconditional one (batch b); any other s runs both
-      as one batch of 2b, [cond; uncond].
+      as one batch of 2b, [cond; uncond]. Every output channel is mixed (split a
+      'learned_range' variance half off first if it should stay unguided).
 
   Returns:
     denoise_fn(x, t) for `sample`.

@@ -152,8 +152,8 @@ def loss_weight(schedule: NoiseSchedule, t: jax.Array, min_snr_gamma: float) -> 
   """Min-SNR-γ weights (Hang et al. 2023) of the per-example MSE to `training_target`, float32 [b].
 
   Each equals min(SNR, γ) on the x0 error: min(SNR, γ)/SNR for 'epsilon', min(SNR, γ)/(SNR + 1)
-  for 'v_prediction', min(SNR, γ) for 'sample'. min_snr_gamma = 0 turns weighting off (all ones);
-  the paper uses 5.
+  for 'v_prediction', min(SNR, γ) for 'sample'. min_snr_gamma, a Python float: 0 turns the
+  weighting off (all ones); the paper uses 5.
   """
   if not min_snr_gamma >= 0:
     raise ValueError(f"diffusion.min_snr_gamma={min_snr_gamma} must be >= 0 (0 turns the "

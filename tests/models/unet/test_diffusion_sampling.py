@@ -106,17 +106,21 @@ def test_ddpm_learned_range_matches_diffusers():
 
 
 def test_ddpm_final_step_adds_no_noise():
-  """Trailing spacing ends at t = 99: diffusers still adds noise of variance β (fixed_large) to
-  the finished sample there; ours returns the posterior mean, which is x̂_0 itself."""
+  """Trailing spacing ends at t = 99: diffusers still adds noise of variance β = 1 − ᾱ_99
+  (fixed_large) to the finished sample there; ours returns the posterior mean, x̂_0 itself."""
   reference = diffusers_scheduler("DDPMScheduler", "trailing", 10, variance_type="fixed_large")
   sched = schedule_lib.make_schedule("linear")
   x_t, model_output = step_inputs(sched, 99, seed=4)
-  noise = np.random.default_rng(5).standard_normal(SHAPE).astype(np.float32)
-  x_prev, x0 = ddpm_step(sched, model_output, 99, -1, x_t, noise, variance_type="fixed_large")
+  noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
+  x_prev, x0 = ddpm_step(sched, model_output, 99, -1, x_t, noise.numpy(),
+                         variance_type="fixed_large")
   np.testing.assert_allclose(x_prev, x0, atol=1e-6)
   theirs = reference.step(*as_torch(model_output), 99, *as_torch(x_t),
-                          generator=torch.Generator().manual_seed(6)).prev_sample.numpy()
-  assert np.abs(theirs - np.asarray(x0)).mean() > 0.1
+                          generator=torch.Generator().manual_seed(6))
+  np.testing.assert_allclose(theirs.pred_original_sample.numpy(), x0, atol=1e-5)
+  added = theirs.prev_sample.numpy() - theirs.pred_original_sample.numpy()
+  np.testing.assert_allclose(added, np.sqrt(1 - sched.alphas_cumprod[99]) * noise.numpy(),
+                             atol=1e-5)
 
 
 DDIM_CASES = [(p, spacing, eta, True, True, False) for p in PREDICTIONS
@@ -207,20 +211,21 @@ def test_ddim_sample_loop_matches_diffusers(spacing, eta):
   np.testing.assert_allclose(ours, x.numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize("prediction_type,variance_type",
-                         [("epsilon", "fixed_small"), ("v_prediction", "fixed_large")])
-def test_ddpm_sample_loop_matches_diffusers(monkeypatch, prediction_type, variance_type):
+@pytest.mark.parametrize("prediction_type,variance_type,spacing", [
+    ("epsilon", "fixed_small", "leading"), ("v_prediction", "fixed_large", "linspace")])
+def test_ddpm_sample_loop_matches_diffusers(monkeypatch, prediction_type, variance_type, spacing):
+  """diffusers' DDPM steps to the next timestep of the sequence, as ours, for every spacing."""
   sched = schedule_lib.make_schedule("linear", prediction_type=prediction_type)
   x_T = np.random.default_rng(11).standard_normal(SHAPE).astype(np.float32)
   rng = jax.random.key(12, impl="rbg")
   ours = jax.jit(functools.partial(sampling.sample, linear_denoiser, num_steps=10,
-                                   variance_type=variance_type))(sched, x_T, rng)
+                                   spacing=spacing, variance_type=variance_type))(sched, x_T, rng)
   # diffusers' DDPM step draws its own noise (on every step but t = 0): hand it ours, in order.
   noises = iter(per_step_noise(rng, 10))
   ddpm_module = importlib.import_module("diffusers.schedulers.scheduling_ddpm")
   monkeypatch.setattr(ddpm_module, "randn_tensor",
                       lambda shape, **_: torch.from_numpy(next(noises)))
-  reference = diffusers_scheduler("DDPMScheduler", "leading", 10, prediction_type=prediction_type,
+  reference = diffusers_scheduler("DDPMScheduler", spacing, 10, prediction_type=prediction_type,
                                   variance_type=variance_type)
   x = torch.from_numpy(x_T)
   for t in reference.timesteps:
