@@ -74,9 +74,14 @@ class ProbeNet(nn.Module):
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "steps"))
-def _train(params, images, labels, key, *, num_classes: int, steps: int):
-  """`steps` Adam steps on random mini-batches; returns the trained params."""
+def _train(images, labels, key, *, num_classes: int, steps: int):
+  """Initialises, then takes `steps` Adam steps on random mini-batches; returns params.
+
+  One compiled program: eager init would compile each of its ops separately.
+  """
   net = ProbeNet(num_classes)
+  init_key, key = jax.random.split(key)
+  params = net.init(init_key, images[:1])["params"]
   optimizer = optax.adam(optax.cosine_decay_schedule(_LEARNING_RATE, steps))
 
   def loss_fn(params, x, y):
@@ -143,8 +148,6 @@ def fit_probe(images: np.ndarray, labels: np.ndarray, *, num_classes: int,
   if num_classes < 2 or labels.min() < 0 or labels.max() >= num_classes:
     raise ValueError(f"labels must lie in [0, num_classes={num_classes}) with "
                      f"num_classes >= 2; got labels in [{labels.min()}, {labels.max()}].")
-  init_key, train_key = jax.random.split(jax.random.key(seed))
-  params = ProbeNet(num_classes).init(init_key, images[:1])["params"]
-  params = _train(params, images, jnp.asarray(labels, jnp.int32), train_key,
+  params = _train(images, jnp.asarray(labels, jnp.int32), jax.random.key(seed),
                   num_classes=num_classes, steps=steps)
   return Probe(params=params, num_classes=num_classes)
