@@ -25,6 +25,7 @@ setuptools.setup(
         "safetensors",
         "numpy",
         "ml_dtypes",
+        "pillow",  # PNG for the image datasets and sample grids (train/data/images/).
     ],
     extras_require={
         "test": [

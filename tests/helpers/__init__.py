@@ -2,6 +2,7 @@
 
   trainer.py   tiny run configs and metrics readers for end-to-end tests
   colabs.py    runs a notebook in a fresh kernel
+  images.py    image data configs (train/data/images/pipeline.py)
   ssd_reference.py   the token-by-token Mamba-2 recurrence, oracle of layers/ssm/ssd.py
   wkv7_reference.py  the token-by-token RWKV-7 WKV recurrence, oracle of layers/rwkv/wkv7.py
 """

@@ -5,8 +5,9 @@ it reads through `tfds.data_source` like any prepared TFDS dataset, without
 TensorFlow. Configs: `treadle_corpus` (= `treadle_corpus/default`, 50k train
 documents, built in a few seconds) and `treadle_corpus/tiny` (for tests).
 
-`ensure_dataset(config.data.name, config.data.data_dir)` builds the corpus on
-first use; any other dataset must already be prepared in data_dir as
+`ensure_dataset(config.data.name, config.data.data_dir)` builds the corpus (and
+the embedded image dataset, `treadle_shapes`, see train/data/images/builder.py)
+on first use; any other dataset must already be prepared in data_dir as
 array_record (nothing is downloaded at run time).
 """
 
@@ -20,9 +21,12 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from train.data import corpus
+from train.data.images import builder as images_builder
 
 CORPUS_NAME = "treadle_corpus"
 DEFAULT_DATA_DIR = os.path.join("~", ".cache", "treadle", "tfds")
+# Datasets generated here, built on first use (the import registers their builders).
+EMBEDDED_NAMES = (CORPUS_NAME, images_builder.SHAPES_NAME)
 
 
 @dataclasses.dataclass
@@ -113,11 +117,11 @@ def _build_corpus(name: str, data_dir: str) -> None:
 
 
 def ensure_dataset(name: str, data_dir: str) -> str:
-  """Returns the resolved data_dir holding `name`, building treadle_corpus.
+  """Returns the resolved data_dir holding `name`, building embedded datasets.
 
   Args:
     name: config.data.name, a TFDS name such as 'treadle_corpus', 'lm1b',
-      'treadle_corpus/tiny' or 'wiki40b/en:1.3.0'.
+      'treadle_corpus/tiny', 'treadle_shapes' or 'wiki40b/en:1.3.0'.
     data_dir: config.data.data_dir ('' for the default cache).
   Raises:
     FileNotFoundError: `name` is not prepared there and cannot be built here.
@@ -125,7 +129,7 @@ def ensure_dataset(name: str, data_dir: str) -> str:
   """
   data_dir = resolve_data_dir(data_dir)
   builder = _prepared_builder(name, data_dir)
-  if builder is None and name.split("/")[0].split(":")[0] == CORPUS_NAME:
+  if builder is None and name.split("/")[0].split(":")[0] in EMBEDDED_NAMES:
     _build_corpus(name, data_dir)
     builder = _prepared_builder(name, data_dir)
   if builder is None:
