@@ -17,7 +17,7 @@ setuptools.setup(
         "orbax-checkpoint>=0.11",
         "tensorflow-datasets>=4.9.9",
         "array_record>=0.8",
-        "grain>=0.2.12",
+        "grain>=0.2.18",
         "absl-py",
         "ml-collections>=1.0",
         "tensorboardX>=2.6",

@@ -192,6 +192,9 @@ class Trainer:
       checkpointer.wait()
       checkpointer.close()
       writer.close()
+      # Stops grain's prefetch thread before the interpreter exits: one left reading
+      # at exit can abort the process.
+      data_iter.close()
     return final
 
 
