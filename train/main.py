@@ -7,6 +7,8 @@ r"""Trains a Treadle model: the binary behind every config.
 Rerunning on the same --workdir resumes from its latest checkpoint.
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -31,8 +33,11 @@ _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                         timeout_s=_DISTRIBUTED_TIMEOUT.value)
+  try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           timeout_s=_DISTRIBUTED_TIMEOUT.value)
+  except distributed.DistributedSetupError as error:
+    sys.exit(f"Error: {error}")  # One line and exit status 1, no traceback.
   logging.info("Config:\n%s", _CONFIG.value)
   trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
