@@ -20,7 +20,6 @@ setuptools.setup(
         "grain>=0.2.18",
         "absl-py",
         "ml-collections>=1.0",
-        "tensorboardX>=2.6",
         "sentencepiece",
         "safetensors",
         "numpy",
@@ -32,6 +31,7 @@ setuptools.setup(
             "pytest",
             "pytest-xdist",
             "torch==2.13.0",
+            "tensorboardX>=2.6",  # Its protos read back the event files train/ writes.
             "transformers>=5",
             "rwkv",
             "nbclient",

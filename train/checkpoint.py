@@ -10,12 +10,14 @@ Layout: `WORKDIR/checkpoints/<step>/` with items
   train_state  step, optimizer state and RNG,
   data_iter    each host's grain iterator position,
   config       the run config as JSON (the model is rebuilt from it).
+The main binary also writes that JSON to `WORKDIR/config.json` at start-up.
 Checkpoints written by `train.convert import` hold only params and config;
 training on such a directory starts from those params with a fresh optimizer.
 Orbax writes each step to a temporary directory and renames it when complete,
 so a run killed mid-save leaves the previous checkpoint intact.
 """
 
+import json
 from typing import Any
 
 import flax.linen as nn
@@ -28,6 +30,21 @@ from etils import epath
 from train import families
 
 ITEMS = ("params", "model_state", "ema_params", "train_state", "data_iter", "config")
+CONFIG_FILE = "config.json"
+
+
+def config_json(config: ml_collections.ConfigDict) -> dict:
+  """The run config as checkpoints (and WORKDIR/config.json) hold it: plain JSON values."""
+  return config.to_dict()
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> epath.Path:
+  """Writes `config_json(config)` to WORKDIR/config.json (readable without orbax);
+  returns the path."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(config_json(config), indent=2) + "\n")
+  return path
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -93,7 +110,7 @@ class Checkpointer:
     items = dict(params=ocp.args.StandardSave(state.params),
                  train_state=ocp.args.StandardSave(rest),
                  data_iter=grain.checkpoint.CheckpointSave(data_iter),
-                 config=ocp.args.JsonSave(self._config.to_dict()))
+                 config=ocp.args.JsonSave(config_json(self._config)))
     if state.model_state:
       items["model_state"] = ocp.args.StandardSave(state.model_state)
     if state.ema_params:
@@ -151,7 +168,7 @@ def save_imported(workdir: str, params: Any, config: ml_collections.ConfigDict) 
                           "import into an empty workdir.")
   manager = _manager(workdir)
   manager.save(0, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(params), config=ocp.args.JsonSave(config.to_dict())))
+      params=ocp.args.StandardSave(params), config=ocp.args.JsonSave(config_json(config))))
   manager.wait_until_finished()
   manager.close()
 

@@ -7,12 +7,15 @@ r"""Trains a Treadle model: the binary behind every config.
 Rerunning on the same --workdir resumes from its latest checkpoint.
 """
 
+import sys
+
 from absl import app
 from absl import flags
-from absl import logging
+import jax
 from ml_collections import config_flags
 
 from train import distributed
+from train import run_summary
 from train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/llama_tiny.py",
@@ -31,9 +34,16 @@ _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                         timeout_s=_DISTRIBUTED_TIMEOUT.value)
-  logging.info("Config:\n%s", _CONFIG.value)
+  try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           timeout_s=_DISTRIBUTED_TIMEOUT.value)
+  except distributed.DistributedSetupError as error:
+    sys.exit(f"Error: {error}")  # One line and exit status 1, no traceback.
+  if jax.process_index() == 0:  # A few lines here; the whole config to WORKDIR/config.json.
+    run_summary.announce(_CONFIG.value, _WORKDIR.value,
+                         source=config_flags.get_config_filename(flags.FLAGS["config"]),
+                         overrides=config_flags.get_override_values(flags.FLAGS["config"]),
+                         num_devices=jax.device_count())
   trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -24,6 +24,23 @@ _TOP_P = flags.DEFINE_float("top_p", None, "Nucleus mass (1: all).")
 _SEED = flags.DEFINE_integer("seed", None, "Sampling seed.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 
+# Checked when the flags are parsed: a bad value exits with an error naming its flag.
+_RULES = {
+    "max_new_tokens": (lambda v: v >= 1, "must be >= 1"),
+    "temperature": (lambda v: v >= 0, "must be >= 0 (0 is greedy)"),
+    "top_k": (lambda v: v >= 0, "must be >= 0 (0 keeps all tokens)"),
+    "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1] (1 keeps all tokens)"),
+}
+
+
+def _register_validators() -> None:
+  for name, (check, rule) in _RULES.items():
+    flags.register_validator(name, lambda v, check=check: v is None or check(v),
+                             message=f"{rule}.")
+
+
+_register_validators()
+
 
 def sample(workdir: str, prompts: list[str], step: int | None = None, **overrides) -> list[str]:
   """Completions of `prompts` by the checkpoint in `workdir`; `overrides` set config.sample."""

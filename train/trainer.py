@@ -136,6 +136,7 @@ class Trainer:
                                        config.train.peak_tflops_per_device)
     first_step = int(jax.device_get(state.step))
     interval, pending, final = _Interval(), [], {}
+    clock = metrics_lib.StepClock(num_steps)
     profiler = profiling.StepProfiler(self.workdir, config.train.profile_first_step,
                                       config.train.profile_num_steps, _console)
 
@@ -143,6 +144,7 @@ class Trainer:
       """Host side of step `step` (1-based), run after step + 1 is dispatched."""
       step_metrics = jax.device_get(step_metrics)
       _check_finite(step, step_metrics)
+      clock.step_done(step)
       interval.add(step_metrics, units_per_step)
       if step % log_every == 0 or step == num_steps:
         scalars = self.task.summarize(interval.sums)
@@ -152,7 +154,8 @@ class Trainer:
           steps_per_sec = interval.units / units_per_step / seconds
           scalars["mfu"] = steps_per_sec * flops_per_step / (peak * self.mesh.size)
         _console(metrics_lib.progress_line(step, num_steps, scalars, self.task.console_keys,
-                                           rate_key=rate_key))
+                                           rate_key=rate_key, elapsed_s=clock.elapsed(),
+                                           eta_s=clock.remaining()))
         writer.write(step, scalars)
         final.update(scalars)
         interval.reset()
