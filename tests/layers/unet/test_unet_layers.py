@@ -1,15 +1,19 @@
 """The UNet layers against diffusers' and plain references: timestep features, resampling,
 group norm, and the spatial self-attention with its non-causal attention switch."""
 
+import dataclasses
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import unet_params
 
 from layers.attention import implementations
-from layers.unet import (Downsample2D, GroupNorm, SpatialSelfAttention, Upsample2D,
-                         sinusoidal_embedding)
+from layers.unet import (BlockOptions, DownBlock2D, Downsample2D, GroupNorm,
+                         SpatialSelfAttention, Upsample2D, sinusoidal_embedding)
 
 
 @pytest.mark.parametrize("flip, shift, dim", [(False, 1, 32), (True, 0, 32), (True, 1, 7)])
@@ -78,10 +82,11 @@ def _softmax_attention(q, k, v):
 def test_dot_product_attention_non_causal(impl):
   keys = jax.random.split(jax.random.key(0), 3)
   q, k, v = (jax.random.normal(key, (2, 24, 2, 16)) for key in keys)
+  attend = jax.jit(functools.partial(implementations.dot_product_attention, impl=impl,
+                                     interpret=True), static_argnames="causal")
   with jax.default_matmul_precision("highest"):
-    got = implementations.dot_product_attention(q, k, v, impl=impl, causal=False,
-                                                interpret=True)
-    causal = implementations.dot_product_attention(q, k, v, impl=impl, interpret=True)
+    got = attend(q, k, v, causal=False)
+    causal = attend(q, k, v)
   np.testing.assert_allclose(np.asarray(got), _softmax_attention(q, k, v), atol=2e-5)
   # The first query of causal attention sees only key 0; non-causal differs there.
   assert not np.allclose(np.asarray(causal[:, 0]), np.asarray(got[:, 0]), atol=1e-3)
@@ -91,10 +96,9 @@ def test_dot_product_attention_non_causal(impl):
 def test_spatial_attention_matches_softmax_reference(head_dim):
   x = jax.random.normal(jax.random.key(0), (2, 4, 3, 8))
   layer = SpatialSelfAttention(head_dim, num_groups=2, eps=1e-5, attention_impl="xla")
-  params = nn.unbox(layer.init(jax.random.key(1), x)["params"])
-  params = jax.tree.map(lambda w: w + 0.1 * jax.random.normal(jax.random.key(2), w.shape), params)
+  params = unet_params.random_like(jax.eval_shape(layer.init, jax.random.key(1), x)["params"])
   with jax.default_matmul_precision("highest"):
-    got = layer.apply({"params": params}, x)
+    got = jax.jit(layer.apply)({"params": params}, x)
     normed = GroupNorm(2, 1e-5).apply({"params": params["group_norm"]}, x).reshape(2, 12, 8)
   h, d = (1, 8) if head_dim == 0 else (2, 4)
   proj = lambda name, y: (np.asarray(y, np.float64) @ np.asarray(params[name]["kernel"])  # noqa: E731
@@ -103,3 +107,23 @@ def test_spatial_attention_matches_softmax_reference(head_dim):
   want = np.asarray(x) + proj("to_out_0", _softmax_attention(q, k, v).reshape(2, 12, 8)).reshape(
       x.shape)
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+
+
+def test_down_block_remat_keeps_values_and_gradients():
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+  temb = jax.random.normal(jax.random.key(1), (2, 16))
+  options = BlockOptions(num_groups=4, head_dim=4, attention_impl="xla")
+  block = lambda remat: DownBlock2D(8, 2, attention=True, add_downsample=True,  # noqa: E731
+                                    options=dataclasses.replace(options, remat=remat))
+  params = unet_params.random_like(
+      jax.eval_shape(lambda: block(False).init(jax.random.key(2), x, temb))["params"])
+
+  def loss(params, remat):
+    out, skips = block(remat).apply({"params": params}, x, temb)
+    return jnp.sum(out ** 2) + sum(jnp.sum(s) for s in skips)
+
+  plain, remat = jax.jit(lambda p: (jax.value_and_grad(loss)(p, False),
+                                    jax.value_and_grad(loss)(p, True)))(params)
+  assert sorted(params) == ["attentions_0", "attentions_1", "downsamplers_0", "resnets_0",
+                            "resnets_1"]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), plain, remat)
