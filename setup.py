@@ -32,6 +32,7 @@ setuptools.setup(
             "pytest-xdist",
             "torch==2.13.0",
             "transformers>=5",
+            "diffusers>=0.42",  # UNet2DModel parity and export (tests/models/unet/).
             "rwkv",
             "nbclient",
             "nbformat",
