@@ -2,7 +2,10 @@
 
 Field names follow diffusers' `UNet2DModel` (sample_size is `image_size`; None
 in diffusers is 0 here). The defaults are a tiny CPU model for 32x32 RGB
-images. Shapes: see layers/__init__.py (H height, W width, c channels).
+images: 0.28M parameters, 0.16 GFLOPs forward per image; forward + backward
+of 32 images in float32 takes 0.23-0.35 s on 2 shared CPU cores ((32, 64, 64)
+channels: 1.1M parameters, 0.46-0.8 s; bfloat16 is slower on CPU). Shapes:
+see layers/__init__.py (H height, W width, c channels).
 """
 
 import dataclasses
@@ -36,7 +39,7 @@ class UNetConfig(ModelConfig):
   in_channels: int = field(3, "Channels of the input images.")
   out_channels: int = field(3, "Channels of the prediction.")
   block_out_channels: tuple[int, ...] = field(
-      (32, 64, 64), "Channels of each resolution level, highest resolution first.")
+      (16, 32, 32), "Channels of each resolution level, highest resolution first.")
   down_block_types: tuple[str, ...] = field(
       ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
       "One per level: DownBlock2D | AttnDownBlock2D (resnets followed by attention).")
@@ -45,7 +48,7 @@ class UNetConfig(ModelConfig):
       "One per level, lowest resolution first: UpBlock2D | AttnUpBlock2D.")
   layers_per_block: int = field(1, "Resnets per down block (up blocks get one more).")
   attention_head_dim: int = field(0, "Channels per attention head; 0 = one head per layer.")
-  norm_num_groups: int = field(8, "GroupNorm groups; divides every block's channels.")
+  norm_num_groups: int = field(4, "GroupNorm groups; divides every block's channels.")
   norm_eps: float = field(1e-5, "GroupNorm epsilon.")
   flip_sin_to_cos: bool = field(True, "Timestep features as [cos | sin] (else [sin | cos]).")
   freq_shift: int = field(0, "Timestep frequency shift (DDPM's original embedding: 1).")
