@@ -20,7 +20,7 @@ from layers.unet.resnet import ResnetBlock2D
 from layers.unet.timestep import TimestepEmbedding, sinusoidal_embedding
 
 __all__ = [
-    "BlockOptions", "Conv2D", "DownBlock2D", "Downsample2D", "GroupNorm", "MidBlock2D", "ResnetBlock2D",
-    "SpatialSelfAttention", "TimestepEmbedding", "UpBlock2D", "Upsample2D",
+    "BlockOptions", "Conv2D", "DownBlock2D", "Downsample2D", "GroupNorm", "MidBlock2D",
+    "ResnetBlock2D", "SpatialSelfAttention", "TimestepEmbedding", "UpBlock2D", "Upsample2D",
     "sinusoidal_embedding",
 ]

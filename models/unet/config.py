@@ -144,8 +144,11 @@ class UNetConfig(ModelConfig):
     """Matmul and conv FLOPs of one image's forward pass (norms and activations not counted)."""
     c, e, layers = self.block_out_channels, self.time_embed_dim, self.layers_per_block
     size = self.image_size
-    resnet = lambda s, ci, co: (_conv_flops(s, ci, co) + _conv_flops(s, co, co) + 2 * e * co  # noqa: E731
-                                + (_conv_flops(s, ci, co, taps=1) if ci != co else 0))
+
+    def resnet(s, ci, co):
+      shortcut = _conv_flops(s, ci, co, taps=1) if ci != co else 0
+      return _conv_flops(s, ci, co) + _conv_flops(s, co, co) + 2 * e * co + shortcut
+
     flops = 2 * (c[0] * e + e * e) + _conv_flops(size, self.in_channels, c[0])
     skips, channels = [c[0]], c[0]
     for level, kind in enumerate(self.down_block_types):

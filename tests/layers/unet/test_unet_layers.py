@@ -101,8 +101,10 @@ def test_spatial_attention_matches_softmax_reference(head_dim):
     got = jax.jit(layer.apply)({"params": params}, x)
     normed = GroupNorm(2, 1e-5).apply({"params": params["group_norm"]}, x).reshape(2, 12, 8)
   h, d = (1, 8) if head_dim == 0 else (2, 4)
-  proj = lambda name, y: (np.asarray(y, np.float64) @ np.asarray(params[name]["kernel"])  # noqa: E731
-                          + np.asarray(params[name]["bias"]))
+
+  def proj(name, y):
+    return np.asarray(y, np.float64) @ params[name]["kernel"] + params[name]["bias"]
+
   q, k, v = (proj(name, normed).reshape(2, 12, h, d) for name in ("to_q", "to_k", "to_v"))
   want = np.asarray(x) + proj("to_out_0", _softmax_attention(q, k, v).reshape(2, 12, 8)).reshape(
       x.shape)
