@@ -40,6 +40,8 @@ _DIFFUSERS_VERSION = "0.42.1"  # Written into config.json; diffusers only logs a
 # Module lists whose items diffusers names '<list>.<i>' where Linen names '<list>_<i>'.
 _LISTS = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
           "to_out")
+_DEPRECATED_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v",
+                               "proj_attn": "to_out.0"}
 # diffusers config value -> the only value Treadle's UNet implements.
 _FIXED = {
     "center_input_sample": False, "time_embedding_type": "positional",
@@ -168,13 +170,28 @@ def diffusers_config_from_model(cfg: UNetConfig) -> dict:
   }
 
 
+def _renamed_deprecated_attention(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Early diffusers checkpoints (google/ddpm-*) name attention projections query, key,
+  value and proj_attn; diffusers renames them on load to to_q, to_k, to_v and to_out.0."""
+  out = {}
+  for name, w in tensors.items():
+    prefix, _, leaf = name.rpartition(".")
+    head, _, proj = prefix.rpartition(".")
+    if ".attentions." in name and proj in _DEPRECATED_ATTENTION_NAMES:
+      name = f"{head}.{_DEPRECATED_ATTENTION_NAMES[proj]}.{leaf}"
+    out[name] = w
+  return out
+
+
 def params_from_diffusers(tensors: dict[str, np.ndarray], cfg: UNetConfig) -> dict:
   """diffusers state dict (name -> array) -> plain Treadle params in `param_dtype`.
+
+  Early checkpoints' attention names (query, key, value, proj_attn) are read too.
 
   Raises:
     ValueError: naming a tensor that is missing, has the wrong shape, or is unused.
   """
-  reader = TensorReader(tensors)
+  reader = TensorReader(_renamed_deprecated_attention(tensors))
 
   def take(path, shape_struct):
     names = tuple(k.key for k in path)

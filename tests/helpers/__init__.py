@@ -4,6 +4,8 @@
   colabs.py    runs a notebook in a fresh kernel
   ssd_reference.py   the token-by-token Mamba-2 recurrence, oracle of layers/ssm/ssd.py
   wkv7_reference.py  the token-by-token RWKV-7 WKV recurrence, oracle of layers/rwkv/wkv7.py
+  diffusers_models.py  random, perturbed diffusers UNet2DModels and their predictions (NHWC)
+  unet_params.py     random UNet params from the abstract init (no compiled init)
 """
 
 import os

@@ -98,3 +98,23 @@ def test_read_names_a_missing_tensor(saved, tmp_path):
       unet_diffusers.model_config_from_diffusers(unet_config))
   with pytest.raises(ValueError, match="mid_block.attentions.0.to_q.bias"):
     unet_diffusers.params_from_diffusers(tensors, cfg)
+
+
+def test_read_takes_deprecated_attention_names(saved):
+  """google/ddpm-cifar10-32's safetensors name the attention projections query, key, value
+  and proj_attn."""
+  _, _, save_dir = saved
+  from models import hf_io  # pylint: disable=g-import-not-at-top
+  unet_config, tensors = hf_io.read_hf_dir(save_dir)
+  cfg = unet_diffusers.UNetConfig.from_dict(
+      unet_diffusers.model_config_from_diffusers(unet_config))
+  old_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+  renamed = {}
+  for name, w in tensors.items():
+    for new, old in old_names.items():
+      name = name.replace(f".{new}.", f".{old}.")
+    renamed[name] = w
+  assert any(".proj_attn." in name for name in renamed)
+  old = unet_diffusers.params_from_diffusers(renamed, cfg)
+  new = unet_diffusers.params_from_diffusers(tensors, cfg)
+  jax.tree.map(np.testing.assert_array_equal, old, new)
