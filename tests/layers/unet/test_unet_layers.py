@@ -129,3 +129,22 @@ def test_down_block_remat_keeps_values_and_gradients():
   assert sorted(params) == ["attentions_0", "attentions_1", "downsamplers_0", "resnets_0",
                             "resnets_1"]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), plain, remat)
+
+
+def test_spatial_attention_exports_for_cuda_with_cudnn(monkeypatch):
+  """attention_impl='cudnn' lowers for CUDA from this host as a non-causal cuDNN call without
+  a mask (a CPU-only jaxlib has no cuDNN version to check: the test stands in for it)."""
+  from jax._src.lib import cuda_versions  # pylint: disable=g-import-not-at-top
+  if cuda_versions is None:
+    fused = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+    if not hasattr(fused, "check_cudnn_version"):
+      pytest.skip("CPU-only jaxlib and no cuDNN version check to stand in for.")
+    monkeypatch.setattr(fused, "check_cudnn_version", lambda: 90800)
+  layer = SpatialSelfAttention(16, num_groups=4, attention_impl="cudnn", dtype=jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((2, 8, 8, 32), jnp.bfloat16)
+  params = nn.unbox(jax.eval_shape(layer.init, jax.random.key(0), x)["params"])
+  checks = [jax.export.DisabledSafetyCheck.custom_call("__cudnn$fmhaSoftmax")]
+  exported = jax.export.export(jax.jit(lambda p, x: layer.apply({"params": p}, x)),
+                               platforms=["cuda"], disabled_checks=checks)(params, x)
+  text = exported.mlir_module()
+  assert "__cudnn$fmhaSoftmax" in text and "NO_MASK" in text
