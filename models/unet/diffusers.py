@@ -68,7 +68,7 @@ def _to_diffusers(w: np.ndarray) -> np.ndarray:
   """A Treadle leaf in diffusers' layout: HWIO -> OIHW, [in, out] -> [out, in]."""
   if w.ndim == 4:
     return w.transpose(3, 2, 0, 1)
-  return w.T if w.ndim == 2 and w.shape else w
+  return w.T if w.ndim == 2 else w
 
 
 def _from_diffusers(w: np.ndarray, is_table: bool) -> np.ndarray:
