@@ -33,6 +33,7 @@ setuptools.setup(
             "torch==2.13.0",
             "tensorboardX>=2.6",  # Its protos read back the event files train/ writes.
             "transformers>=5",
+            "diffusers>=0.42",  # UNet2DModel parity and export (tests/models/unet/).
             "rwkv",
             "nbclient",
             "nbformat",

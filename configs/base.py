@@ -34,6 +34,17 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ("conv_width", None),  # Mamba: causal convolution taps.
     ("low_rank", None),  # RWKV-7: low-rank widths of the decay, iclr, value-mix and gate maps.
     ("state_dim", None),  # RWKV-7: the key axis of the [d, d] WKV state.
+    # UNet (layers/unet/). Kernels are [kh, kw, c_in, c_out] or [c_in, c_out]: input
+    # channels over fsdp (weights gathered at use, like 'embed'); output channels
+    # replicated: splitting a conv's channels over tensor costs an activation gather
+    # per conv and does not pay at UNet widths (<= 512). Spatial dims replicated.
+    ("channels_in", "fsdp"),
+    ("channels", None),
+    ("image_channels", None),  # RGB side of the first and last convs (3 divides no mesh).
+    ("conv_height", None),  # Conv taps (the width taps reuse 'conv_width').
+    ("height", None),
+    ("width", None),
+    ("classes", None),  # Class-embedding rows (num_class_embeds).
 )
 
 def model_section(model_config: ModelConfig) -> ml_collections.ConfigDict:

@@ -26,7 +26,9 @@ and train/; a module that needs a letter not listed here adds it here.
                       value mix, gate); h heads of head size d (h·d = e), a
                       [d, d] WKV state per head; m the channel-mix width; B the
                       WKV chunk length
+  images (UNet)       H height · W width · c channels (of an image or a feature
+                      map; NHWC); the spatial attention's sequence is t = H·W
 
 Flat modules hold the basic blocks (linear, embedding, norms, rope, mlp);
-subpackages group a concept family (attention/, moe/, ssm/, rwkv/).
+subpackages group a concept family (attention/, moe/, ssm/, rwkv/, unet/).
 """

@@ -3,7 +3,8 @@
 All implementations compute causal grouped-query attention with optional
 segment ids: query i attends to key j iff j <= i (by slot index) and both carry
 the same nonzero segment id (0 marks padding, which attends to nothing and is
-attended by nothing; its output is finite but meaningless).
+attended by nothing; its output is finite but meaningless). With causal=False
+(spatial attention of the UNet) every query attends every key of its segment.
 
 Shapes: b batch, t query length, s key length, h query heads, k kv heads,
 d head dim; h is a multiple of k (GQA). q [b, t, h, d], k/v [b, s, k, d].
@@ -70,14 +71,18 @@ def resolve_impl(impl: str, *, backend: str, dtype, head_dim: int) -> str:
 
 def attention_mask(t: int, s: int, *, q_segment_ids: jax.Array | None = None,
                    kv_segment_ids: jax.Array | None = None,
-                   q_offset: jax.Array | int = 0) -> jax.Array:
+                   q_offset: jax.Array | int = 0, causal: bool = True) -> jax.Array:
   """Boolean mask [b or 1, t, s]: True where query i may attend key slot j.
 
   Query i sits at slot `q_offset + i` (q_offset > 0 when decoding into a cache).
   Segment ids are int [b, t] and [b, s]; None means one unpadded segment.
+  causal=False drops the j <= slot condition.
   """
   q_slot = q_offset + jnp.arange(t, dtype=jnp.int32)
-  mask = (jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slot[:, None])[None]
+  if causal:
+    mask = (jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slot[:, None])[None]
+  else:
+    mask = jnp.ones((1, t, s), jnp.bool_)
   if q_segment_ids is not None:
     same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     mask = mask & same & (kv_segment_ids[:, None, :] != 0)
@@ -103,7 +108,8 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                     q_segment_ids: jax.Array | None = None,
-                    kv_segment_ids: jax.Array | None = None) -> jax.Array:
+                    kv_segment_ids: jax.Array | None = None,
+                    causal: bool = True) -> jax.Array:
   """cuDNN flash attention via `jax.nn.dot_product_attention`; [b, t, h, d].
 
   Without segment ids this is the fast `is_causal` path. With them, the segment
@@ -114,7 +120,7 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   if q_segment_ids is not None:
     same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     mask = (same & (kv_segment_ids[:, None, :] != 0))[:, None]  # [b, 1, t, s]
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
                                       implementation="cudnn")
 
 
@@ -135,7 +141,7 @@ def dividing_spec(logical_axes, shape, mesh) -> PartitionSpec:
 def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                      q_segment_ids: jax.Array | None = None,
                      kv_segment_ids: jax.Array | None = None,
-                     interpret: bool = False, chip: str = "") -> jax.Array:
+                     interpret: bool = False, chip: str = "", causal: bool = True) -> jax.Array:
   """The Pallas flash-attention kernel (imported lazily); [b, t, h, d].
 
   `chip` is the kernel target ('h100', 'tpu_v5e', ...; '' lets interpret
@@ -149,7 +155,7 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
   def attend(q, k, v, *segment_ids):
     q_seg, kv_seg = segment_ids if segment_ids else (None, None)
-    return fa.flash_attention(q, k, v, causal=True, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+    return fa.flash_attention(q, k, v, causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
                               interpret=interpret, config=config)
 
   segments = () if q_segment_ids is None else (q_segment_ids, kv_segment_ids)
@@ -166,25 +172,27 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str,
                           q_segment_ids: jax.Array | None = None,
                           kv_segment_ids: jax.Array | None = None,
-                          interpret: bool = False, chip: str = "") -> jax.Array:
-  """Causal self-attention with a resolved `impl` ('xla' | 'cudnn' | 'pallas').
+                          interpret: bool = False, chip: str = "",
+                          causal: bool = True) -> jax.Array:
+  """Self-attention with a resolved `impl` ('xla' | 'cudnn' | 'pallas'), causal by default.
 
   q [b, t, h, d], k/v [b, t, k, d], segment ids int [b, t] or None; returns
   [b, t, h, d]. `interpret` and `chip` only affect 'pallas'.
   """
   if impl == "xla":
-    if default_backend() == "cpu" and q.shape[1] == k.shape[1]:
+    if causal and default_backend() == "cpu" and q.shape[1] == k.shape[1]:
       # Same values; XLA:CPU runs it 1.5-2x as fast (layers/attention/cpu_blocked.py).
       return cpu_blocked.causal_attention(
           q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
           num_blocks=_CPU_QUERY_BLOCKS)
     mask = attention_mask(q.shape[1], k.shape[1], q_segment_ids=q_segment_ids,
-                          kv_segment_ids=kv_segment_ids)
+                          kv_segment_ids=kv_segment_ids, causal=causal)
     return xla_attention(q, k, v, mask)
   if impl == "cudnn":
     return cudnn_attention(q, k, v, q_segment_ids=q_segment_ids,
-                           kv_segment_ids=kv_segment_ids)
+                           kv_segment_ids=kv_segment_ids, causal=causal)
   if impl == "pallas":
     return pallas_attention(q, k, v, q_segment_ids=q_segment_ids,
-                            kv_segment_ids=kv_segment_ids, interpret=interpret, chip=chip)
+                            kv_segment_ids=kv_segment_ids, interpret=interpret, chip=chip,
+                            causal=causal)
   raise ValueError(f"Unresolved attention impl {impl!r}; expected xla, cudnn or pallas.")

@@ -5,6 +5,8 @@
   images.py    image data configs (train/data/images/pipeline.py)
   ssd_reference.py   the token-by-token Mamba-2 recurrence, oracle of layers/ssm/ssd.py
   wkv7_reference.py  the token-by-token RWKV-7 WKV recurrence, oracle of layers/rwkv/wkv7.py
+  diffusers_models.py  random, perturbed diffusers UNet2DModels and their predictions (NHWC)
+  unet_params.py     random UNet params from the abstract init (no compiled init)
 """
 
 import os

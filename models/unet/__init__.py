@@ -1,0 +1,14 @@
+"""The diffusion UNet family ('unet'): a diffusers `UNet2DModel` for NHWC images.
+
+  config.py     UNetConfig (the `config.model` fields), checks, FLOPs per example
+  model.py      the Flax module `UNet` (layers in layers/unet/)
+  diffusers.py  diffusers UNet2DModel save_pretrained directories, both ways
+"""
+
+from models.family import ModelFamily
+from models.unet import diffusers
+from models.unet.config import UNetConfig
+from models.unet.model import UNet
+
+FAMILY = ModelFamily(config_class=UNetConfig, model_class=UNet,
+                     converters={"unet2d": diffusers.UNET2D})
