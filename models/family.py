@@ -25,10 +25,17 @@ class Converter:
     read: SRC path -> (model config, plain params in the config's param_dtype).
     write: (DST path, model config, variables {'params': ..., **model_state})
       -> the files written. Raises ValueError naming what the format cannot hold.
+    read_run_settings: SRC path -> {'section.field': value} of run settings the
+      format carries besides the model (a diffusers scheduler's noise schedule),
+      or None when it carries none.
+    write_run_settings: (DST path, run config) -> the files written for those
+      settings, or None.
   """
   description: str
   read: Callable[[str], tuple[ModelConfig, Params]]
   write: Callable[[str, ModelConfig, dict], list[str]]
+  read_run_settings: Callable[[str], dict[str, Any]] | None = None
+  write_run_settings: Callable[[str, Any], list[str]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

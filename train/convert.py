@@ -14,10 +14,14 @@ adds the checkpoint side.
 
 `import` writes a params-only checkpoint whose config holds the imported
 model's `config.model` and the run sections of `--config` (default
-configs/llama_tiny.py: the tiny CPU run settings); `python -m train.main
+configs/<family>_tiny.py: the family's tiny CPU run settings), with the
+settings the source carries besides weights (a diffusers scheduler config's
+noise schedule) applied over them; `python -m train.main
 --config=configs/finetune.py:workdir=WORKDIR --workdir=WORKDIR` then fine-tunes
 it. `export` writes the workdir's latest checkpoint in the format.
 """
+
+import importlib
 
 from absl import app
 from absl import flags
@@ -30,8 +34,9 @@ from train import families
 
 _MODEL = flags.DEFINE_string("model", None, "Foreign format name (see `list`).")
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/llama_tiny.py",
-    "Run settings saved with an import (its model section is replaced by the import's).")
+    "config", None,
+    "Run settings saved with an import (its model section is replaced by the import's); "
+    "default configs/<family>_tiny.py.")
 
 
 def converters() -> dict[str, tuple[str, Converter]]:
@@ -52,18 +57,33 @@ def get_converter(name: str) -> tuple[str, Converter]:
   return known[name]
 
 
+def default_run_config(family: str) -> ml_collections.ConfigDict:
+  """configs/<family>_tiny.py: the run settings an import gets without --config."""
+  return importlib.import_module(f"configs.{family}_tiny").get_config()
+
+
 def import_checkpoint(name: str, src: str, workdir: str,
-                      run_config: ml_collections.ConfigDict) -> list[str]:
+                      run_config: ml_collections.ConfigDict | None = None) -> list[str]:
   """Converts `src` (format `name`) into a params-only checkpoint in `workdir`.
 
-  The saved config is `run_config` with its model section replaced by the
-  imported model's.
+  The saved config is `run_config` (default: the family's tiny config) with
+  its model section replaced by the imported model's and the run settings the
+  source carries (`Converter.read_run_settings`) applied.
   """
-  _, converter = get_converter(name)
+  family, converter = get_converter(name)
   model_config, params = converter.read(src)
+  run_config = default_run_config(family) if run_config is None else run_config
   config = ml_collections.ConfigDict(run_config.to_dict())  # An unlocked copy.
+  if model_config.modality != ("images" if "diffusion" in config else "text"):
+    raise ValueError(f"--config holds the run settings of a different kind of model than "
+                     f"--model={name} ({model_config.modality}); pass a "
+                     f"configs/{family}*.py config or none.")
   config.model = ml_collections.ConfigDict({"family": model_config.family,
                                             **model_config.to_dict()})
+  if converter.read_run_settings is not None:
+    for key, value in converter.read_run_settings(src).items():
+      section, field = key.split(".")
+      config[section][field] = value
   checkpoint.save_imported(workdir, params, config)
   return [str(checkpoint.checkpoint_dir(workdir))]
 
@@ -75,13 +95,16 @@ def export_checkpoint(name: str, workdir: str, dst: str) -> list[str]:
   if config.model.family != family:
     raise ValueError(f"{workdir} holds a {config.model.family!r} model; --model={name} exports "
                      f"the {family!r} family.")
-  _, variables = checkpoint.load_model(workdir)
-  return converter.write(dst, families.model_config(config.model), variables)
+  _, variables = checkpoint.load_model(workdir)  # The EMA where the run kept one.
+  written = converter.write(dst, families.model_config(config.model), variables)
+  if converter.write_run_settings is not None:
+    written += converter.write_run_settings(dst, config)
+  return written
 
 
 _USAGE = """usage:
   python -m train.convert list
-  python -m train.convert import --model=NAME SRC WORKDIR [--config=configs/llama_tiny.py]
+  python -m train.convert import --model=NAME SRC WORKDIR [--config=configs/<family>_tiny.py]
   python -m train.convert export --model=NAME WORKDIR DST"""
 
 

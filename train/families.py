@@ -24,6 +24,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "moe": ("models.moe", "train.tasks.moe_language_model:MoeLanguageModelTask"),
     "mamba": ("models.mamba", "train.tasks.language_model:LanguageModelTask"),
     "rwkv": ("models.rwkv", "train.tasks.language_model:LanguageModelTask"),
+    "unet": ("models.unet", "train.tasks.diffusion:DiffusionTask"),
 }
 
 

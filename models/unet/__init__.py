@@ -3,6 +3,9 @@
   config.py     UNetConfig (the `config.model` fields), checks, FLOPs per example
   model.py      the Flax module `UNet` (layers in layers/unet/)
   diffusers.py  diffusers UNet2DModel save_pretrained directories, both ways
+  diffusers_scheduler.py  their scheduler_config.json <-> config.diffusion / config.sample
+  schedule.py   the forward (noising) process: betas, noising, targets, loss weights
+  sampling.py   DDPM and DDIM steps, the sampling loop, classifier-free guidance
 """
 
 from models.family import ModelFamily

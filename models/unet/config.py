@@ -34,6 +34,7 @@ def _attention_flops(size: int, c: int) -> int:
 class UNetConfig(ModelConfig):
   """A diffusers UNet2DModel: conv_in, down blocks, a mid block, up blocks with skips, conv_out."""
   family: ClassVar[str] = "unet"
+  modality: ClassVar[str] = "images"
 
   image_size: int = field(32, "Height and width of the (square) images (diffusers sample_size).")
   in_channels: int = field(3, "Channels of the input images.")

@@ -13,10 +13,9 @@ for 'down_blocks.0'), so the parameter names map one to one:
   .../bias                           .../bias
   class_embedding [n, 4·c0]          class_embedding.weight
 
-The scheduler config (scheduler_config.json beside the model, or
-scheduler/scheduler_config.json in it or its parent pipeline directory) is
-checked to be JSON and otherwise left to the diffusion task; `write` copies one
-it is given. Shapes: see layers/__init__.py.
+The scheduler config beside the model becomes run settings through
+models/unet/diffusers_scheduler.py (registered on the same converter). Shapes:
+see layers/__init__.py.
 """
 
 import json
@@ -31,11 +30,11 @@ from safetensors import numpy as safetensors_np
 from models import hf_io
 from models.family import Converter
 from models.llama.hf import TensorReader, as_numpy
+from models.unet import diffusers_scheduler
 from models.unet.config import UNetConfig
 from models.unet.model import UNet
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-SCHEDULER_NAME = "scheduler_config.json"
 _DIFFUSERS_VERSION = "0.42.1"  # Written into config.json; diffusers only logs a mismatch.
 # Module lists whose items diffusers names '<list>.<i>' where Linen names '<list>_<i>'.
 _LISTS = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
@@ -214,45 +213,31 @@ def diffusers_from_params(params) -> dict[str, np.ndarray]:
   return {name: np.ascontiguousarray(w) for name, w in out.items()}
 
 
-def find_scheduler_config(path: str) -> str | None:
-  """The scheduler_config.json that belongs with a model directory, or None."""
-  candidates = (os.path.join(path, SCHEDULER_NAME),
-                os.path.join(path, "scheduler", SCHEDULER_NAME),
-                os.path.join(os.path.dirname(os.path.abspath(path)), "scheduler", SCHEDULER_NAME))
-  return next((c for c in candidates if os.path.isfile(c)), None)
-
-
 def read_checkpoint(path: str) -> tuple[UNetConfig, dict]:
   """A `UNet2DModel.save_pretrained` directory (or a pipeline directory with unet/)
   -> (model config, plain params)."""
   if not os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(
       os.path.join(path, "unet")):
     path = os.path.join(path, "unet")
-  scheduler = find_scheduler_config(path)
-  if scheduler is not None:
-    with open(scheduler) as f:
-      json.load(f)  # A broken scheduler config fails here, not in the diffusion task.
   unet_config, tensors = hf_io.read_hf_dir(path)
   cfg = UNetConfig.from_dict(model_config_from_diffusers(unet_config))
   return cfg, params_from_diffusers(tensors, cfg)
 
 
-def write_checkpoint(dst: str, cfg: UNetConfig, variables: dict, *,
-                     scheduler_config: dict | None = None) -> list[str]:
+def write_checkpoint(dst: str, cfg: UNetConfig, variables: dict) -> list[str]:
   """Writes config.json and float32 diffusion_pytorch_model.safetensors that
-  `UNet2DModel.from_pretrained(dst)` loads (and scheduler_config.json when given)."""
+  `UNet2DModel.from_pretrained(dst)` loads."""
   os.makedirs(dst, exist_ok=True)
   paths = [os.path.join(dst, "config.json"), os.path.join(dst, WEIGHTS_NAME)]
   with open(paths[0], "w") as f:
     json.dump(diffusers_config_from_model(cfg), f, indent=2)
   safetensors_np.save_file(diffusers_from_params(variables["params"]), paths[1],
                            metadata={"format": "pt"})
-  if scheduler_config is not None:
-    paths.append(os.path.join(dst, SCHEDULER_NAME))
-    with open(paths[-1], "w") as f:
-      json.dump(scheduler_config, f, indent=2)
   return paths
 
 
 UNET2D = Converter("a diffusers UNet2DModel save_pretrained directory (config.json + "
-                   "diffusion_pytorch_model.safetensors)", read_checkpoint, write_checkpoint)
+                   "diffusion_pytorch_model.safetensors [+ scheduler_config.json])",
+                   read_checkpoint, write_checkpoint,
+                   read_run_settings=diffusers_scheduler.read_run_settings,
+                   write_run_settings=diffusers_scheduler.write_run_settings)

@@ -7,9 +7,11 @@ from configs import llama_tiny
 from configs import mamba_tiny
 from configs import moe_tiny
 from configs import rwkv_tiny
+from configs import unet_tiny
 
 _TINY = {"llama": llama_tiny.get_config, "moe": moe_tiny.get_config,
-         "mamba": mamba_tiny.get_config, "rwkv": rwkv_tiny.get_config}
+         "mamba": mamba_tiny.get_config, "rwkv": rwkv_tiny.get_config,
+         "unet": unet_tiny.get_config}
 # The model fields tiny_config shrinks, per family (the decoders share theirs).
 _DECODER = {"model.embed_dim": 32, "model.num_layers": 2, "model.mlp_dim": 64,
             "model.head_dim": 8, "model.max_seq_len": 64, "model.dtype": "float32"}
@@ -20,23 +22,31 @@ _TINY_MODEL = {"llama": _DECODER, "moe": _DECODER,
                "rwkv": {"model.embed_dim": 32, "model.num_layers": 2, "model.head_size": 8,
                         "model.hidden_dim": 128, "model.decay_rank": 8, "model.iclr_rank": 8,
                         "model.value_rank": 8, "model.gate_rank": 16, "model.max_seq_len": 64,
-                        "model.dtype": "float32"}}
+                        "model.dtype": "float32"},
+               "unet": {"model.block_out_channels": (16, 32),
+                        "model.down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+                        "model.up_block_types": ("AttnUpBlock2D", "UpBlock2D")}}
+# Run settings of the tiny configs, per modality.
+_TINY_RUN = {"text": {"data.seq_len": 32, "sample.num_scored": 0, "sample.max_new_tokens": 4},
+             "images": {"data.name": "treadle_shapes/tiny", "sample.num_scored": 0,
+                        "sample.num_steps": 2, "sample.num_per_class": 1,
+                        "opt.ema_decay": 0.9}}
 
 
 def tiny_config(data_dir: str, family: str = "llama", **overrides):
-  """A seconds-fast llama_tiny (or moe_tiny, mamba_tiny, rwkv_tiny): 32-token rows, 8 per batch,
-  float32 compute.
+  """A seconds-fast llama_tiny (or moe_tiny, mamba_tiny, rwkv_tiny: 32-token rows, float32
+  compute; unet_tiny: two levels of 16 and 32 channels on the tiny shapes), 8 rows per batch.
 
   `overrides` are dotted keys, e.g. `{'train.num_steps': 4}` or
   `{'model.nsa.window': 16}`, passed as tiny_config(d, **{'train.num_steps': 4}).
   """
   config = _TINY[family]()
+  modality = "images" if "diffusion" in config else "text"
   values = {
-      "data.data_dir": data_dir, "data.seq_len": 32, "data.global_batch_size": 8,
-      **_TINY_MODEL[family], "train.num_steps": 6, "train.log_every_steps": 1,
-      "evals.every_steps": 0,
-      "checkpoint.every_steps": 3, "checkpoint.async_save": False,
-      "sample.num_scored": 0, "sample.max_new_tokens": 4, "opt.warmup_steps": 2,
+      "data.data_dir": data_dir, "data.global_batch_size": 8,
+      **_TINY_MODEL[family], **_TINY_RUN[modality], "train.num_steps": 6,
+      "train.log_every_steps": 1, "evals.every_steps": 0,
+      "checkpoint.every_steps": 3, "checkpoint.async_save": False, "opt.warmup_steps": 2,
   }
   values.update(overrides)
   set_fields(config, values)

@@ -54,10 +54,9 @@ def test_matches_diffusers_and_exports_back(saved, tmp_path):
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
   import diffusers  # pylint: disable=g-import-not-at-top
-  paths = unet_diffusers.write_checkpoint(str(tmp_path), cfg, {"params": params},
-                                          scheduler_config={"_class_name": "DDPMScheduler"})
+  paths = unet_diffusers.write_checkpoint(str(tmp_path), cfg, {"params": params})
   assert sorted(os.path.basename(p) for p in paths) == [
-      "config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json"]
+      "config.json", "diffusion_pytorch_model.safetensors"]
   exported = diffusers.UNet2DModel.from_pretrained(str(tmp_path)).float().eval()
   again = diffusers_models.unet2d_predict(exported, images, TIMESTEPS, labels)
   np.testing.assert_allclose(again, want, atol=1e-5, rtol=0)
@@ -76,17 +75,21 @@ def test_read_refuses_unsupported_fields():
 
 
 def test_read_takes_a_pipeline_directory(saved, tmp_path):
-  """A pipeline directory (unet/ and scheduler/) reads like its unet/ folder."""
+  """A pipeline directory (unet/ and scheduler/) reads like its unet/ folder, with the
+  scheduler's settings."""
   config, _, save_dir = saved
   os.symlink(save_dir, tmp_path / "unet")
   (tmp_path / "scheduler").mkdir()
-  (tmp_path / "scheduler" / "scheduler_config.json").write_text('{"num_train_timesteps": 1000}')
+  (tmp_path / "scheduler" / "scheduler_config.json").write_text(
+      '{"_class_name": "DDIMScheduler", "num_train_timesteps": 500}')
   cfg, params = unet_diffusers.read_checkpoint(str(tmp_path))
   assert cfg.block_out_channels == tuple(config["block_out_channels"])
   assert params["conv_in"]["kernel"].shape[:3] == (3, 3, config["in_channels"])
+  settings = unet_diffusers.UNET2D.read_run_settings(str(tmp_path))
+  assert settings["diffusion.num_train_timesteps"] == 500 and settings["sample.sampler"] == "ddim"
   (tmp_path / "scheduler" / "scheduler_config.json").write_text("{not json")
   with pytest.raises(json.JSONDecodeError):
-    unet_diffusers.read_checkpoint(str(tmp_path))
+    unet_diffusers.UNET2D.read_run_settings(str(tmp_path))
 
 
 def test_read_names_a_missing_tensor(saved, tmp_path):
