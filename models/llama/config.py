@@ -215,8 +215,11 @@ class LlamaConfig(ModelConfig):
 
   def attention_flops_per_token(self, seq_len: int) -> float:
     """Causal attention's score and value matmuls, forward + backward (PaLM appendix B):
-    half of full attention's 12·L·h·d·t."""
-    return 6.0 * self.num_layers * self.num_heads * self.head_dim * seq_len
+    12·h·d per key a query sees, t/2 keys on average (half of full attention's
+    12·L·h·d·t); a sliding-window layer sees at most sliding_window keys."""
+    keys = sum(min(seq_len / 2, self.sliding_window) if self.layer_is_local(i) else seq_len / 2
+               for i in range(self.num_layers))
+    return 12.0 * self.num_heads * self.head_dim * keys
 
   def train_flops_per_token(self, seq_len: int) -> float:
     """6 · N_matmul + 6 · L · h · d · t (PaLM appendix B, causal attention)."""
