@@ -146,8 +146,9 @@ def gemma3_fields(hf_config: dict) -> dict:
   rope = hf_config.get("rope_parameters") or {}
   full_rope = rope.get("full_attention", {"rope_type": "default", "rope_theta": 1e6})
   local_rope = rope.get("sliding_attention", {"rope_type": "default", "rope_theta": 1e4})
-  _refuse({"rope_parameters.sliding_attention": local_rope}, "rope_parameters.sliding_attention",
-          local_rope.get("rope_type", "default") == "default", "rope_type 'default'")
+  if local_rope.get("rope_type", "default") != "default":
+    raise ValueError(f"HF rope_parameters.sliding_attention={local_rope} is not supported; "
+                     "Treadle's local layers use plain RoPE (rope_type 'default').")
   plain = {k: v for k, v in hf_config.items() if k not in ("hidden_act", "hidden_activation")}
   plain.update(rope_parameters=full_rope, rope_theta=full_rope.get("rope_theta", 1e6))
   fields = _common_fields(plain)
@@ -156,7 +157,7 @@ def gemma3_fields(hf_config: dict) -> dict:
       "full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
       for i in range(fields["num_layers"])]
   any_local, every = _global_every(layer_types)
-  fields.update({k: v for k, v in _GEMMA_FIXED.items()})
+  fields.update(_GEMMA_FIXED)
   fields.update(
       query_pre_attn_scalar=float(hf_config.get("query_pre_attn_scalar") or 0.0),
       sliding_window=int(hf_config["sliding_window"]) if any_local else 0,
