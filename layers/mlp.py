@@ -1,4 +1,7 @@
-"""SwiGLU feed-forward block (Shazeer, 2020): down(silu(gate(x)) * up(x)).
+"""Gated feed-forward block (Shazeer, 2020): down(act(gate(x)) * up(x)).
+
+act is SiLU for SwiGLU (Llama, Qwen, Mistral) or tanh-approximated GELU for
+GeGLU (Gemma).
 
 Shapes: b batch, t sequence, e embed, m mlp hidden.
 """
@@ -11,15 +14,20 @@ from jax.ad_checkpoint import checkpoint_name
 from layers.linear import Einsum
 
 
+ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": lambda x: nn.gelu(x, approximate=True)}
+
+
 class SwiGLU(nn.Module):
-  """Gated MLP with SiLU, no biases.
+  """Gated MLP, no biases: SwiGLU by default, GeGLU with activation='gelu_tanh'.
 
   Attributes:
     hidden_dim: width m of the gated hidden layer.
+    activation: a key of ACTIVATIONS, applied to the gate.
     dtype: computation dtype.
     param_dtype: parameter storage dtype.
   """
   hidden_dim: int
+  activation: str = "silu"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -30,7 +38,7 @@ class SwiGLU(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     gate = Einsum((e, m), ("embed", "mlp"), "bte,em->btm", name="gate", **kw)(x)
     up = Einsum((e, m), ("embed", "mlp"), "bte,em->btm", name="up", **kw)(x)
-    hidden = nn.silu(gate) * up
+    hidden = ACTIVATIONS[self.activation](gate) * up
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
     hidden = checkpoint_name(hidden, "mlp_hidden")
     return Einsum((m, e), ("mlp", "embed"), "btm,me->bte", name="down", **kw)(hidden)

@@ -36,9 +36,13 @@ def _blocks(t: int, num_blocks: int) -> list[tuple[int, int]]:
   return [(start, min(start + size, t)) for start in range(0, t, size)]
 
 
-def _mask(start: int, end: int, segment_ids):
+def _mask(start: int, end: int, segment_ids, sliding_window: int = 0):
   """bool [b or 1, end - start, end]: query start + i may attend key j."""
-  mask = (jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None])[None]
+  q_slot, k_slot = jnp.arange(start, end)[:, None], jnp.arange(end)[None, :]
+  mask = k_slot <= q_slot
+  if sliding_window:
+    mask = mask & (q_slot - k_slot < sliding_window)
+  mask = mask[None]
   if segment_ids is not None:
     q_seg, kv_seg = segment_ids[0][:, start:end], segment_ids[1][:, :end]
     mask = mask & (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
@@ -57,13 +61,14 @@ def _grouped(x, num_kv):
   return x.reshape(b, t, num_kv, h // num_kv, d)
 
 
-def _forward(q, k, v, segment_ids, num_blocks):
+def _forward(q, k, v, segment_ids, num_blocks, sliding_window):
   b, t, h, d = q.shape
   scale = d ** -0.5
   qg = _grouped(q, k.shape[2])
   outs, stats = [], []
   for start, end in _blocks(t, num_blocks):
-    scores = _scores(qg[:, start:end], k[:, :end], _mask(start, end, segment_ids), scale)
+    mask = _mask(start, end, segment_ids, sliding_window)
+    scores = _scores(qg[:, start:end], k[:, :end], mask, scale)
     peak = jnp.max(scores, axis=-1, keepdims=True)
     unnormalized = jnp.exp(scores - peak)
     total = jnp.sum(unnormalized, axis=-1, keepdims=True)
@@ -77,7 +82,8 @@ def _forward(q, k, v, segment_ids, num_blocks):
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                      q_segment_ids: jax.Array | None = None,
-                     kv_segment_ids: jax.Array | None = None, num_blocks: int = 4) -> jax.Array:
+                     kv_segment_ids: jax.Array | None = None, num_blocks: int = 4,
+                     sliding_window: int = 0) -> jax.Array:
   """Causal self-attention with optional segments, queries in `num_blocks` blocks.
 
   Args:
@@ -85,6 +91,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     q_segment_ids, kv_segment_ids: int [b, t] each, or both None for one
       unpadded segment per row.
     num_blocks: query blocks (the last may be shorter).
+    sliding_window: > 0 limits query i to keys i - sliding_window + 1 .. i.
   Returns:
     [b, t, h, d] in q.dtype.
   """
@@ -92,20 +99,20 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     raise ValueError(f"causal_attention is self-attention: {q.shape[1]} queries, "
                      f"{k.shape[1]} keys.")
   segment_ids = None if q_segment_ids is None else (q_segment_ids, kv_segment_ids)
-  return _causal_attention(q, k, v, segment_ids, num_blocks)
+  return _causal_attention(q, k, v, segment_ids, num_blocks, sliding_window)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _causal_attention(q, k, v, segment_ids, num_blocks):
-  return _forward(q, k, v, segment_ids, num_blocks)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _causal_attention(q, k, v, segment_ids, num_blocks, sliding_window):
+  return _forward(q, k, v, segment_ids, num_blocks, sliding_window)[0]
 
 
-def _causal_attention_fwd(q, k, v, segment_ids, num_blocks):
-  out, stats = _forward(q, k, v, segment_ids, num_blocks)
+def _causal_attention_fwd(q, k, v, segment_ids, num_blocks, sliding_window):
+  out, stats = _forward(q, k, v, segment_ids, num_blocks, sliding_window)
   return out, (q, k, v, segment_ids, stats)
 
 
-def _causal_attention_bwd(num_blocks, residuals, g):
+def _causal_attention_bwd(num_blocks, sliding_window, residuals, g):
   q, k, v, segment_ids, stats = residuals
   b, t, h, d = q.shape
   num_kv = k.shape[2]
@@ -117,7 +124,7 @@ def _causal_attention_bwd(num_blocks, residuals, g):
   dv = jnp.zeros(v.shape, jnp.float32)
   for (start, end), (peak, total) in zip(_blocks(t, num_blocks), stats):
     q_block, g_block = qg[:, start:end], gg[:, start:end]
-    mask = _mask(start, end, segment_ids)[:, None, None]
+    mask = _mask(start, end, segment_ids, sliding_window)[:, None, None]
     scores = _scores(q_block, k[:, :end], mask[:, 0, 0], scale)
     probs = jnp.exp(scores - peak) / total  # As in the forward pass.
     dv = dv.at[:, :end].add(jnp.einsum("bkgts,btkgd->bskd", probs.astype(v.dtype), g_block,

@@ -3,8 +3,10 @@
 All implementations compute causal grouped-query attention with optional
 segment ids: query i attends to key j iff j <= i (by slot index) and both carry
 the same nonzero segment id (0 marks padding, which attends to nothing and is
-attended by nothing; its output is finite but meaningless). With causal=False
-(spatial attention of the UNet) every query attends every key of its segment.
+attended by nothing; its output is finite but meaningless). A nonzero
+`sliding_window` W also requires i - j < W (Mistral, Gemma local layers: each
+query sees itself and the W - 1 keys before it). With causal=False (spatial
+attention of the UNet) every query attends every key of its segment.
 
 Shapes: b batch, t query length, s key length, h query heads, k kv heads,
 d head dim; h is a multiple of k (GQA). q [b, t, h, d], k/v [b, s, k, d].
@@ -71,18 +73,24 @@ def resolve_impl(impl: str, *, backend: str, dtype, head_dim: int) -> str:
 
 def attention_mask(t: int, s: int, *, q_segment_ids: jax.Array | None = None,
                    kv_segment_ids: jax.Array | None = None,
-                   q_offset: jax.Array | int = 0, causal: bool = True) -> jax.Array:
+                   q_offset: jax.Array | int = 0, sliding_window: int = 0,
+                   kv_slots: jax.Array | None = None, causal: bool = True) -> jax.Array:
   """Boolean mask [b or 1, t, s]: True where query i may attend key slot j.
 
   Query i sits at slot `q_offset + i` (q_offset > 0 when decoding into a cache).
   Segment ids are int [b, t] and [b, s]; None means one unpadded segment.
-  causal=False drops the j <= slot condition.
+  `sliding_window` > 0 limits each query to keys fewer than that many slots
+  back. `kv_slots` int [s] gives each key's slot when it is not its index (a
+  rolling KV cache); a key at a negative slot is masked. causal=False drops
+  the j <= slot condition.
   """
   q_slot = q_offset + jnp.arange(t, dtype=jnp.int32)
+  k_slot = jnp.arange(s, dtype=jnp.int32) if kv_slots is None else kv_slots
+  mask = (k_slot[None, :] >= 0)[None] & jnp.ones((1, t, 1), jnp.bool_)
   if causal:
-    mask = (jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slot[:, None])[None]
-  else:
-    mask = jnp.ones((1, t, s), jnp.bool_)
+    mask = mask & (k_slot[None, :] <= q_slot[:, None])[None]
+  if sliding_window:
+    mask = mask & (q_slot[:, None] - k_slot[None, :] < sliding_window)[None]
   if q_segment_ids is not None:
     same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     mask = mask & same & (kv_segment_ids[:, None, :] != 0)
@@ -109,7 +117,7 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                     q_segment_ids: jax.Array | None = None,
                     kv_segment_ids: jax.Array | None = None,
-                    causal: bool = True) -> jax.Array:
+                    sliding_window: int = 0, causal: bool = True) -> jax.Array:
   """cuDNN flash attention via `jax.nn.dot_product_attention`; [b, t, h, d].
 
   Without segment ids this is the fast `is_causal` path. With them, the segment
@@ -120,8 +128,9 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   if q_segment_ids is not None:
     same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     mask = (same & (kv_segment_ids[:, None, :] != 0))[:, None]  # [b, 1, t, s]
+  window = (sliding_window - 1, 0) if sliding_window else None
   return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
-                                      implementation="cudnn")
+                                      local_window_size=window, implementation="cudnn")
 
 
 def dividing_spec(logical_axes, shape, mesh) -> PartitionSpec:
@@ -141,7 +150,8 @@ def dividing_spec(logical_axes, shape, mesh) -> PartitionSpec:
 def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                      q_segment_ids: jax.Array | None = None,
                      kv_segment_ids: jax.Array | None = None,
-                     interpret: bool = False, chip: str = "", causal: bool = True) -> jax.Array:
+                     interpret: bool = False, chip: str = "",
+                     sliding_window: int = 0, causal: bool = True) -> jax.Array:
   """The Pallas flash-attention kernel (imported lazily); [b, t, h, d].
 
   `chip` is the kernel target ('h100', 'tpu_v5e', ...; '' lets interpret
@@ -152,10 +162,12 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   from pallas_kernels import flash_attention as fa  # pylint: disable=g-import-not-at-top
   from pallas_kernels.common import config as fa_config  # pylint: disable=g-import-not-at-top
   config = fa_config.FlashAttentionConfig(chip=chip) if chip else None
+  window = (sliding_window - 1, 0) if sliding_window else None
 
   def attend(q, k, v, *segment_ids):
     q_seg, kv_seg = segment_ids if segment_ids else (None, None)
-    return fa.flash_attention(q, k, v, causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+    return fa.flash_attention(q, k, v, causal=causal, q_segment_ids=q_seg,
+                              kv_segment_ids=kv_seg, local_window_size=window,
                               interpret=interpret, config=config)
 
   segments = () if q_segment_ids is None else (q_segment_ids, kv_segment_ids)
@@ -173,26 +185,29 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str
                           q_segment_ids: jax.Array | None = None,
                           kv_segment_ids: jax.Array | None = None,
                           interpret: bool = False, chip: str = "",
-                          causal: bool = True) -> jax.Array:
+                          sliding_window: int = 0, causal: bool = True) -> jax.Array:
   """Self-attention with a resolved `impl` ('xla' | 'cudnn' | 'pallas'), causal by default.
 
   q [b, t, h, d], k/v [b, t, k, d], segment ids int [b, t] or None; returns
-  [b, t, h, d]. `interpret` and `chip` only affect 'pallas'.
+  [b, t, h, d]. `interpret` and `chip` only affect 'pallas'. `sliding_window`
+  > 0 limits each query to itself and the sliding_window - 1 keys before it.
   """
   if impl == "xla":
     if causal and default_backend() == "cpu" and q.shape[1] == k.shape[1]:
       # Same values; XLA:CPU runs it 1.5-2x as fast (layers/attention/cpu_blocked.py).
       return cpu_blocked.causal_attention(
           q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-          num_blocks=_CPU_QUERY_BLOCKS)
+          num_blocks=_CPU_QUERY_BLOCKS, sliding_window=sliding_window)
     mask = attention_mask(q.shape[1], k.shape[1], q_segment_ids=q_segment_ids,
-                          kv_segment_ids=kv_segment_ids, causal=causal)
+                          kv_segment_ids=kv_segment_ids, sliding_window=sliding_window,
+                          causal=causal)
     return xla_attention(q, k, v, mask)
   if impl == "cudnn":
     return cudnn_attention(q, k, v, q_segment_ids=q_segment_ids,
-                           kv_segment_ids=kv_segment_ids, causal=causal)
+                           kv_segment_ids=kv_segment_ids, sliding_window=sliding_window,
+                           causal=causal)
   if impl == "pallas":
     return pallas_attention(q, k, v, q_segment_ids=q_segment_ids,
                             kv_segment_ids=kv_segment_ids, interpret=interpret, chip=chip,
-                            causal=causal)
+                            sliding_window=sliding_window, causal=causal)
   raise ValueError(f"Unresolved attention impl {impl!r}; expected xla, cudnn or pallas.")

@@ -1,8 +1,9 @@
 """Conversion between Hugging Face `LlamaForCausalLM` checkpoints and Treadle Llama params.
 
-The shared pieces (attention, norms, embeddings, SwiGLU tables, the tensor
-reader) also serve the MoE converters in models/moe/hf.py. Pure numpy: no
-torch, no transformers. HF stores linear weights as [out, in];
+The shared pieces (attention, norms, embeddings, SwiGLU tables, RoPE scaling,
+the tensor reader) also serve the dense variants in models/llama/hf_zoo.py
+(Qwen2, Qwen3, Mistral, Gemma 3) and the MoE converters in models/moe/hf.py.
+Pure numpy: no torch, no transformers. HF stores linear weights as [out, in];
 Treadle kernels are [in, out] with heads split out. Both use the rotate-half
 RoPE layout, so q/k need no permutation.
 
@@ -18,9 +19,15 @@ import numpy as np
 
 from models import hf_io
 from models.family import Converter
-from models.llama.config import LlamaConfig
+from models.llama.config import LlamaConfig, RopeScalingConfig
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# LlamaConfig fields of the dense variants, with their plain-Llama values; an
+# exporter names the ones its format can hold (see `check_variant_fields`).
+VARIANT_FIELDS = dict(qk_norm=False, norm_plus_one=False, post_norms=False,
+                      mlp_activation="silu", embed_scale=False, query_pre_attn_scalar=0.0,
+                      sliding_window=0, global_every=0, local_rope_theta=0.0,
+                      final_logit_softcap=0.0)
 
 
 class HfTensor(NamedTuple):
@@ -63,40 +70,115 @@ def swiglu_tensors(path: tuple[str, ...], prefix: str, embed_dim: int, mlp_dim: 
                                               ((m, e), (m, e), (e, m))))
 
 
+def check_variant_fields(cfg, format_name: str, allowed=()) -> None:
+  """Raises ValueError naming the first variant field (VARIANT_FIELDS) that `cfg` sets
+  and `format_name` cannot hold; `allowed` lists the ones it can."""
+  for name, plain in VARIANT_FIELDS.items():
+    if name not in allowed and getattr(cfg, name) != plain:
+      raise ValueError(f"model.{name}={getattr(cfg, name)!r} has no {format_name} equivalent "
+                       f"(it needs {plain!r}); export to a format that has it.")
+
+
+_HF_ROPE_KEYS = dict(factor="factor", original_context="original_max_position_embeddings",
+                     low_freq_factor="low_freq_factor", high_freq_factor="high_freq_factor",
+                     beta_fast="beta_fast", beta_slow="beta_slow",
+                     attention_factor="attention_factor", mscale="mscale",
+                     mscale_all_dim="mscale_all_dim", truncate="truncate")
+_HF_ROPE_FIELDS = dict(linear=("factor",), dynamic=("factor",),
+                       llama3=("factor", "original_context", "low_freq_factor",
+                               "high_freq_factor"),
+                       yarn=("factor", "original_context", "beta_fast", "beta_slow",
+                             "attention_factor", "mscale", "mscale_all_dim", "truncate"))
+
+
+def rope_from_hf(rope: dict, max_position_embeddings: int) -> tuple[float | None, dict]:
+  """(rope_theta or None, `model.rope_scaling` fields) from an HF rope_parameters /
+  rope_scaling dict.
+
+  Raises:
+    ValueError: naming an HF RoPE type Treadle does not implement (e.g. longrope).
+  """
+  rope = dict(rope or {})
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  theta = rope.get("rope_theta")
+  if kind == "default":
+    return theta, {"kind": "none"}
+  if kind not in _HF_ROPE_FIELDS:
+    raise ValueError(f"HF RoPE type {kind!r} is not supported; Treadle implements "
+                     f"'default' and {sorted(_HF_ROPE_FIELDS)}.")
+  fields = {"kind": kind}
+  for name in _HF_ROPE_FIELDS[kind]:
+    value = rope.get(_HF_ROPE_KEYS[name])
+    if value is not None:
+      fields[name] = value
+  if kind == "dynamic":  # transformers scales from max_position_embeddings.
+    fields["original_context"] = int(max_position_embeddings)
+  if kind == "yarn" and "factor" not in fields:
+    fields["factor"] = max_position_embeddings / fields["original_context"]
+  defaults = RopeScalingConfig()
+  return theta, {k: type(getattr(defaults, k))(v) for k, v in fields.items()}
+
+
+def hf_rope_parameters(theta: float, scaling: RopeScalingConfig) -> dict:
+  """The HF rope_parameters dict of base `theta` and `scaling`."""
+  if scaling.kind == "none":
+    return {"rope_type": "default", "rope_theta": theta}
+  out = {"rope_type": scaling.kind, "rope_theta": theta}
+  for name in _HF_ROPE_FIELDS[scaling.kind]:
+    value = getattr(scaling, name)
+    if name == "attention_factor" and not value:
+      continue  # transformers derives it, as Treadle does.
+    if name in ("mscale", "mscale_all_dim") and not value:
+      continue
+    out[_HF_ROPE_KEYS[name]] = value
+  return out
+
+
 def decoder_fields_from_hf(hf_config: dict) -> dict:
   """The `config.model` fields every Llama-like HF decoder shares.
 
   Returns vocab_size, embed_dim, num_layers, num_heads, num_kv_heads, head_dim,
-  max_seq_len, rope_theta, norm_eps and tie_embeddings.
+  max_seq_len, rope_theta, norm_eps, tie_embeddings and, for scaled RoPE,
+  rope_scaling (a nested dict).
 
   Raises:
-    ValueError: for a non-SiLU activation or RoPE scaling (e.g. 'llama3').
+    ValueError: for a non-SiLU activation or an unsupported RoPE type (longrope).
   """
   if hf_config.get("hidden_act", "silu") != "silu":
     raise ValueError(f"HF hidden_act={hf_config['hidden_act']!r}; only 'silu' is supported.")
+  max_len = int(hf_config.get("max_position_embeddings", 2048))
   rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
-  if rope_type != "default":
-    raise ValueError(f"HF RoPE type {rope_type!r} is not supported (only 'default').")
-  theta = hf_config.get("rope_theta", rope.get("rope_theta", 10_000.0))
+  rope_theta, rope_scaling = rope_from_hf(rope, max_len)
+  theta = hf_config.get("rope_theta", rope_theta if rope_theta is not None else 10_000.0)
   num_heads = int(hf_config["num_attention_heads"])
   head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // num_heads
-  return dict(
+  fields = dict(
       vocab_size=int(hf_config["vocab_size"]),
       embed_dim=int(hf_config["hidden_size"]),
       num_layers=int(hf_config["num_hidden_layers"]),
       num_heads=num_heads,
       num_kv_heads=int(hf_config.get("num_key_value_heads") or num_heads),
       head_dim=int(head_dim),
-      max_seq_len=int(hf_config.get("max_position_embeddings", 2048)),
+      max_seq_len=max_len,
       rope_theta=float(theta),
       norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
       tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
   )
+  if rope_scaling["kind"] != "none":
+    fields["rope_scaling"] = rope_scaling  # A nested section: build with LlamaConfig.from_dict.
+  return fields
 
 
-def hf_decoder_config(cfg) -> dict:
-  """The config.json entries every Llama-like HF decoder shares (float32 weights)."""
+def hf_decoder_config(cfg, format_name: str = "HF Llama-like", allowed=()) -> dict:
+  """The config.json entries every Llama-like HF decoder shares (float32 weights).
+
+  Raises:
+    ValueError: if `cfg` sets a variant field (VARIANT_FIELDS) not in `allowed`.
+  """
+  check_variant_fields(cfg, format_name, allowed)
+  max_len = cfg.max_seq_len
+  if cfg.rope_scaling.kind == "dynamic":  # transformers scales from max_position_embeddings.
+    max_len = cfg.rope_scaling.original_context
   return {
       "vocab_size": cfg.vocab_size,
       "hidden_size": cfg.embed_dim,
@@ -105,10 +187,10 @@ def hf_decoder_config(cfg) -> dict:
       "num_key_value_heads": cfg.num_kv_heads,
       "head_dim": cfg.head_dim,
       "hidden_act": "silu",
-      "max_position_embeddings": cfg.max_seq_len,
+      "max_position_embeddings": max_len,
       "rms_norm_eps": cfg.norm_eps,
       "rope_theta": cfg.rope_theta,
-      "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+      "rope_parameters": hf_rope_parameters(cfg.rope_theta, cfg.rope_scaling),
       "tie_word_embeddings": cfg.tie_embeddings,
       "attention_dropout": 0.0,
       "initializer_range": 0.02,
@@ -122,11 +204,12 @@ def model_config_from_hf(hf_config: dict) -> dict:
   """`config.model` field values read from an HF Llama config.json dict.
 
   Returns vocab_size, embed_dim, num_layers, num_heads, num_kv_heads, head_dim,
-  mlp_dim, max_seq_len, rope_theta, norm_eps and tie_embeddings.
+  mlp_dim, max_seq_len, rope_theta, norm_eps, tie_embeddings and, for scaled
+  RoPE, rope_scaling (a nested dict).
 
   Raises:
     ValueError: for features Treadle's Llama does not implement (biases, a
-      non-SiLU activation, RoPE scaling such as 'llama3').
+      non-SiLU activation, RoPE types such as 'longrope').
   """
   model_type = hf_config.get("model_type", "llama")
   if model_type != "llama":
@@ -142,7 +225,8 @@ def model_config_from_hf(hf_config: dict) -> dict:
 def _check_exportable(cfg: LlamaConfig) -> None:
   if cfg.qkv_bias:
     raise ValueError("model.qkv_bias=True has no HF Llama equivalent (attention_bias also adds "
-                     "an o_proj bias).")
+                     "an o_proj bias): export with --model=qwen2.")
+  check_variant_fields(cfg, "HF Llama")
 
 
 def hf_config_from_model(cfg: LlamaConfig) -> dict:
@@ -155,7 +239,7 @@ def hf_config_from_model(cfg: LlamaConfig) -> dict:
   return {
       "architectures": ["LlamaForCausalLM"],
       "model_type": "llama",
-      **hf_decoder_config(cfg),
+      **hf_decoder_config(cfg, "HF Llama"),
       "intermediate_size": cfg.mlp_dim,
       "attention_bias": False,
       "mlp_bias": False,
@@ -283,11 +367,26 @@ def block_to_hf(block: dict, prefix: str, specs: tuple[HfTensor, ...]) -> dict[s
   return {prefix + spec.name: to_hf(get_path(block, spec.path), spec.kind) for spec in specs}
 
 
-def _block_tensors(cfg: LlamaConfig) -> tuple[HfTensor, ...]:
-  return attention_tensors(cfg) + swiglu_tensors(("mlp",), "mlp.", cfg.embed_dim, cfg.mlp_dim)
+def dense_block_tensors(cfg: LlamaConfig) -> tuple[HfTensor, ...]:
+  """Every HF tensor of one dense block: attention (with q/k/v biases, q/k norms
+  as the config sets), norms (Gemma's four when post_norms) and the gated MLP."""
+  specs = list(attention_tensors(cfg, cfg.qkv_bias))
+  d, e = cfg.head_dim, cfg.embed_dim
+  if cfg.qk_norm:
+    specs += [HfTensor(("attn", "query_norm", "scale"), "self_attn.q_norm.weight", "vector", (d,)),
+              HfTensor(("attn", "key_norm", "scale"), "self_attn.k_norm.weight", "vector", (d,))]
+  if cfg.post_norms:  # HF's post_attention_layernorm is then the attention output's norm.
+    specs = [spec._replace(name="pre_feedforward_layernorm.weight")
+             if spec.path == ("mlp_norm", "scale") else spec for spec in specs]
+    specs += [HfTensor(("post_attn_norm", "scale"), "post_attention_layernorm.weight", "vector",
+                       (e,)),
+              HfTensor(("post_mlp_norm", "scale"), "post_feedforward_layernorm.weight",
+                       "vector", (e,))]
+  return tuple(specs) + swiglu_tensors(("mlp",), "mlp.", e, cfg.mlp_dim)
 
 
-def params_from_hf(tensors: dict[str, np.ndarray], cfg: LlamaConfig) -> dict:
+def params_from_hf(tensors: dict[str, np.ndarray], cfg: LlamaConfig,
+                   model_name: str = "Llama") -> dict:
   """HF state dict (name -> array) -> plain (unboxed) Treadle params in `param_dtype`.
 
   The tree matches `nn.unbox(Llama(cfg).init(...)['params'])`: blocks are
@@ -299,14 +398,14 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: LlamaConfig) -> dict:
       not used (e.g. a bias this architecture does not have).
   """
   reader = TensorReader(tensors)
-  specs = _block_tensors(cfg)
+  specs = dense_block_tensors(cfg)
   blocks = [reader.block(f"model.layers.{i}.", specs, cfg) for i in range(cfg.num_layers)]
   params = reader.embeddings(cfg)
   if cfg.scan_layers:
     params["layers"] = jax.tree.map(lambda *ws: np.stack(ws), *blocks)
   else:
     params.update({f"layers_{i}": block for i, block in enumerate(blocks)})
-  reader.check_all_used("Llama")
+  reader.check_all_used(model_name)
   return as_numpy(params, np.dtype(jax.numpy.dtype(cfg.param_dtype)))
 
 
@@ -314,14 +413,12 @@ def hf_from_params(params, cfg: LlamaConfig) -> dict[str, np.ndarray]:
   """Treadle params (boxed or plain, any device) -> HF state dict of float32 arrays.
 
   A tied model gets no lm_head.weight (HF ties it to model.embed_tokens.weight).
-
-  Raises:
-    ValueError: if cfg.qkv_bias (HF Llama has no q/k/v-only biases).
+  Tensor names follow `dense_block_tensors` (the format's config.json decides
+  whether they make sense: see `hf_config_from_model` and hf_zoo).
   """
-  _check_exportable(cfg)
   params = as_numpy(params, np.float32)
   out = embeddings_to_hf(params, cfg)
-  specs = _block_tensors(cfg)
+  specs = dense_block_tensors(cfg)
   for i in range(cfg.num_layers):
     if cfg.scan_layers:
       block = jax.tree.map(lambda w, i=i: w[i], params["layers"])
@@ -340,8 +437,8 @@ def read_checkpoint(hf_dir: str) -> tuple[LlamaConfig, dict]:
 
 def write_checkpoint(hf_dir: str, cfg: LlamaConfig, variables: dict) -> list[str]:
   """Writes config.json and float32 safetensors that `LlamaForCausalLM` loads."""
-  return hf_io.write_hf_dir(hf_dir, hf_config_from_model(cfg),
-                            hf_from_params(variables["params"], cfg))
+  hf_config = hf_config_from_model(cfg)  # Checks first: nothing written if unexportable.
+  return hf_io.write_hf_dir(hf_dir, hf_config, hf_from_params(variables["params"], cfg))
 
 
 LLAMA = Converter("a transformers LlamaForCausalLM save_pretrained directory",

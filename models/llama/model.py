@@ -1,5 +1,9 @@
 """Llama-style decoder: RMSNorm, GQA attention with RoPE, SwiGLU, optional tied head.
 
+The Qwen2/3, Mistral and Gemma 3 variants are LlamaConfig settings: q/k/v
+biases, q/k norms, sliding-window and interleaved local/global layers, GeGLU,
+(1 + w) norms, post-norms, scaled embeddings and logit soft-capping.
+
 Shapes (layers/__init__.py): b batch, t sequence, e embed, v vocab, L layers.
 """
 
@@ -21,25 +25,39 @@ def _dtypes(config: LlamaConfig) -> dict:
 class Block(nn.Module):
   """One pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-  Subclasses (the MoE block) swap the feed-forward by overriding `feed_forward`.
+  With config.post_norms (Gemma) each branch output is normed again before
+  its residual add: x + post_attn_norm(attn(attn_norm(x))), likewise with
+  post_mlp_norm. Subclasses (the MoE block) swap the feed-forward by
+  overriding `feed_forward`.
 
   Attributes:
     config: the model shape.
     decode: use and update the attention KV cache.
+    layer_index: this block's depth (0-based), which picks a sliding window or
+      global attention when config.global_every interleaves them; scanned
+      blocks are identical and leave it at 0.
   """
   config: LlamaConfig
   decode: bool = False
+  layer_index: int = 0
+
+  def norm(self, name: str) -> nn.Module:
+    cfg = self.config
+    return RMSNorm(cfg.norm_eps, scale_plus_one=cfg.norm_plus_one, name=name, **_dtypes(cfg))
 
   @nn.compact
   def __call__(self, x, positions, segment_ids):
     """x [b, t, e] -> ([b, t, e], None); the None makes it an nn.scan body."""
     cfg = self.config
-    kw = _dtypes(cfg)
-    y = RMSNorm(cfg.norm_eps, name="attn_norm", **kw)(x)
+    y = self.norm("attn_norm")(x)
     y = self.attention()(y, positions, segment_ids, self.decode)
+    if cfg.post_norms:
+      y = self.norm("post_attn_norm")(y)
     x = nn.with_logical_constraint(x + y, ("batch", "length", "act_embed"))
-    y = RMSNorm(cfg.norm_eps, name="mlp_norm", **kw)(x)
+    y = self.norm("mlp_norm")(x)
     y = self.feed_forward(y, segment_ids)
+    if cfg.post_norms:
+      y = self.norm("post_mlp_norm")(y)
     x = nn.with_logical_constraint(x + y, ("batch", "length", "act_embed"))
     return x, None
 
@@ -55,13 +73,19 @@ class Block(nn.Module):
           compress_block=nsa.compress_block, compress_stride=nsa.compress_stride,
           select_block=nsa.select_block, select_top_n=nsa.select_top_n,
           window=nsa.window, **kw)
-    return Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta,
-                     qkv_bias=cfg.qkv_bias, **kw)
+    theta, scaling = cfg.layer_rope(self.layer_index)
+    window = cfg.sliding_window if cfg.layer_is_local(self.layer_index) else 0
+    return Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, theta,
+                     rope_scaling=scaling, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm,
+                     norm_eps=cfg.norm_eps, norm_plus_one=cfg.norm_plus_one,
+                     query_pre_attn_scalar=cfg.query_pre_attn_scalar, sliding_window=window,
+                     **kw)
 
   def feed_forward(self, y: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
     """The block's MLP on normed activations [b, t, e] -> [b, t, e]."""
     del segment_ids  # A dense MLP treats every token alike.
-    return SwiGLU(self.config.mlp_dim, name="mlp", **_dtypes(self.config))(y)
+    return SwiGLU(self.config.mlp_dim, self.config.mlp_activation, name="mlp",
+                  **_dtypes(self.config))(y)
 
 
 def stack_blocks(block: type[nn.Module], config, decode: bool, x, positions, segment_ids, *,
@@ -82,8 +106,8 @@ def stack_blocks(block: type[nn.Module], config, decode: bool, x, positions, seg
     x, _ = stack(config, decode, name=scan_name, **block_fields)(x, positions, segment_ids)
     return x
   for i in range(count):
-    x, _ = block(config, decode, name=f"layers_{first_index + i}", **block_fields)(
-        x, positions, segment_ids)
+    x, _ = block(config, decode, first_index + i, name=f"layers_{first_index + i}",
+                 **block_fields)(x, positions, segment_ids)
   return x
 
 
@@ -92,7 +116,9 @@ class Llama(nn.Module):
 
   Parameters: embed/embedding [v, e]; layers/... (stacked with a leading
   'layers' axis when scan_layers, else layers_0 ... layers_{L-1});
-  final_norm/scale [e]; lm_head/kernel [e, v] unless tie_embeddings.
+  final_norm/scale [e]; lm_head/kernel [e, v] unless tie_embeddings. With
+  embed_scale the looked-up embeddings are multiplied by sqrt(e); with
+  final_logit_softcap the logits are cap * tanh(logits / cap).
 
   Attributes:
     config: the model shape.
@@ -115,18 +141,23 @@ class Llama(nn.Module):
     cfg = self.config
     kw = _dtypes(cfg)
     embed = Embed(cfg.vocab_size, cfg.embed_dim, name="embed", **kw)
-    x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "act_embed"))
+    x = embed(tokens)
+    if cfg.embed_scale:
+      x = x * jnp.asarray(cfg.embed_dim ** 0.5, x.dtype)
+    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
     if positions is None and not decode:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
 
     x = self.decoder_layers(x, positions, segment_ids, decode)
-    x = RMSNorm(cfg.norm_eps, name="final_norm", **kw)(x)
+    x = RMSNorm(cfg.norm_eps, scale_plus_one=cfg.norm_plus_one, name="final_norm", **kw)(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x)
     else:
       logits = Einsum((cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), "bte,ev->btv",
                       name="lm_head", **kw)(x)
     logits = logits.astype(jnp.float32)
+    if cfg.final_logit_softcap:
+      logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
     return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
 
   def decoder_layers(self, x, positions, segment_ids, decode: bool):
@@ -145,8 +176,10 @@ def init_cache(config: LlamaConfig, batch_size: int, max_length: int, *,
   Returns the 'cache' collection pytree (leaves are nn.Partitioned boxes with
   logical axes; `nn.get_partition_spec` gives their specs, `nn.unbox` plain
   arrays, and `apply` accepts either). Per layer: cached_key / cached_value
-  [b, max_length, k, d] in `config.dtype`, cached_segment_ids [b, max_length]
-  and cache_index []; stacked with a leading [L] axis when scan_layers.
+  [b, s, k, d] in `config.dtype`, cached_segment_ids [b, s] and cache_index
+  [], where s = max_length, or min(max_length, sliding_window) in
+  sliding-window layers (a rolling cache); stacked with a leading [L] axis
+  when scan_layers.
   Callers keep prompt + generated tokens <= max_length.
   """
   model = model_class(config)

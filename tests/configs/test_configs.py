@@ -87,7 +87,10 @@ def test_model_section_is_the_family_dataclass():
   fields = {key for key in families.get_family("llama").model.config_class.help()}
   flat = {f"model.{key}" for key, value in llama_model.items() if key != "family"
           and not hasattr(value, "items")}
-  nested = {f"model.nsa.{key}" for key in llama_model.nsa}
+  nested = {f"model.{name}.{key}" for name, section in llama_model.items()
+            if hasattr(section, "items") for key in section}
+  assert {name for name in llama_model if hasattr(llama_model[name], "items")} == {
+      "nsa", "rope_scaling"}
   assert flat | nested == fields
 
 

@@ -41,3 +41,20 @@ def make_mamba2(tied: bool, hf_dir: str):
         param.add_(0.1 * torch.randn_like(param))
   model.save_pretrained(hf_dir)
   return model
+
+
+def make_hf_decoder(model_class: str, hf_dir: str, **config_fields):
+  """A random, fully perturbed tiny transformers decoder (`model_class`, e.g.
+  'Qwen3ForCausalLM', built from its config class with `config_fields`) saved to
+  `hf_dir`; returns the float32 eager-attention model."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  model_cls = getattr(transformers, model_class)
+  config = model_cls.config_class(**config_fields, attn_implementation="eager")
+  torch.manual_seed(0)
+  model = model_cls(config).float().eval()
+  with torch.no_grad():
+    for param in model.parameters():
+      param.add_(0.1 * torch.randn_like(param))
+  model.save_pretrained(hf_dir)
+  return model

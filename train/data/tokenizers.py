@@ -1,11 +1,13 @@
-"""Tokenizers: UTF-8 bytes (the default) or a SentencePiece model.
+"""Tokenizers: UTF-8 bytes (the default), a SentencePiece model, or a Hugging Face
+`tokenizer.json` (read by the `tokenizers` library), all from local files.
 
-Both expose the same small interface: `encode(text) -> list[int]` without
+All expose the same small interface: `encode(text) -> list[int]` without
 special tokens (the pipeline adds bos/eos), `decode(ids) -> str` that drops
 special tokens and by default stops at the first eos, and the ids `pad_id`,
 `bos_id`, `eos_id` and `vocab_size`.
 """
 
+import json
 import os
 from collections.abc import Iterable
 
@@ -83,19 +85,118 @@ class SentencePieceTokenizer:
     return self._sp.decode(keep)
 
 
-Tokenizer = ByteTokenizer | SentencePieceTokenizer
+# Special-token names tried, in order, when no tokenizer_config.json names them
+# (Llama 3, Qwen, Mistral/Llama 2, Gemma, GPT-2 conventions).
+_BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>")
+_EOS_NAMES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>")
+_PAD_NAMES = ("<pad>", "<|finetune_right_pad_id|>", "<|pad|>")
+
+
+def _token_name(entry) -> str | None:
+  """A tokenizer_config.json special-token entry: a string, {'content': ...} or None."""
+  if isinstance(entry, dict):
+    return entry.get("content")
+  return entry
+
+
+class HuggingFaceTokenizer:
+  """A Hugging Face `tokenizer.json` (Llama 3, Qwen, Mistral, Gemma ...), run by `tokenizers`.
+
+  Special tokens come from a tokenizer_config.json beside the file when there is
+  one (bos_token, eos_token, pad_token), else from the usual names
+  (<|begin_of_text|>, <s>, <bos>; <|end_of_text|>, <|endoftext|>, </s>, <eos>).
+  A tokenizer without a bos token (Qwen) starts documents with its eos token,
+  which then separates packed documents as in its pre-training.
+
+  Attributes:
+    path: the tokenizer.json file.
+    pad_id, bos_id, eos_id, vocab_size: read from the files.
+  """
+
+  def __init__(self, path: str):
+    import tokenizers  # pylint: disable=g-import-not-at-top
+    self.path = path
+    self._tok = tokenizers.Tokenizer.from_file(path)
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    named = {}
+    config_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+    if os.path.isfile(config_path):
+      with open(config_path) as f:
+        config = json.load(f)
+      named = {kind: _token_name(config.get(f"{kind}_token")) for kind in ("bos", "eos", "pad")}
+    self.eos_id = self._find(named.get("eos"), _EOS_NAMES)
+    if self.eos_id is None:
+      raise ValueError(f"{path} (config.data.tokenizer) has no eos token: name it as eos_token "
+                       "in a tokenizer_config.json beside it.")
+    bos = self._find(named.get("bos"), _BOS_NAMES)
+    self.bos_id = self.eos_id if bos is None else bos
+    pad = self._find(named.get("pad"), _PAD_NAMES)
+    # Padding is masked out of the loss, so any id works when there is none.
+    self.pad_id = 0 if pad is None else pad
+    self._special = {t.content for t in self._tok.get_added_tokens_decoder().values()
+                     if t.special}
+
+  def _find(self, name: str | None, fallbacks: tuple[str, ...]) -> int | None:
+    for candidate in ((name,) if name else fallbacks):
+      token_id = self._tok.token_to_id(candidate)
+      if token_id is not None:
+        return token_id
+    return None
+
+  def __getstate__(self):
+    return {"path": self.path}
+
+  def __setstate__(self, state):
+    self.__init__(state["path"])
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: Iterable[int], stop_at_eos: bool = True) -> str:
+    keep = []
+    for i in ids:
+      i = int(i)
+      if i == self.eos_id and stop_at_eos:
+        break
+      if 0 <= i < self.vocab_size:
+        keep.append(i)
+    return self._tok.decode(keep, skip_special_tokens=True)
+
+
+Tokenizer = ByteTokenizer | SentencePieceTokenizer | HuggingFaceTokenizer
+
+
+def _resolve_path(spec: str) -> str:
+  """A directory stands for the tokenizer.json (or tokenizer.model) inside it."""
+  if os.path.isdir(spec):
+    for name in ("tokenizer.json", "tokenizer.model"):
+      if os.path.isfile(os.path.join(spec, name)):
+        return os.path.join(spec, name)
+    raise FileNotFoundError(f"config.data.tokenizer={spec!r} is a directory without "
+                            "tokenizer.json or tokenizer.model.")
+  if not os.path.isfile(spec):
+    raise FileNotFoundError(
+        f"config.data.tokenizer={spec!r} is neither 'byte' nor an existing SentencePiece "
+        ".model file, tokenizer.json, or directory holding one.")
+  return spec
 
 
 def get_tokenizer(spec: str) -> Tokenizer:
-  """'byte', or the path to a SentencePiece .model file (config.data.tokenizer)."""
+  """config.data.tokenizer: 'byte', or a local SentencePiece .model file, a Hugging Face
+  tokenizer.json, or a directory holding one (a downloaded model's directory)."""
   if spec == "byte":
     return ByteTokenizer()
-  if not os.path.isfile(spec):
-    raise FileNotFoundError(
-        f"config.data.tokenizer={spec!r} is neither 'byte' nor an existing "
-        "SentencePiece .model file.")
+  path = _resolve_path(spec)
+  if path.endswith(".json"):
+    try:
+      return HuggingFaceTokenizer(path)
+    except Exception as e:  # tokenizers raises its own Exception subclass.
+      if isinstance(e, ValueError) and "config.data.tokenizer" in str(e):
+        raise
+      raise ValueError(f"config.data.tokenizer={spec!r} is not a readable tokenizer.json: "
+                       f"{e}") from e
   try:
-    return SentencePieceTokenizer(spec)
+    return SentencePieceTokenizer(path)
   except (OSError, RuntimeError) as e:
     raise ValueError(f"config.data.tokenizer={spec!r} is not a readable "
                      f"SentencePiece model: {e}") from e

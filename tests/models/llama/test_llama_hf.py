@@ -113,8 +113,8 @@ def test_unsupported_hf_configs_are_refused():
               intermediate_size=16)
   assert llama_hf.model_config_from_hf(base)["head_dim"] == 4
   assert llama_hf.model_config_from_hf(base)["num_kv_heads"] == 2
-  with pytest.raises(ValueError, match="llama3"):
-    llama_hf.model_config_from_hf({**base, "rope_parameters": {"rope_type": "llama3",
+  with pytest.raises(ValueError, match="longrope"):
+    llama_hf.model_config_from_hf({**base, "rope_parameters": {"rope_type": "longrope",
                                                                "rope_theta": 5e5}})
   with pytest.raises(ValueError, match="attention_bias"):
     llama_hf.model_config_from_hf({**base, "attention_bias": True})
@@ -161,7 +161,8 @@ def test_cli_round_trip(tmp_path):
 def test_convert_lists_every_format():
   formats = convert.converters()
   assert {name: family for name, (family, _) in formats.items()} == {
-      "llama": "llama", "mixtral": "moe", "qwen2_moe": "moe", "mamba2": "mamba",
+      "llama": "llama", "qwen2": "llama", "qwen3": "llama", "mistral": "llama",
+      "gemma3": "llama", "mixtral": "moe", "qwen2_moe": "moe", "mamba2": "mamba",
       "rwkv7_pth": "rwkv"}
   assert "LlamaForCausalLM" in formats["llama"][1].description
   with pytest.raises(ValueError, match="--model='gpt2' is not a known format"):
