@@ -4,13 +4,16 @@ r"""Trains a Treadle model: the binary behind every config.
   python -m train.main --config=configs/llama.py:size=1b --workdir=DIR \
       --config.mesh.fsdp=8 --config.train.num_steps=1000
 
-Rerunning on the same --workdir resumes from its latest checkpoint.
+Rerunning on the same --workdir resumes from its latest checkpoint. The console
+shows Treadle's own lines and library warnings; `--verbosity=0` adds the INFO
+logs of Orbax, TFDS and grain.
 """
 
 import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 from ml_collections import config_flags
 
@@ -48,4 +51,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Library INFO logs (hundreds of lines per run) stay off unless asked for.
+  flags.FLAGS.set_default("verbosity", logging.WARNING)
   app.run(main)

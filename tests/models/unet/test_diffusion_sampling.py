@@ -283,3 +283,21 @@ def test_bad_sampler_settings_name_the_field(kwargs, field):
   with pytest.raises(ValueError, match=field):
     sampling.sample(linear_denoiser, schedule_lib.make_schedule("linear"), np.zeros(SHAPE),
                     jax.random.key(0), **kwargs)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("sampler, spacing", [("ddim", "trailing"), ("ddim", "linspace"),
+                                              ("ddpm", "leading")])
+def test_an_exact_denoiser_recovers_the_image(prediction_type, sampler, spacing):
+  """Whatever the start noise, a denoiser that knows x0 leads every sampler to x0."""
+  x0 = jax.random.uniform(jax.random.PRNGKey(0), (2, 4, 4, 3), minval=-1, maxval=1)
+  s = schedule_lib.make_schedule("cosine", prediction_type=prediction_type)
+
+  def exact(x, t):
+    alpha_bar = jnp.asarray(s.alphas_cumprod)[t][:, None, None, None]
+    noise = (x - jnp.sqrt(alpha_bar) * x0) / jnp.sqrt(1 - alpha_bar)
+    return schedule_lib.training_target(s, x0, noise, t)
+
+  out = sampling.sample(exact, s, jax.random.normal(jax.random.PRNGKey(1), x0.shape),
+                        jax.random.PRNGKey(2), sampler=sampler, num_steps=7, spacing=spacing)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(x0), atol=1e-5)
