@@ -19,3 +19,11 @@ def test_moe_colab_runs(tmp_path, monkeypatch):
   assert text.count("step 4/4") == 2  # Both runs trained.
   assert "aux-loss-free bias: final load imbalance per layer" in text
   assert "bias per MoE layer and expert" in text and "'12+34=' ->" in text
+
+
+def test_diffusion_colab_runs(tmp_path, monkeypatch):
+  monkeypatch.setenv("DIFFUSION_COLAB_STEPS", "6")
+  monkeypatch.setenv("DIFFUSION_COLAB_SMALL", "1")
+  text = colab_runner.run("diffusion.ipynb", str(tmp_path))
+  assert "sqrt(alpha_bar) at t=" in text and "step 6/6" in text
+  assert "final train loss:" in text and "classes: ('circle'" in text
