@@ -20,9 +20,9 @@ only time is compared.
    `train.trainer.Trainer`'s jitted step on configs/unet_tiny.py with the
    model replaced, the objective set to epsilon / linear / no min-SNR, and the
    parameter EMA off (torch keeps none); it still applies the tiny config's
-   label dropout (a select per example). No data is read, so at sizes other
-   than treadle_shapes' 32x32 the task's data check is told the images have
-   that size (`trainer_on_random_images`). torch: `torch.optim.AdamW` with the
+   label dropout (a select per example). Batches are random images; the
+   config names the treadle_shapes variant of the size (32x32 default, 64px)
+   only for the task's data check. torch: `torch.optim.AdamW` with the
    same lr, betas, eps and weight decay, `clip_grad_norm_` at opt.clip_norm, a
    warmup-cosine `LambdaLR`, `DDPMScheduler.add_noise` and `mse_loss`.
 2. Sampling: a `--ddim_steps` DDIM loop (eta 0, 'leading' spacing, x0
@@ -45,15 +45,12 @@ Treadle is faster) of the medians and of the fastest blocks; on a shared
 machine only the latter means much.
 """
 
-import dataclasses
 import datetime
 import json
 import math
 import os
 import statistics
 import time
-from unittest import mock
-
 import diffusers
 import jax
 import jax.numpy as jnp
@@ -71,8 +68,6 @@ from models.unet.diffusers import diffusers_config_from_model
 from train import flops
 from train import state as state_lib
 from train import trainer as trainer_lib
-from train.data.images import builder as images_builder
-from train.data.images import pipeline
 from train.tasks.diffusion import task as diffusion_task
 
 _MODEL = flags.DEFINE_enum("model", "tiny", ["tiny", "ddpm_cifar10"], "UNet architecture.")
@@ -90,6 +85,8 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "tiny, 32x32, batch 2, one block of o
                            "steps: checks the script runs.")
 
 _SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02)
+# Image size -> the embedded dataset variant of that size (read only by the data check).
+_SHAPES_BY_SIZE = {32: "treadle_shapes", 64: "treadle_shapes/64px"}
 
 
 def unet_config(model: str, image_size: int, dtype: str) -> UNetConfig:
@@ -108,6 +105,10 @@ def bench_config(cfg: UNetConfig, batch: int):
   config = unet_tiny.get_config()
   with config.unlocked():
     config.model = base.model_section(cfg)
+    if cfg.image_size not in _SHAPES_BY_SIZE:
+      raise ValueError(f"--sizes: {cfg.image_size} has no treadle_shapes variant; "
+                       f"use {sorted(_SHAPES_BY_SIZE)}.")
+    config.data.name = _SHAPES_BY_SIZE[cfg.image_size]
     config.data.image_size, config.data.image_channels = cfg.image_size, cfg.in_channels
     config.data.global_batch_size = batch
     f = config.diffusion
@@ -129,30 +130,11 @@ def random_batch(cfg: UNetConfig, batch: int, null_class: bool) -> dict[str, np.
           "labels": rng.integers(0, classes, (batch,), dtype=np.int32)}
 
 
-def trainer_on_random_images(config) -> trainer_lib.Trainer:
-  """`Trainer(config)` whose data check takes treadle_shapes (32x32) as data.image_size.
-
-  The benchmark feeds its own random batch, so only the size the task checks is pretended;
-  every other check (model vs data shape, classes, label dropout) runs as in training.
-  """
-  real_info = pipeline.dataset_info
-
-  def info(data_config):
-    native = data_config.copy_and_resolve_references()
-    with native.unlocked():
-      native.image_size = images_builder.IMAGE_SIZE
-    size = data_config.image_size
-    return dataclasses.replace(real_info(native), height=size, width=size)
-
-  with mock.patch.object(pipeline, "dataset_info", info):
-    return trainer_lib.Trainer(config, workdir="")
-
-
 class TreadleTrainSide:
   """The trainer's jitted step on a fixed batch; `run(n)` takes n steps."""
 
   def __init__(self, config, batch: dict[str, np.ndarray]):
-    self.run_ = trainer_on_random_images(config)
+    self.run_ = trainer_lib.Trainer(config, workdir="")
     local = self.run_.task.dummy_batch(config.data, batch["images"].shape[0])
     local.update(batch)
     with self.run_.sharding_context():

@@ -89,9 +89,14 @@ class Block(nn.Module):
 
 
 def stack_blocks(block: type[nn.Module], config, decode: bool, x, positions, segment_ids, *,
-                 count: int, first_index: int, scan_name: str, **block_fields):
+                 count: int, first_index: int, scan_name: str, index_field: str | None = None,
+                 **block_fields):
   """Applies `count` blocks in sequence: one nn.scan named `scan_name` when
   `config.scan_layers`, else modules named layers_{first_index + i}.
+
+  `index_field` names the block field that receives each unrolled block's depth
+  (first_index + i), for blocks that differ by depth (Gemma's local and global
+  layers); scanned blocks are identical and keep the field's default.
 
   Must be called from a compact method (the blocks become its submodules).
   Every variable collection is stacked along a leading 'layers' axis when scanned.
@@ -106,7 +111,8 @@ def stack_blocks(block: type[nn.Module], config, decode: bool, x, positions, seg
     x, _ = stack(config, decode, name=scan_name, **block_fields)(x, positions, segment_ids)
     return x
   for i in range(count):
-    x, _ = block(config, decode, first_index + i, name=f"layers_{first_index + i}",
+    depth = {index_field: first_index + i} if index_field else {}
+    x, _ = block(config, decode, name=f"layers_{first_index + i}", **depth,
                  **block_fields)(x, positions, segment_ids)
   return x
 
@@ -163,7 +169,8 @@ class Llama(nn.Module):
   def decoder_layers(self, x, positions, segment_ids, decode: bool):
     """The L blocks between embedding and final norm (overridden by the MoE model)."""
     return stack_blocks(Block, self.config, decode, x, positions, segment_ids,
-                        count=self.config.num_layers, first_index=0, scan_name="layers")
+                        count=self.config.num_layers, first_index=0, scan_name="layers",
+                        index_field="layer_index")
 
 
 def init_cache(config: LlamaConfig, batch_size: int, max_length: int, *,

@@ -46,10 +46,11 @@ class Moe(llama.Llama):
     dense = cfg.moe.first_dense_layers
     if dense:
       x = llama.stack_blocks(llama.Block, cfg, decode, x, positions, segment_ids,
-                             count=dense, first_index=0, scan_name="dense_layers")
+                             count=dense, first_index=0, scan_name="dense_layers",
+                             index_field="layer_index")
     return llama.stack_blocks(MoeBlock, cfg, decode, x, positions, segment_ids,
                               count=cfg.num_moe_layers, first_index=dense,
-                              scan_name="moe_layers")
+                              scan_name="moe_layers", index_field="layer_index")
 
 
 # A zero KV cache (see `models.llama.model.init_cache`).

@@ -34,9 +34,11 @@ class ShapesConfig(tfds.core.BuilderConfig):
   Attributes:
     num_train: images in the 'train' split.
     num_validation: images in the 'validation' split.
+    image_size: height and width of the images.
   """
   num_train: int = 20_000
   num_validation: int = 1_000
+  image_size: int = IMAGE_SIZE
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -60,6 +62,8 @@ class TreadleShapes(tfds.core.GeneratorBasedBuilder):
       ShapesConfig(name="default", description="The default training images."),
       ShapesConfig(name="tiny", num_train=512, num_validation=128,
                    description="A few images, for tests."),
+      ShapesConfig(name="64px", num_train=5_000, num_validation=500, image_size=64,
+                   description="64x64 images (benchmarks, larger models)."),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -67,7 +71,7 @@ class TreadleShapes(tfds.core.GeneratorBasedBuilder):
         builder=self,
         description=shapes.__doc__,
         features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3),
+            "image": tfds.features.Image(shape=(self.builder_config.image_size,) * 2 + (3,),
                                          encoding_format="png"),
             "label": tfds.features.ClassLabel(names=shapes.CLASS_NAMES),
         }),
@@ -82,5 +86,5 @@ class TreadleShapes(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split: str, num: int):
     for i in range(num):
-      image, label = shapes.shape_example(split, i, IMAGE_SIZE)
+      image, label = shapes.shape_example(split, i, self.builder_config.image_size)
       yield i, {"image": encode_png(image), "label": label}
