@@ -37,6 +37,9 @@ _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Library INFO logs (hundreds of lines per run) stay off unless asked for.
+    logging.set_verbosity(logging.WARNING)
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            timeout_s=_DISTRIBUTED_TIMEOUT.value)
@@ -51,6 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # Library INFO logs (hundreds of lines per run) stay off unless asked for.
-  flags.FLAGS.set_default("verbosity", logging.WARNING)
   app.run(main)

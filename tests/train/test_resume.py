@@ -1,5 +1,6 @@
 """A run killed with SIGKILL and resumed matches one that never stopped, bitwise: every
-loss, and the final parameters (the EMA for the diffusion UNet, which keeps one)."""
+loss, and the final parameters' EMA (both runs keep one; `load_model` returns it).
+The diffusion UNet's case repeats it with the image task (slow: -m slow)."""
 
 import os
 import signal
@@ -24,7 +25,7 @@ CASES = {
     "llama": ("configs/llama_tiny.py",
               {"data.seq_len": 32, "model.embed_dim": 32, "model.num_layers": 2,
                "model.mlp_dim": 64, "model.head_dim": 8, "model.max_seq_len": 64,
-               "sample.max_new_tokens": 2, **_RUN}, "treadle_corpus"),
+               "sample.max_new_tokens": 2, "opt.ema_decay": 0.9, **_RUN}, "treadle_corpus"),
     "unet": ("configs/unet_tiny.py",
              {"data.name": "treadle_shapes/tiny", "model.block_out_channels": "(16,32)",
               "model.down_block_types": "('DownBlock2D','AttnDownBlock2D')",
@@ -51,7 +52,7 @@ def _logged_steps(workdir):
     return {}
 
 
-@pytest.mark.parametrize("family", sorted(CASES))
+@pytest.mark.parametrize("family", ["llama", pytest.param("unet", marks=pytest.mark.slow)])
 def test_sigkill_and_resume_reproduces_every_loss(tmp_path, family):
   data_dir = str(tmp_path / "tfds")
   builder.ensure_dataset(CASES[family][2], data_dir)
@@ -78,6 +79,6 @@ def test_sigkill_and_resume_reproduces_every_loss(tmp_path, family):
   got = {step: m["loss"] for step, m in read_metrics(killed).items()}
   assert sorted(got) == list(range(1, STEPS + 1))
   assert got == expected  # Exact float equality: same data, RNG and arithmetic.
-  # load_model gives the EMA where the run keeps one (the UNet), else the params.
+  # load_model gives the EMA.
   final = [jax.tree.leaves(checkpoint.load_model(w)[1]) for w in (straight, killed)]
   assert all(np.array_equal(a, b) for a, b in zip(*final))

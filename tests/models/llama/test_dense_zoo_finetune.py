@@ -26,7 +26,10 @@ FORMATS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(FORMATS))
+# gemma3 (the most features) in the default suite; the others with -m slow.
+@pytest.mark.parametrize("name", [name if name == "gemma3" else
+                                  pytest.param(name, marks=pytest.mark.slow)
+                                  for name in sorted(FORMATS)])
 def test_import_finetune_sample_export(name, tmp_path):
   hf_dir, workdir = str(tmp_path / "hf"), str(tmp_path / "run")
   model_class, fields = FORMATS[name]
