@@ -1,5 +1,5 @@
 """benchmarks/diffusion.py --smoke trains and samples on both sides and prints their ratios,
-so the script cannot rot between measurements."""
+so the script cannot rot between measurements (with -m slow)."""
 
 import json
 import os
@@ -14,6 +14,7 @@ pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 
+@pytest.mark.slow  # ~45 s of compiling both sides; the default suite keeps under 15 minutes.
 def test_smoke_times_both_sides_and_prints_the_ratio(tmp_path):
   env = {**os.environ, "XLA_FLAGS": ""}  # One CPU device, as a user runs it.
   out = tmp_path / "diffusion.json"

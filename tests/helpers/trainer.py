@@ -23,9 +23,10 @@ _TINY_MODEL = {"llama": _DECODER, "moe": _DECODER,
                         "model.hidden_dim": 128, "model.decay_rank": 8, "model.iclr_rank": 8,
                         "model.value_rank": 8, "model.gate_rank": 16, "model.max_seq_len": 64,
                         "model.dtype": "float32"},
-               "unet": {"model.block_out_channels": (16, 32),
-                        "model.down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
-                        "model.up_block_types": ("AttnUpBlock2D", "UpBlock2D")}}
+               # One level (no resampling): the trainer path at the least compile time.
+               "unet": {"model.block_out_channels": (16,),
+                        "model.down_block_types": ("AttnDownBlock2D",),
+                        "model.up_block_types": ("AttnUpBlock2D",)}}
 # Run settings of the tiny configs, per modality.
 _TINY_RUN = {"text": {"data.seq_len": 32, "sample.num_scored": 0, "sample.max_new_tokens": 4},
              "images": {"data.name": "treadle_shapes/tiny", "sample.num_scored": 0,
@@ -35,7 +36,8 @@ _TINY_RUN = {"text": {"data.seq_len": 32, "sample.num_scored": 0, "sample.max_ne
 
 def tiny_config(data_dir: str, family: str = "llama", **overrides):
   """A seconds-fast llama_tiny (or moe_tiny, mamba_tiny, rwkv_tiny: 32-token rows, float32
-  compute; unet_tiny: two levels of 16 and 32 channels on the tiny shapes), 8 rows per batch.
+  compute; unet_tiny: one level of 16 channels with attention, on the tiny shapes), 8 rows
+  per batch.
 
   `overrides` are dotted keys, e.g. `{'train.num_steps': 4}` or
   `{'model.nsa.window': 16}`, passed as tiny_config(d, **{'train.num_steps': 4}).
