@@ -22,57 +22,25 @@ module must be import-safe (`if __name__ == '__main__':`, as with absl's app.run
 
 import itertools
 
-from absl import flags
 import grain
 import ml_collections
 import numpy as np
-import tensorflow_datasets as tfds
 
-from train.data import builder
 from train.data import packing
+from train.data import sources
 from train.data import tokenizers
 
 Batch = dict[str, np.ndarray]
 
-# Records are read in the packing thread: on few cores, grain's read threads
-# cost more in locking than they save. Whole batches are prefetched instead.
-_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-# Batches prepared ahead in a background thread while the train step runs.
-_PREFETCH_BATCHES = 2
-
-
-def per_host_batch_size(data_config: ml_collections.ConfigDict,
-                        process_count: int) -> int:
-  """global_batch_size // process_count; raises unless it divides evenly."""
-  global_batch = data_config.global_batch_size
-  if global_batch <= 0 or global_batch % process_count:
-    raise ValueError(
-        f"config.data.global_batch_size={global_batch} must be a positive "
-        f"multiple of the number of processes ({process_count}).")
-  return global_batch // process_count
-
-
 def _host_source(data_config: ml_collections.ConfigDict, split: str, split_field: str,
                  process_index: int, process_count: int) -> grain.MapDataset:
-  """This host's records of `split`, as a grain MapDataset."""
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
-  data_dir = builder.ensure_dataset(data_config.name, data_config.data_dir)
-  try:
-    source = tfds.data_source(data_config.name, split=split, data_dir=data_dir,
-                              download=False)
-  except ValueError as e:
-    raise ValueError(f"config.data.{split_field}={split!r} is not a split of "
-                     f"config.data.name={data_config.name!r}: {e}") from e
-  if len(source) < process_count:
-    raise ValueError(f"config.data.{split_field}={split!r} of config.data.name="
-                     f"{data_config.name!r} has {len(source)} records, fewer "
-                     f"than the {process_count} processes reading it.")
-  features = list(source.dataset_info.features.keys())
+  """This host's records of `split`, as a grain MapDataset (with data.text_key checked)."""
+  records, features = sources.host_records(data_config, split, split_field, process_index,
+                                           process_count)
   if data_config.text_key not in features:
     raise KeyError(f"config.data.text_key={data_config.text_key!r} is not a feature "
-                   f"of config.data.name={data_config.name!r}; it has {features}.")
-  return grain.MapDataset.source(source)[process_index::process_count]
+                   f"of config.data.name={data_config.name!r}; it has {list(features)}.")
+  return records
 
 
 def _batches(ds: grain.MapDataset, data_config: ml_collections.ConfigDict, *,
@@ -80,7 +48,7 @@ def _batches(ds: grain.MapDataset, data_config: ml_collections.ConfigDict, *,
   tokenizer = tokenizers.get_tokenizer(data_config.tokenizer)
   ds = ds.map(packing.Tokenize(tokenizer, data_config.text_key))
   return packing.pack_and_batch(
-      ds.to_iter_dataset(_READ_OPTIONS), seq_len=data_config.seq_len,
+      ds.to_iter_dataset(sources.READ_OPTIONS), seq_len=data_config.seq_len,
       batch_size=batch_size, pad_id=tokenizer.pad_id, seed=seed,
       shuffle_rows=shuffle_rows)
 
@@ -97,20 +65,13 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, seed: int,
     A grain DatasetIterator of `Batch`es of b rows, with get_state/set_state:
     after set_state(s) it yields exactly what it yielded after get_state() == s.
   """
-  batch_size = per_host_batch_size(data_config, process_count)
+  batch_size = sources.per_host_batch_size(data_config, process_count)
   seed = seed % 2**32
   ds = _host_source(data_config, data_config.train_split, "train_split",
                     process_index, process_count)
   ds = ds.shuffle(seed=seed).repeat()
   ds = _batches(ds, data_config, batch_size=batch_size, seed=seed, shuffle_rows=True)
-  if data_config.worker_count > 0:
-    if not flags.FLAGS.is_parsed():  # grain reads absl flags; notebooks never parse them.
-      flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count))
-  else:
-    ds = grain.experimental.ThreadPrefetchIterDataset(
-        ds, prefetch_buffer_size=_PREFETCH_BATCHES)
-  return iter(ds)
+  return sources.prefetched(ds, data_config.worker_count)
 
 
 def make_eval_batches(data_config: ml_collections.ConfigDict, *, num_batches: int,
@@ -119,7 +80,7 @@ def make_eval_batches(data_config: ml_collections.ConfigDict, *, num_batches: in
 
   Deterministic (no shuffling); wraps around the split if it is too short.
   """
-  batch_size = per_host_batch_size(data_config, process_count)
+  batch_size = sources.per_host_batch_size(data_config, process_count)
   ds = _host_source(data_config, data_config.eval_split, "eval_split",
                     process_index, process_count)
   ds = _batches(ds.repeat(), data_config, batch_size=batch_size, seed=0,

@@ -27,22 +27,15 @@ image_key, label_key, image_size, random_flip, global_batch_size, worker_count.
 
 import dataclasses
 
-from absl import flags
 import grain
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
 from train.data import builder
-from train.data import pipeline as text_pipeline
+from train.data import sources
 
 Batch = dict[str, np.ndarray]
-
-# Records are read in the batching thread (few cores: read threads cost more
-# in locking than they save); whole batches are prefetched instead.
-_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-_PREFETCH_BATCHES = 2
-
 
 @dataclasses.dataclass(frozen=True)
 class ImageInfo:
@@ -150,23 +143,12 @@ class _ToBatch(grain.transforms.Map):
 def _host_source(data_config: ml_collections.ConfigDict, split: str, split_field: str,
                  process_index: int, process_count: int) -> grain.MapDataset:
   """This host's decoded examples of `split`, as a grain MapDataset."""
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
-  data_dir = builder.ensure_dataset(data_config.name, data_config.data_dir)
-  try:
-    source = tfds.data_source(data_config.name, split=split, data_dir=data_dir,
-                              download=False)
-  except ValueError as e:
-    raise ValueError(f"config.data.{split_field}={split!r} is not a split of "
-                     f"config.data.name={data_config.name!r}: {e}") from e
-  _image_info(source.dataset_info.features, data_config)
-  if len(source) < process_count:
-    raise ValueError(f"config.data.{split_field}={split!r} of config.data.name="
-                     f"{data_config.name!r} has {len(source)} records, fewer "
-                     f"than the {process_count} processes reading it.")
+  records, features = sources.host_records(data_config, split, split_field, process_index,
+                                           process_count)
+  _image_info(features, data_config)
   decode = _Decode(data_config.image_key, data_config.label_key,
                    data_config.image_size, data_config.name)
-  return grain.MapDataset.source(source)[process_index::process_count].map(decode)
+  return records.map(decode)
 
 
 def make_train_iterator(data_config: ml_collections.ConfigDict, *, seed: int,
@@ -182,22 +164,15 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, seed: int,
     after set_state(s) it yields exactly what it yielded after get_state() == s.
     A flip depends only on (seed, the image's position in the stream).
   """
-  batch_size = text_pipeline.per_host_batch_size(data_config, process_count)
+  batch_size = sources.per_host_batch_size(data_config, process_count)
   ds = _host_source(data_config, data_config.train_split, "train_split",
                     process_index, process_count)
   ds = ds.seed(seed % 2**32).shuffle().repeat()
   if data_config.random_flip:
     ds = ds.random_map(_RandomFlip())
   ds = ds.batch(batch_size, drop_remainder=True).map(_ToBatch())
-  ds = ds.to_iter_dataset(_READ_OPTIONS)
-  if data_config.worker_count > 0:
-    if not flags.FLAGS.is_parsed():  # grain reads absl flags; notebooks never parse them.
-      flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count))
-  else:
-    ds = grain.experimental.ThreadPrefetchIterDataset(
-        ds, prefetch_buffer_size=_PREFETCH_BATCHES)
-  return iter(ds)
+  return sources.prefetched(ds.to_iter_dataset(sources.READ_OPTIONS),
+                           data_config.worker_count)
 
 
 def make_eval_batches(data_config: ml_collections.ConfigDict, *, num_batches: int,
@@ -206,7 +181,7 @@ def make_eval_batches(data_config: ml_collections.ConfigDict, *, num_batches: in
 
   Deterministic (no shuffling, no flips); wraps around the split if it is too short.
   """
-  batch_size = text_pipeline.per_host_batch_size(data_config, process_count)
+  batch_size = sources.per_host_batch_size(data_config, process_count)
   ds = _host_source(data_config, data_config.eval_split, "eval_split",
                     process_index, process_count)
   ds = ds.repeat().batch(batch_size, drop_remainder=True).map(_ToBatch())
