@@ -30,6 +30,11 @@ from etils import epath
 from train import families
 
 ITEMS = ("params", "model_state", "ema_params", "train_state", "data_iter", "config")
+# TrainState fields saved as their own item when not empty -> why a run keeps one.
+_OPTIONAL_STATE = {
+    "model_state": "the {config.model.family} model's non-param collections",
+    "ema_params": "config.opt.ema_decay={config.opt.ema_decay}",
+}
 CONFIG_FILE = "config.json"
 
 
@@ -111,10 +116,9 @@ class Checkpointer:
                  train_state=ocp.args.StandardSave(rest),
                  data_iter=grain.checkpoint.CheckpointSave(data_iter),
                  config=ocp.args.JsonSave(config_json(self._config)))
-    if state.model_state:
-      items["model_state"] = ocp.args.StandardSave(state.model_state)
-    if state.ema_params:
-      items["ema_params"] = ocp.args.StandardSave(state.ema_params)
+    for name in _OPTIONAL_STATE:
+      if getattr(state, name):
+        items[name] = ocp.args.StandardSave(getattr(state, name))
     self._manager.save(step, force=force, args=ocp.args.Composite(**items))
 
   def restore(self, step: int, abstract_state, shardings, data_iter):
@@ -134,24 +138,20 @@ class Checkpointer:
     items = dict(params=ocp.args.StandardRestore(target.params),
                  train_state=ocp.args.StandardRestore(rest),
                  data_iter=grain.checkpoint.CheckpointRestore(data_iter))
-    if target.model_state:
-      if not _has_item(self._manager, step, "model_state"):
-        raise ValueError(f"The checkpoint at step {step} has no model_state item, which this "
-                         f"model ({self._config.model.family}) keeps; it was not written by "
-                         "this model's trainer. Use a new --workdir.")
-      items["model_state"] = ocp.args.StandardRestore(target.model_state)
-    if target.ema_params:
-      if not _has_item(self._manager, step, "ema_params"):
-        raise ValueError(f"The checkpoint at step {step} has no ema_params item but "
-                         f"config.opt.ema_decay={self._config.opt.ema_decay} keeps an EMA: "
-                         "resume with the run's opt.ema_decay=0, or use a new --workdir.")
-      items["ema_params"] = ocp.args.StandardRestore(target.ema_params)
+    optional = {name: getattr(target, name) for name in _OPTIONAL_STATE
+                if getattr(target, name)}
+    for name, value in optional.items():
+      if not _has_item(self._manager, step, name):
+        raise ValueError(f"The checkpoint at step {step} has no {name} item, which this run "
+                         f"keeps ({_OPTIONAL_STATE[name].format(config=self._config)}); it was "
+                         "written by another model or run config. Use a new --workdir.")
+      items[name] = ocp.args.StandardRestore(value)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     rest = restored["train_state"]
     state = abstract_state.replace(
         step=rest["step"], params=restored["params"], opt_state=rest["opt_state"],
-        rng=rest["rng"], model_state=restored["model_state"] if target.model_state else {},
-        ema_params=restored["ema_params"] if target.ema_params else {})
+        rng=rest["rng"], **{name: restored[name] if name in optional else {}
+                            for name in _OPTIONAL_STATE})
     return state, True
 
   def wait(self) -> None:

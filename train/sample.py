@@ -90,9 +90,8 @@ def sample(workdir: str, requests, step: int | None = None, **overrides):
   return task.sample(model, variables, config, requests)
 
 
-def _sample_images(workdir: str) -> str:
-  """Draws the grid the image flags ask for; returns the PNG path."""
-  config = checkpoint.load_config(workdir, _STEP.value)
+def _sample_images(workdir: str, config) -> str:
+  """Draws the grid the image flags ask for (`config`: the run's); returns the PNG path."""
   per_class = _NUM_PER_CLASS.value or config.sample.num_per_class
   labels = None
   if _CLASS_LABEL.value:
@@ -108,12 +107,13 @@ def _sample_images(workdir: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  family = checkpoint.load_config(_WORKDIR.value, _STEP.value).model.family
+  config = checkpoint.load_config(_WORKDIR.value, _STEP.value)
+  family = config.model.family
   if families.get_family(family).task.modality == "images":
     if _PROMPT.value:
       raise app.UsageError(f"--prompt does not apply to the {family!r} model in "
                            f"{_WORKDIR.value}: it draws images (see --class_label).")
-    print(f"Wrote {_sample_images(_WORKDIR.value)}")
+    print(f"Wrote {_sample_images(_WORKDIR.value, config)}")
     return
   if not _PROMPT.value:
     raise app.UsageError("--prompt is required to sample a text model.")

@@ -184,9 +184,10 @@ class Trainer:
             checkpointer.save(state, data_iter, force=is_last)
         flush()
       # The EMA where the run keeps one: what sampling uses.
+      trained_steps = int(jax.device_get(state.step))
       context = base_task.ReportContext(
-          print=_console, workdir=self.workdir, step=int(jax.device_get(state.step)),
-          write_images=lambda images: writer.write_images(context.step, images))
+          print=_console, workdir=self.workdir, step=trained_steps,
+          write_images=functools.partial(writer.write_images, trained_steps))
       with self.sharding_context():
         final.update(self.task.report(self.model, state_lib.sampling_variables(state), config,
                                       context))

@@ -9,6 +9,7 @@ from etils import epath
 
 from configs import base
 from models.llama import LlamaConfig
+from helpers.batches import assert_same_batches, take
 from train.data import builder
 from train.data import pipeline
 from train.data import tokenizers
@@ -48,18 +49,6 @@ def _config(data_dir, **overrides):
   return data
 
 
-def _take(it, n):
-  return [next(it) for _ in range(n)]
-
-
-def _assert_same(batches_a, batches_b):
-  assert len(batches_a) == len(batches_b)
-  for a, b in zip(batches_a, batches_b):
-    assert a.keys() == b.keys()
-    for k in a:
-      assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
-
-
 def _segments(batch):
   """(inputs, targets, positions) of every segment of every row."""
   for row in range(batch["inputs"].shape[0]):
@@ -80,7 +69,7 @@ def test_batch_layout_and_packing_invariants(data_dir):
   it = pipeline.make_train_iterator(config, seed=0, process_index=0, process_count=1)
   docs = _documents(data_dir)
   chunks_not_at_start = 0
-  for batch in _take(it, 8):
+  for batch in take(it, 8):
     assert set(batch) == {"inputs", "targets", "segment_ids", "positions", "loss_mask"}
     for k, v in batch.items():
       assert v.shape == (4, 24)
@@ -112,47 +101,47 @@ def test_batch_layout_and_packing_invariants(data_dir):
 def test_resume_from_state_is_exact(data_dir):
   config = _config(data_dir)
   it = pipeline.make_train_iterator(config, seed=3, process_index=0, process_count=1)
-  first = _take(it, 5)
+  first = take(it, 5)
   state = it.get_state()
-  expected = _take(it, 60)  # > one epoch of the tiny split: crosses a reshuffle.
+  expected = take(it, 60)  # > one epoch of the tiny split: crosses a reshuffle.
   again = pipeline.make_train_iterator(config, seed=3, process_index=0, process_count=1)
-  _assert_same(_take(again, 5), first)
+  assert_same_batches(take(again, 5), first)
   resumed = pipeline.make_train_iterator(config, seed=3, process_index=0, process_count=1)
   resumed.set_state(state)
-  _assert_same(_take(resumed, 60), expected)
+  assert_same_batches(take(resumed, 60), expected)
   other = pipeline.make_train_iterator(config, seed=4, process_index=0, process_count=1)
   assert not np.array_equal(next(other)["inputs"], first[0]["inputs"])
 
 
 def test_worker_processes_yield_the_same_batches(data_dir):
   config = _config(data_dir)
-  expected = _take(pipeline.make_train_iterator(
+  expected = take(pipeline.make_train_iterator(
       config, seed=0, process_index=0, process_count=1), 6)
   config.worker_count = 1
   it = pipeline.make_train_iterator(config, seed=0, process_index=0, process_count=1)
-  _assert_same(_take(it, 3), expected[:3])
+  assert_same_batches(take(it, 3), expected[:3])
   state = it.get_state()
   it.close()
   resumed = pipeline.make_train_iterator(config, seed=0, process_index=0, process_count=1)
   resumed.set_state(state)
-  _assert_same(_take(resumed, 3), expected[3:])
+  assert_same_batches(take(resumed, 3), expected[3:])
   resumed.close()
 
 
 def test_orbax_checkpoint_round_trip(data_dir, tmp_path):
   config = _config(data_dir)
   it = pipeline.make_train_iterator(config, seed=0, process_index=0, process_count=1)
-  _take(it, 3)
+  take(it, 3)
   with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
     manager.save(7, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
     manager.wait_until_finished()
-  expected = _take(it, 4)
+  expected = take(it, 4)
   fresh = pipeline.make_train_iterator(config, seed=0, process_index=0, process_count=1)
   with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
     assert manager.latest_step() == 7
     restored = manager.restore(
         7, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
-  _assert_same(_take(restored.data, 4), expected)
+  assert_same_batches(take(restored.data, 4), expected)
 
 
 def test_hosts_read_disjoint_slices(data_dir):
@@ -161,7 +150,7 @@ def test_hosts_read_disjoint_slices(data_dir):
   seen = []
   for index in range(2):
     it = pipeline.make_train_iterator(config, seed=0, process_index=index, process_count=2)
-    batches = _take(it, 10)
+    batches = take(it, 10)
     assert batches[0]["inputs"].shape == (2, 128)
     whole = {TOK.decode(np.append(i, t[-1])) for b in batches for i, t, _ in _segments(b)
              if i[0] == TOK.bos_id and t[-1] == TOK.eos_id}
@@ -175,7 +164,7 @@ def test_eval_batches_are_deterministic(data_dir):
   a = pipeline.make_eval_batches(config, num_batches=3, process_index=0, process_count=1)
   b = pipeline.make_eval_batches(config, num_batches=3, process_index=0, process_count=1)
   assert len(a) == 3
-  _assert_same(a, b)
+  assert_same_batches(a, b)
   assert a[0]["inputs"].shape == (4, 32) and a[0]["loss_mask"].dtype == np.float32
   host1 = pipeline.make_eval_batches(config, num_batches=1, process_index=1, process_count=2)
   assert host1[0]["inputs"].shape == (2, 32)
@@ -191,7 +180,7 @@ def test_any_tfds_text_dataset_by_name(tmp_path):
   lines = _documents(str(tmp_path), name="treadle_test_lines", key="sentence")
   it = pipeline.make_train_iterator(config, seed=0, process_index=0, process_count=1)
   pieces = [TOK.decode(np.append(i, t[-1]))
-            for b in _take(it, 5) for i, t, _ in _segments(b)]
+            for b in take(it, 5) for i, t, _ in _segments(b)]
   assert pieces and all(any(p in line for line in lines) for p in pieces)
   batch = pipeline.make_eval_batches(config, num_batches=1, process_index=0, process_count=1)[0]
   first = _documents(str(tmp_path), "test", name="treadle_test_lines", key="sentence")[0]

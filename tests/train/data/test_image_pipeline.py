@@ -8,6 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 from etils import epath
 
+from helpers.batches import assert_same_batches, take
 from helpers.images import SHAPES_TINY, image_data_config
 from train.data import builder
 from train.data.images import pipeline
@@ -80,18 +81,6 @@ def iterators():
     it.close()
 
 
-def _take(it, n):
-  return [next(it) for _ in range(n)]
-
-
-def _assert_same(batches_a, batches_b):
-  assert len(batches_a) == len(batches_b)
-  for a, b in zip(batches_a, batches_b):
-    assert a.keys() == b.keys()
-    for k in a:
-      assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
-
-
 def _as_uint8(images):
   pixels = (images + 1) * 127.5
   np.testing.assert_allclose(pixels, np.rint(pixels), atol=1e-3)  # Exact steps of 2/255.
@@ -106,7 +95,7 @@ def _shapes_split(split, n):
 
 def test_first_epoch_is_the_whole_split_with_its_labels(data_dir, iterators):
   it = iterators(image_data_config(data_dir))
-  batches = _take(it, 512 // 16)
+  batches = take(it, 512 // 16)
   seen = {}
   for batch in batches:
     assert set(batch) == {"images", "labels"}
@@ -120,8 +109,8 @@ def test_first_epoch_is_the_whole_split_with_its_labels(data_dir, iterators):
 
 
 def test_flips_are_random_and_only_flips(data_dir, iterators):
-  plain = _take(iterators(image_data_config(data_dir), seed=5), 4)
-  flipped = _take(iterators(image_data_config(data_dir, random_flip=True), seed=5), 4)
+  plain = take(iterators(image_data_config(data_dir), seed=5), 4)
+  flipped = take(iterators(image_data_config(data_dir, random_flip=True), seed=5), 4)
   mirrored = 0
   for a, b in zip(plain, flipped):
     np.testing.assert_array_equal(a["labels"], b["labels"])  # Same order: flips only.
@@ -136,13 +125,13 @@ def test_flips_are_random_and_only_flips(data_dir, iterators):
 def test_resume_from_state_is_exact_with_flips(data_dir, iterators):
   config = image_data_config(data_dir, random_flip=True, global_batch_size=64)
   it = iterators(config, seed=3)
-  first = _take(it, 3)
+  first = take(it, 3)
   state = it.get_state()
-  expected = _take(it, 7)  # Crosses the end of the first epoch (8 batches).
-  _assert_same(_take(iterators(config, seed=3), 3), first)
+  expected = take(it, 7)  # Crosses the end of the first epoch (8 batches).
+  assert_same_batches(take(iterators(config, seed=3), 3), first)
   resumed = iterators(config, seed=3)
   resumed.set_state(state)
-  _assert_same(_take(resumed, 7), expected)
+  assert_same_batches(take(resumed, 7), expected)
   other = next(iterators(config, seed=4))
   assert not np.array_equal(other["images"], first[0]["images"])
 
@@ -150,16 +139,16 @@ def test_resume_from_state_is_exact_with_flips(data_dir, iterators):
 def test_a_worker_process_yields_the_same_batches(data_dir, iterators):
   """The transforms travel to grain's worker processes (they pickle)."""
   config = image_data_config(data_dir, random_flip=True)
-  expected = _take(iterators(config), 2)
+  expected = take(iterators(config), 2)
   config.worker_count = 1
-  _assert_same(_take(iterators(config), 2), expected)
+  assert_same_batches(take(iterators(config), 2), expected)
 
 
 def test_hosts_read_disjoint_slices(data_dir, iterators):
   source = tfds.data_source(SHAPES_TINY, split="train", data_dir=data_dir, download=False)
   seen = []
   for index in range(2):
-    batches = _take(iterators(image_data_config(data_dir), process_index=index,
+    batches = take(iterators(image_data_config(data_dir), process_index=index,
                               process_count=2), 256 // 8)
     assert batches[0]["images"].shape == (8, 32, 32, 3)
     images = {x.tobytes() for b in batches for x in _as_uint8(b["images"])}
@@ -172,7 +161,7 @@ def test_eval_batches_are_fixed_unflipped_and_in_order(data_dir):
   config = image_data_config(data_dir, random_flip=True)
   a = pipeline.make_eval_batches(config, num_batches=9, process_index=0, process_count=1)
   b = pipeline.make_eval_batches(config, num_batches=9, process_index=0, process_count=1)
-  _assert_same(a, b)
+  assert_same_batches(a, b)
   source = tfds.data_source(SHAPES_TINY, split="validation", data_dir=data_dir, download=False)
   stored = [source[i % 128] for i in range(9 * 16)]  # 128 images: the 9th batch wraps around.
   np.testing.assert_array_equal(_as_uint8(np.concatenate([x["images"] for x in a])),
@@ -200,7 +189,7 @@ def test_a_real_style_grey_dataset_by_name(digits_dir, iterators, image_key):
                              random_flip=True)
   train = {digit("train", i).tobytes(): i % 3 for i in range(24)}
   it = iterators(config)
-  for batch in _take(it, 3):  # One epoch.
+  for batch in take(it, 3):  # One epoch.
     assert batch["images"].shape == (8, 28, 28, 1)
     for image, label in zip(_as_uint8(batch["images"])[..., 0], batch["labels"]):
       assert train.get(image.tobytes(), train.get(image[:, ::-1].tobytes())) == label

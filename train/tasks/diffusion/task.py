@@ -58,6 +58,12 @@ def null_label(config) -> int | None:
   return None
 
 
+def num_classes(config) -> int:
+  """Classes a class-conditional model draws (its embedding rows less the null class);
+  0 for an unconditional model."""
+  return config.model.num_class_embeds - (null_label(config) is not None)
+
+
 def _check_sample_config(config) -> None:
   s, f = config.sample, config.diffusion
   if s.sampler not in SAMPLERS:
@@ -193,23 +199,29 @@ class DiffusionTask:
     _check_sample_config(config)
     labels = np.asarray(list(requests), np.int32)
     if model.config.num_class_embeds:
-      num_classes = model.config.num_class_embeds - (null_label(config) is not None)
-      bad = labels[(labels < 0) | (labels >= num_classes)]
+      classes = num_classes(config)
+      bad = labels[(labels < 0) | (labels >= classes)]
       if bad.size:
-        raise ValueError(f"Class label {int(bad[0])} is not in [0, {num_classes}).")
+        raise ValueError(f"Class label {int(bad[0])} is not in [0, {classes}).")
     s = config.sample
     shape = (config.model.image_size, config.model.image_size, config.model.in_channels)
     rng = jax.random.PRNGKey(s.seed)
     generate = _sampler(model, noise_schedule(config), s.sampler, s.num_steps, s.spacing,
                         float(s.eta), float(s.guidance_scale), bool(s.clip_sample),
-                        null_label(config))  # Compiled once, reused by every chunk.
+                        null_label(config))
+    if not len(labels):
+      return np.zeros((0,) + shape, np.float32)
+    # Equal chunks (the last padded with repeats of its final label), so the sampler
+    # compiles once for the whole request.
+    batch = min(_SAMPLE_BATCH, len(labels))
+    padded = np.concatenate([labels, np.full(-len(labels) % batch, labels[-1], np.int32)])
     outputs = []
-    for start in range(0, len(labels), _SAMPLE_BATCH):
-      chunk = labels[start:start + _SAMPLE_BATCH]
+    for start in range(0, len(padded), batch):
       noise_rng, step_rng = jax.random.split(jax.random.fold_in(rng, start))
-      noise = jax.random.normal(noise_rng, (len(chunk),) + shape, jnp.float32)
-      outputs.append(np.asarray(generate(variables, noise, chunk, step_rng)))
-    return np.concatenate(outputs) if outputs else np.zeros((0,) + shape, np.float32)
+      noise = jax.random.normal(noise_rng, (batch,) + shape, jnp.float32)
+      outputs.append(np.asarray(generate(variables, noise, padded[start:start + batch],
+                                         step_rng)))
+    return np.concatenate(outputs)[:len(labels)]
 
   def class_rows(self, model, config) -> np.ndarray:
     """Labels of the closing grid: `num_per_class` of each class (one row per class), or
@@ -217,8 +229,7 @@ class DiffusionTask:
     per_class = config.sample.num_per_class
     if not model.config.num_class_embeds:
       return np.zeros((per_class * per_class,), np.int32)
-    num_classes = model.config.num_class_embeds - (null_label(config) is not None)
-    return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
+    return np.repeat(np.arange(num_classes(config), dtype=np.int32), per_class)
 
   def report(self, model, variables, config, context):
     labels = self.class_rows(model, config)
@@ -242,8 +253,7 @@ class DiffusionTask:
     unconditional model."""
     if not model.config.num_class_embeds:
       return np.zeros((0,), np.int32)
-    num_classes = model.config.num_class_embeds - (null_label(config) is not None)
-    return np.arange(config.sample.num_scored, dtype=np.int32) % num_classes
+    return np.arange(config.sample.num_scored, dtype=np.int32) % num_classes(config)
 
   def _score(self, samples, asked, config, context) -> dict[str, float]:
     """Probe accuracy on held-out real images, on class-conditional samples, on noise."""
