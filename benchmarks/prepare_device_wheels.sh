@@ -19,7 +19,7 @@ python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
     ml-collections==1.1.0 grain==0.2.18 tensorflow-datasets==4.9.10 array-record==0.8.6 \
-    tensorboardX==2.6.5 dm-tree==0.1.10 immutabledict==4.3.1 portpicker==1.6.0 \
+    dm-tree==0.1.10 immutabledict==4.3.1 portpicker==1.6.0 \
     simple-parsing==0.1.9 docstring-parser==0.18.0 tensorflow-metadata==1.21.0 \
     googleapis-common-protos==1.76.0 termcolor==3.3.0 toml==0.10.2
 

@@ -1,7 +1,37 @@
-"""Test setup: eight fake CPU devices, set before JAX starts."""
+"""Test setup, before JAX starts: eight fake CPU devices and a compilation cache for the run.
+
+The cache: most of the suite's time is XLA compilation, and many tests compile
+the same programs in other processes (the two pytest-xdist workers, and the
+binaries that tests launch: train.main, train.sample, resume after SIGKILL,
+two-process multi-host). JAX's persistent compilation cache, in one temporary
+directory per run that every process inherits through the environment, lets
+them reuse each other's executables. Entries are keyed by the program and the
+compiler options, so a hit runs exactly what a fresh compile would; the size
+limit turns on JAX's file lock between concurrent writers. A directory named
+by the caller (JAX_COMPILATION_CACHE_DIR already set) is used as is and kept.
+"""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+_CACHE_OWNER = "TREADLE_TEST_CACHE_OWNER_PID"
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  # The first process to get here (pytest itself, or the xdist controller) makes the
+  # directory; xdist workers and launched binaries inherit it with the environment.
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="treadle-test-xla-cache-")
+  os.environ[_CACHE_OWNER] = str(os.getpid())
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+
+
+def pytest_unconfigure(config):
+  """The process that made the cache directory removes it when the run ends."""
+  del config
+  if os.environ.get(_CACHE_OWNER) == str(os.getpid()):
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
