@@ -51,17 +51,17 @@ import math
 import os
 import statistics
 import time
-import diffusers
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 from absl import app
 from absl import flags
 
 from configs import base
 from configs import unet as unet_configs
 from configs import unet_tiny
+from models.unet import UNet
 from models.unet import UNetConfig
 from models.unet import sampling
 from models.unet.diffusers import diffusers_config_from_model
@@ -69,6 +69,12 @@ from train import flops
 from train import state as state_lib
 from train import trainer as trainer_lib
 from train.tasks.diffusion import task as diffusion_task
+
+try:  # The peer; a machine without torch and diffusers (a borrowed GPU) times Treadle alone.
+  import diffusers
+  import torch
+except ImportError:
+  diffusers = torch = None
 
 _MODEL = flags.DEFINE_enum("model", "tiny", ["tiny", "ddpm_cifar10"], "UNet architecture.")
 _SIZES = flags.DEFINE_list("sizes", ["32", "64"], "Image sizes (height = width) to time.")
@@ -245,16 +251,16 @@ class TorchSampler:
     self.noise = torch.from_numpy(np.random.default_rng(1).standard_normal(
         side.images.shape).astype(np.float32)).to(side.device)
 
-  @torch.no_grad()
-  def loop(self) -> torch.Tensor:
+  def loop(self):
     side = self.side
     side.model.eval()
     self.scheduler.set_timesteps(self.ddim_steps)
     x = self.noise
-    for t in self.scheduler.timesteps:
-      with torch.autocast(side.device, torch.bfloat16, enabled=side.autocast):
-        output = side.model(x, t.to(side.device), class_labels=side.labels).sample
-      x = self.scheduler.step(output.float(), t, x).prev_sample
+    with torch.no_grad():
+      for t in self.scheduler.timesteps:
+        with torch.autocast(side.device, torch.bfloat16, enabled=side.autocast):
+          output = side.model(x, t.to(side.device), class_labels=side.labels).sample
+        x = self.scheduler.step(output.float(), t, x).prev_sample
     return x
 
   def run(self, loops: int) -> None:
@@ -309,6 +315,8 @@ def report(what: str, times: dict[str, list[float]], images: int,
 
 def torch_device() -> tuple[str | None, str]:
   """torch's device matching JAX's backend, or None and why torch is skipped."""
+  if torch is None or diffusers is None:
+    return None, "skipped: torch and diffusers are not installed"
   backend = jax.default_backend()
   if backend == "cpu":
     return "cpu", "cpu"
@@ -318,13 +326,21 @@ def torch_device() -> tuple[str | None, str]:
                 if backend == "gpu" else f"skipped: no torch backend for {backend}")
 
 
+def treadle_param_count(cfg: UNetConfig, data: dict[str, np.ndarray]) -> int:
+  """Parameters of Treadle's UNet (diffusers' twin has the same count: the parity tests)."""
+  model = UNet(cfg)
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.asarray(data["images"][:1]), jnp.zeros((1,), jnp.int32),
+      labels=None if data.get("labels") is None else jnp.asarray(data["labels"][:1])))
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
+
+
 def bench_size(image_size: int, batch: int, device: str | None, args: dict) -> list[dict]:
   """Train step and DDIM sampling at one image size; their JSON rows."""
   cfg = unet_config(args["model"], image_size, args["dtype"])
   config = bench_config(cfg, batch)
   data = random_batch(cfg, batch, diffusion_task.null_label(config) is not None)
-  params = sum(p.numel() for p in diffusers.UNet2DModel.from_config(
-      diffusers_config_from_model(cfg)).parameters())
+  params = treadle_param_count(cfg, data)
   print(f"\n{image_size}x{image_size}, batch {batch}, {params / 1e6:.2f}M params, "
         f"{args['dtype']}")
   train = {"treadle": TreadleTrainSide(config, data)}
@@ -358,15 +374,17 @@ def run_args() -> dict:
 
 def main(argv):
   del argv
-  torch.set_num_threads(_THREADS.value or os.cpu_count())
   args = run_args()
   device, device_note = torch_device()
+  if torch is not None:
+    torch.set_num_threads(_THREADS.value or os.cpu_count())
+  peer = ("none" if torch is None else
+          f"torch {torch.__version__}, diffusers {diffusers.__version__}")
   print(f"date     {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
   print(f"device   {jax.device_count()} x {jax.devices()[0].device_kind} "
-        f"({jax.default_backend()}), {os.cpu_count()} cores; torch {device_note}, "
-        f"threads {torch.get_num_threads()}")
-  print(f"versions jax {jax.__version__}, jaxlib {jax.lib.__version__}, torch "
-        f"{torch.__version__}, diffusers {diffusers.__version__}")
+        f"({jax.default_backend()}), {os.cpu_count()} cores; torch {device_note}"
+        + (f", threads {torch.get_num_threads()}" if torch is not None else ""))
+  print(f"versions jax {jax.__version__}, jaxlib {jax.lib.__version__}; peer {peer}")
   print(f"XLA_FLAGS {os.environ.get('XLA_FLAGS', '')!r}")
   print(f"shape    --model={args['model']}, sizes {args['sizes']}, batch {args['batch']}; "
         f"{args['repeats']} alternating blocks of {args['steps']} train steps / one "
@@ -376,8 +394,7 @@ def main(argv):
     rows += bench_size(size, args["batch"], device, args)
   if _JSON.value:
     meta = dict(args, device=jax.devices()[0].device_kind, backend=jax.default_backend(),
-                torch_device=device_note, jax=jax.__version__, torch=torch.__version__,
-                diffusers=diffusers.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""))
+                torch_device=device_note, jax=jax.__version__, peer=peer, xla_flags=os.environ.get("XLA_FLAGS", ""))
     with open(_JSON.value, "w", encoding="utf-8") as f:
       json.dump({"meta": meta, "rows": rows}, f, indent=1)
 

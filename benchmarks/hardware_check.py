@@ -85,6 +85,10 @@ BENCHMARKS = (
     ("sparse_attention", "benchmarks/sparse_attention.py", ["--nsa", "--only=S8192", "--iters=10"],
      ["--smoke", "--nsa", "--only=window,nsa core xla"], 75),
     ("moe", "benchmarks/moe.py", ["--iters=5", "--warmup=1"], ["--smoke", "--iters=2"], 30),
+    # Treadle's side alone where torch/diffusers are absent (the borrowed GPU).
+    ("diffusion", "benchmarks/diffusion.py",
+     ["--model=ddpm_cifar10", "--sizes=32", "--batch=64", "--steps=5", "--repeats=3",
+      "--dtype=bfloat16"], ["--smoke"], 90),
 )
 
 # Stage 3: benchmarks/train_throughput.py runs.
