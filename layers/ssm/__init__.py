@@ -8,6 +8,7 @@
 """
 
 from layers.ssm.conv import CausalConv, causal_conv
+from layers.ssm.mamba1 import Mamba1Mixer
 from layers.ssm.mamba2 import GatedRMSNorm, Mamba2Mixer
 from layers.ssm.selective_scan import selective_scan
 from layers.ssm.ssd import document_index, ssd
