@@ -96,6 +96,22 @@ def test_published_sizes_and_flops():
     mamba_configs.get_config("size=130m,version=3")
 
 
+def test_real_size_gradient_traces_in_bfloat16():
+  """mamba-130m's shapes (scanned, rematerialised as configs/mamba.py sets them) trace
+  through a gradient abstractly: bfloat16 compute, float32 params and gradients."""
+  cfg = MambaConfig.from_dict(mamba_configs.get_config("size=130m,version=1,seq_len=256").model)
+  assert cfg.scan_layers and cfg.dtype == "bfloat16" and cfg.remat_policy != "none"
+  params = nn.unbox(abstract_params(cfg))
+
+  def loss(p, t):
+    return jnp.mean(jax.nn.logsumexp(Mamba(cfg).apply({"params": p}, t), axis=-1))
+
+  grads = jax.eval_shape(jax.grad(loss), params, jax.ShapeDtypeStruct((2, 256), jnp.int32))
+  assert grads["layers"]["mixer"]["A_log"].shape == (24, 1536, 16)
+  assert grads["layers"]["mixer"]["x_dt"]["kernel"].shape == (24, 1536, 48)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+
+
 @pytest.mark.parametrize("fields,pattern", [
     (dict(version=3), r"model\.version=3"),
     (dict(time_step_rank="big"), r"model\.time_step_rank='big'"),
