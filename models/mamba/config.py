@@ -22,9 +22,9 @@ class MambaConfig(ModelConfig):
   vocab_size: int = field(512, "Embedding rows; must be >= the tokenizer's vocabulary.")
   embed_dim: int = field(128, "Residual stream width (e).")
   num_layers: int = field(4, "Mamba-2 blocks (L).")
-  # Which Mamba; the fields below `version` shape only Mamba-1 (version 2 checks they are
-  # left at their defaults), while num_heads, head_dim, num_groups and time_step_limit
-  # shape only Mamba-2. chunk_size is the scan's chunk in both.
+  # Which Mamba. The four fields after `version` shape only Mamba-1 (version 2 checks they
+  # are left at their defaults); num_heads, head_dim, num_groups and time_step_limit shape
+  # only Mamba-2 (version 1 ignores them). chunk_size is the scan's chunk in both.
   version: int = field(2, "1: Mamba-1 mixers (selective scan; transformers MambaForCausalLM) | "
                        "2: Mamba-2 mixers (SSD; Mamba2ForCausalLM).")
   expand: int = field(2, "Version 1: inner width i = expand·embed_dim (version 2's is "
