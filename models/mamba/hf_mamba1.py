@@ -124,9 +124,16 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: MambaConfig) -> dict:
   The tree matches `nn.unbox(Mamba(cfg).init(...)['params'])` (blocks stacked
   under 'layers' when cfg.scan_layers). A tied model ignores any lm_head.weight.
 
+  Reads the embedding under either name transformers accepts
+  (backbone.embeddings.weight, or the original release's backbone.embedding.weight).
+
   Raises:
     ValueError: naming a tensor that is missing, has the wrong shape, or is unused.
   """
+  if "backbone.embedding.weight" in tensors and "backbone.embeddings.weight" not in tensors:
+    # The original state-spaces/mamba-* checkpoints' name (transformers renames it on load).
+    tensors = {("backbone.embeddings.weight" if name == "backbone.embedding.weight" else name): w
+               for name, w in tensors.items()}
   reader = TensorReader(tensors)
   v, e = cfg.vocab_size, cfg.embed_dim
   blocks = [_block_from_hf(reader, f"backbone.layers.{k}.", cfg) for k in range(cfg.num_layers)]

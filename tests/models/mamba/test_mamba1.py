@@ -247,6 +247,9 @@ def test_import_matches_torch_and_exports_back(hf_fields, scan, tmp_path):
   assert set(back) == set(tensors) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
   for name, value in back.items():
     np.testing.assert_array_equal(value, tensors[name], err_msg=name)
+  # The original release's name for the embedding reads the same.
+  renamed = {name.replace("embeddings.", "embedding."): w for name, w in tensors.items()}
+  jax.tree.map(np.testing.assert_array_equal, hf_mamba1.params_from_hf(renamed, cfg), params)
 
 
 def test_convert_round_trip_reloads_in_transformers(tmp_path):
