@@ -21,7 +21,9 @@ and train/; a module that needs a letter not listed here adds it here.
   per shard           a prime marks a size inside one shard: b', t', m'
   state space (SSM)   N state size · ng groups sharing B and C (h/ng heads each)
                       · w convolution width; h and d are the SSM heads and head
-                      dim, B the chunk length and nb the chunks
+                      dim, B the chunk length and nb the chunks. Mamba-1: i the
+                      inner width (expand·e, the scan's channels, a state [N]
+                      each), R the rank of the dt projection
   RWKV-7              R a low-rank width (decay, in-context learning rate,
                       value mix, gate); h heads of head size d (h·d = e), a
                       [d, d] WKV state per head; m the channel-mix width; B the

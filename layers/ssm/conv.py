@@ -13,14 +13,14 @@ import jax
 import jax.numpy as jnp
 
 
-def causal_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, doc: jax.Array,
+def causal_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, doc: jax.Array,
                 window: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Depthwise causal convolution with document resets.
 
   Args:
     x: [b, t, ...] inputs.
     kernel: [w, ...] one filter per channel (kernel[w-1] weighs the current token).
-    bias: [...] per-channel bias.
+    bias: [...] per-channel bias, or None for none.
     doc: int [b, t] document index (layers.ssm.ssd.document_index); the window
       belongs to document 0.
     window: [b, w-1, ...] the previous call's last inputs (zeros where they
@@ -37,7 +37,9 @@ def causal_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, doc: jax.Array
   padded = jnp.concatenate([window.astype(x.dtype), x], axis=1)  # [b, w-1+t, ...]
   padded_doc = jnp.concatenate([jnp.zeros((b, w - 1), doc.dtype), doc], axis=1)
   expand = lambda m: m.reshape(m.shape + (1,) * len(channels))  # noqa: E731
-  out = jnp.zeros(x.shape, jnp.float32) + bias.astype(jnp.float32)
+  out = jnp.zeros(x.shape, jnp.float32)
+  if bias is not None:
+    out = out + bias.astype(jnp.float32)
   for k in range(w):
     inputs = padded[:, k:k + t].astype(jnp.float32)
     same = expand(padded_doc[:, k:k + t] == doc)
@@ -53,16 +55,18 @@ class CausalConv(nn.Module):
   """`causal_conv` with its parameters: kernel [w, ...] and bias [...].
 
   The kernel starts uniform in ±1/sqrt(w) (PyTorch's Conv1d default for a
-  depthwise filter), the bias at zero.
+  depthwise filter), the bias at zero (absent when `use_bias` is False).
 
   Attributes:
     width: w, the taps of each filter (the current token and w-1 before it).
     axes: logical axis names of the channel axes, e.g. ('heads', 'head_dim').
+    use_bias: whether the filter has a bias.
     dtype: dtype of the output.
     param_dtype: storage dtype of kernel and bias.
   """
   width: int
   axes: tuple[str, ...]
+  use_bias: bool = True
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -78,6 +82,6 @@ class CausalConv(nn.Module):
                         (self.width,) + channels, self.param_dtype)
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                            self.axes),
-                      channels, self.param_dtype)
+                      channels, self.param_dtype) if self.use_bias else None
     out, window = causal_conv(x, kernel, bias, doc, window)
     return out.astype(self.dtype), window

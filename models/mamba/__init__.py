@@ -1,14 +1,17 @@
-"""The Mamba family ('mamba'): a stack of Mamba-2 (SSD) mixers, no attention.
+"""The Mamba family ('mamba'): a stack of Mamba-1 (selective scan) or Mamba-2 (SSD) mixers,
+no attention (`model.version`).
 
   config.py  MambaConfig (the `config.model` fields), FLOPs
   model.py   the Flax modules (Mamba, Block) and the recurrent decode cache
   hf.py      transformers Mamba2ForCausalLM checkpoints, both ways
+  hf_mamba1.py  transformers MambaForCausalLM (Mamba-1) checkpoints, both ways
 """
 
 from models.family import ModelFamily
 from models.mamba import hf
+from models.mamba import hf_mamba1
 from models.mamba.config import MambaConfig
 from models.mamba.model import Block, Mamba, init_cache
 
 FAMILY = ModelFamily(config_class=MambaConfig, model_class=Mamba, init_cache=init_cache,
-                     converters={"mamba2": hf.MAMBA2})
+                     converters={"mamba": hf_mamba1.MAMBA, "mamba2": hf.MAMBA2})

@@ -1,7 +1,9 @@
-"""`config.model` of the Mamba family ('mamba'; Mamba-2 blocks): fields, defaults, checks, FLOPs.
+"""`config.model` of the Mamba family ('mamba'; Mamba-1 or Mamba-2 blocks): fields, defaults,
+checks, FLOPs.
 
-The defaults are the tiny CPU model of configs/mamba_tiny.py; configs/mamba.py
-sets the published mamba2-130m / 370m shapes. Shapes: see layers/__init__.py.
+The defaults are the tiny CPU model of configs/mamba_tiny.py (Mamba-2);
+configs/mamba.py sets the published mamba-130m ... 2.8b (version 1) and
+mamba2-130m ... 2.7b (version 2) shapes. Shapes: see layers/__init__.py.
 """
 
 import dataclasses
@@ -14,12 +16,24 @@ from models.llama.config import REMAT_POLICIES, check_choice, check_dtype_names
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MambaConfig(ModelConfig):
-  """A pre-norm stack of Mamba-2 mixers (no attention, no MLP), RMSNorm, LM head."""
+  """A pre-norm stack of Mamba-1 or Mamba-2 mixers (no attention, no MLP), RMSNorm, LM head."""
   family: ClassVar[str] = "mamba"
 
   vocab_size: int = field(512, "Embedding rows; must be >= the tokenizer's vocabulary.")
   embed_dim: int = field(128, "Residual stream width (e).")
   num_layers: int = field(4, "Mamba-2 blocks (L).")
+  # Which Mamba. The four fields after `version` shape only Mamba-1 (version 2 checks they
+  # are left at their defaults); num_heads, head_dim, num_groups and time_step_limit shape
+  # only Mamba-2 (version 1 ignores them). chunk_size is the scan's chunk in both.
+  version: int = field(2, "1: Mamba-1 mixers (selective scan; transformers MambaForCausalLM) | "
+                       "2: Mamba-2 mixers (SSD; Mamba2ForCausalLM).")
+  expand: int = field(2, "Version 1: inner width i = expand·embed_dim (version 2's is "
+                      "num_heads·head_dim).")
+  time_step_rank: int | str = field("auto", "Version 1: rank R of the dt projection (Mamba's "
+                                    "dt_rank); 'auto' is ceil(embed_dim / 16).")
+  use_bias: bool = field(False, "Version 1: biases on the mixer's in and out projections.")
+  use_conv_bias: bool = field(True, "Version 1: a bias on the causal convolution (version 2 "
+                              "always has one).")
   num_heads: int = field(8, "SSM heads (h); num_heads·head_dim is the inner width (expand·e).")
   head_dim: int = field(32, "Per-head width (d).")
   state_size: int = field(32, "SSM state size per head (N).")
@@ -53,17 +67,50 @@ class MambaConfig(ModelConfig):
                        "0 <= min < max.")
     check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
     check_dtype_names(self)
+    self._check_version_fields()
+
+  def _check_version_fields(self):
+    if self.version not in (1, 2):
+      raise ValueError(f"model.version={self.version!r} must be 1 (Mamba-1) or 2 (Mamba-2).")
+    if self.expand <= 0:
+      raise ValueError(f"model.expand={self.expand} must be positive.")
+    rank = self.time_step_rank
+    if not (rank == "auto" or (isinstance(rank, str) and rank.isdigit() and int(rank) > 0)
+            or (isinstance(rank, int) and not isinstance(rank, bool) and rank > 0)):
+      raise ValueError(f"model.time_step_rank={rank!r} must be 'auto' (ceil(embed_dim / 16)) "
+                       "or a positive integer.")
+    if self.version == 2:
+      for name, default in (("expand", 2), ("time_step_rank", "auto"), ("use_bias", False),
+                            ("use_conv_bias", True)):
+        if getattr(self, name) != default:
+          raise ValueError(f"model.{name}={getattr(self, name)!r} applies to model.version=1 "
+                           f"only; leave it at {default!r} for version 2 or set version=1.")
 
   @property
   def inner_dim(self) -> int:
-    """The mixer's inner width h·d (expand·e)."""
+    """The mixer's inner width: i = expand·e (version 1), h·d (version 2)."""
+    if self.version == 1:
+      return self.expand * self.embed_dim
     return self.num_heads * self.head_dim
 
+  @property
+  def dt_rank(self) -> int:
+    """R, the rank of Mamba-1's dt projection (`time_step_rank` with 'auto' resolved)."""
+    if self.time_step_rank == "auto":
+      return math.ceil(self.embed_dim / 16)
+    return int(self.time_step_rank)
+
   def sharded_sizes(self):
+    if self.version == 1:
+      return {"expand·embed_dim": ("mlp", self.inner_dim)}
     return {"num_heads": ("heads", self.num_heads)}
 
   def matmul_params(self) -> int:
     """Weights each token multiplies with (projections and head; not the embedding lookup)."""
+    if self.version == 1:
+      i, r, n = self.inner_dim, self.dt_rank, self.state_size
+      mixer = self.embed_dim * 2 * i + i * (r + 2 * n) + r * i + i * self.embed_dim
+      return self.num_layers * mixer + self.embed_dim * self.vocab_size
     in_proj = self.embed_dim * (2 * self.inner_dim + 2 * self.num_groups * self.state_size
                                 + self.num_heads)
     out_proj = self.inner_dim * self.embed_dim
@@ -77,6 +124,13 @@ class MambaConfig(ModelConfig):
     states = 4 * self.inner_dim * self.state_size
     return 3.0 * self.num_layers * (in_chunk + states)
 
+  def selective_scan_flops_per_token(self) -> float:
+    """Forward + backward FLOPs of Mamba-1's scan per token, counted as the recurrence
+    (per channel and state: decay, input and update 3, read-out 2, discretising 1)."""
+    return 3.0 * self.num_layers * 6 * self.inner_dim * self.state_size
+
   def train_flops_per_token(self, seq_len: int) -> float:
-    """6 · N_matmul + the SSD's own matmuls."""
+    """6 · N_matmul + the scan's own FLOPs (SSD for version 2, selective scan for 1)."""
+    if self.version == 1:
+      return 6.0 * self.matmul_params() + self.selective_scan_flops_per_token()
     return 6.0 * self.matmul_params() + self.ssd_flops_per_token(seq_len)

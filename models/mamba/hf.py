@@ -34,7 +34,8 @@ def model_config_from_hf(hf_config: dict) -> dict:
   """
   model_type = hf_config.get("model_type", "mamba2")
   if model_type != "mamba2":
-    raise ValueError(f"HF model_type={model_type!r}; this converter handles 'mamba2'.")
+    hint = " (use --model=mamba)" if model_type == "mamba" else ""
+    raise ValueError(f"HF model_type={model_type!r}; this converter handles 'mamba2'{hint}.")
   if hf_config.get("use_bias", False):
     raise ValueError("HF use_bias=True; Treadle's Mamba projections have no biases.")
   if not hf_config.get("use_conv_bias", True):
@@ -63,8 +64,12 @@ def hf_config_from_model(cfg: MambaConfig) -> dict:
   """A config.json dict that transformers' `Mamba2ForCausalLM` loads (float32 weights).
 
   Raises:
-    ValueError: if h·d is not expand·e for a whole or decimal `expand`.
+    ValueError: if h·d is not expand·e for a whole or decimal `expand`, or for a
+      Mamba-1 model (model.version=1 exports with --model=mamba).
   """
+  if cfg.version != 2:
+    raise ValueError(f"model.version={cfg.version}: Mamba2ForCausalLM holds Mamba-2 models "
+                     "(version 2); export Mamba-1 with --model=mamba.")
   expand = cfg.inner_dim / cfg.embed_dim
   if int(expand * cfg.embed_dim) != cfg.inner_dim:
     raise ValueError(f"model.num_heads·model.head_dim={cfg.inner_dim} is not expand·"

@@ -1,4 +1,4 @@
-"""Mamba-2 language model: embedding, pre-norm residual Mamba-2 blocks, RMSNorm, LM head.
+"""Mamba language model: embedding, pre-norm residual Mamba-1 or Mamba-2 blocks, RMSNorm, LM head.
 
 Shapes (layers/__init__.py): b batch, t sequence, e embed, v vocab, L layers.
 """
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from layers.embedding import Embed
 from layers.linear import Einsum
 from layers.norms import RMSNorm
-from layers.ssm import Mamba2Mixer
+from layers.ssm import Mamba1Mixer, Mamba2Mixer
 from models.llama.model import stack_blocks
 from models.mamba.config import MambaConfig
 
@@ -22,7 +22,7 @@ def _dtypes(config: MambaConfig) -> dict:
 
 
 class Block(nn.Module):
-  """x + mixer(norm(x)).
+  """x + mixer(norm(x)); the mixer is Mamba-1's or Mamba-2's by `config.version`.
 
   Attributes:
     config: the model shape.
@@ -38,6 +38,12 @@ class Block(nn.Module):
     del positions
     cfg = self.config
     y = RMSNorm(cfg.norm_eps, name="norm", **_dtypes(cfg))(x)
+    if cfg.version == 1:
+      y = Mamba1Mixer(cfg.embed_dim, cfg.inner_dim, cfg.state_size, cfg.dt_rank,
+                      conv_kernel=cfg.conv_kernel, use_bias=cfg.use_bias,
+                      use_conv_bias=cfg.use_conv_bias, chunk_size=cfg.chunk_size,
+                      name="mixer", **_dtypes(cfg))(y, segment_ids, self.decode)
+      return nn.with_logical_constraint(x + y, _RESIDUAL_AXES), None
     y = Mamba2Mixer(cfg.embed_dim, cfg.num_heads, cfg.head_dim, cfg.state_size,
                     num_groups=cfg.num_groups, conv_kernel=cfg.conv_kernel,
                     chunk_size=cfg.chunk_size, time_step_limit=tuple(cfg.time_step_limit),
@@ -47,7 +53,7 @@ class Block(nn.Module):
 
 
 class Mamba(nn.Module):
-  """Decoder-only Mamba-2 language model.
+  """Decoder-only Mamba (Mamba-1 or Mamba-2 blocks) language model.
 
   Parameters: embed/embedding [v, e]; layers/{norm, mixer} (stacked with a
   leading 'layers' axis when scan_layers, else layers_0 ... layers_{L-1});
@@ -90,8 +96,9 @@ def init_cache(config: MambaConfig, batch_size: int, max_length: int):
   """A zero recurrent cache for `batch_size` rows.
 
   Its size does not depend on `max_length` (kept for the shared sampler's
-  signature). Per layer: conv_x [b, w-1, h, d], conv_b / conv_c [b, w-1, ng, N]
-  in `config.dtype`, ssm_state float32 [b, h, d, N] and segment_ids int32 [b];
+  signature). Per layer, version 2: conv_x [b, w-1, h, d], conv_b / conv_c
+  [b, w-1, ng, N] in `config.dtype`, ssm_state float32 [b, h, d, N]; version 1:
+  conv_window [b, w-1, i], ssm_state float32 [b, i, N]; both: segment_ids int32 [b];
   stacked with a leading [L] axis when scan_layers. Leaves are nn.Partitioned
   boxes with logical axes.
   """

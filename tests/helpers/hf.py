@@ -58,3 +58,23 @@ def make_hf_decoder(model_class: str, hf_dir: str, **config_fields):
       param.add_(0.1 * torch.randn_like(param))
   model.save_pretrained(hf_dir)
   return model
+
+
+def make_mamba1(hf_dir: str, **config_fields):
+  """A random, fully perturbed tiny `MambaForCausalLM` (Mamba-1; e 32, i 64, N 8) saved to
+  `hf_dir`; `config_fields` override the MambaConfig (tie_word_embeddings, use_bias, ...)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  fields = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, state_size=8, expand=2,
+                conv_kernel=4, layer_norm_epsilon=1e-5, use_mambapy=False)
+  config = transformers.MambaConfig(**{**fields, **config_fields})
+  torch.manual_seed(0)
+  model = transformers.MambaForCausalLM(config).float().eval()
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      if name.endswith("A_log"):  # Keep the decays in a realistic range.
+        param.copy_(torch.log(torch.empty_like(param).uniform_(1.0, 16.0)))
+      else:
+        param.add_(0.1 * torch.randn_like(param))
+  model.save_pretrained(hf_dir)
+  return model
