@@ -1,7 +1,8 @@
 """RWKV-7 ("Goose") sequence mixers.
 
   wkv7.py         `wkv7_chunked` (the training form: matrix form per chunk, scan between
-                  chunks) and `wkv7` (sequential lax.scan: decode steps, and the reference)
+                  chunks) and `wkv7` (sequential lax.scan: decode steps, and the reference),
+                  re-exported from pallas_kernels/wkv7/reference.py
   token_shift.py  `token_shift`: the previous token of each token's document
   time_mix.py     `TimeMix`: the RWKV-7 attention replacement (lerps, low-rank decay/iclr/gate,
                   value residual, WKV-7, per-head GroupNorm, bonus)
