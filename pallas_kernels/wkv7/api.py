@@ -147,7 +147,8 @@ def _core_bwd(config, interpret, residuals, cotangents):
   chunked = lambda *xs: wkv7_chunked(*xs[:6], chunk_size=config.chunk_size, doc=doc,  # noqa: E731
                                      initial_state=xs[6])
   _, vjp = jax.vjp(chunked, r, w, k, v, a, b, initial_state)
-  return (*vjp(cotangents), None)
+  *grads, d_state = vjp(cotangents)
+  return (*grads, None, d_state)  # no cotangent for the integer doc
 
 
 _core.defvjp(_core_fwd, _core_bwd)
