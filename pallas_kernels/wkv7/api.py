@@ -11,11 +11,11 @@ Triton), 'tpu_*' run tpu.py (Mosaic TPU). The wrapper transposes to head-major
 which leave the state as it is) and turns the document index into the per-chunk
 masks the kernels read (`doc_masks`).
 
-Gradients: the forward is the Pallas kernel; the custom VJP's backward is NOT a
-Pallas kernel yet: it is the VJP of the plain-jnp chunked form
-(reference.wkv7_chunked, same chunk length), which recomputes the forward in
-XLA. tpu_bwd.py / gpu_bwd.py (a reverse chunk scan for the state gradient) are
-the next step.
+Gradients: a custom VJP whose backward is Pallas kernels too. The forward kernel
+saves the state before each chunk ([b, h, nb, d, d] float32, nb·d² per head:
+the memory a chunk scan's backward needs); the backward kernel (tpu_bwd.py /
+gpu_bwd.py) scans the chunks in reverse, carrying the state's cotangent, and runs
+the VJP of the chunk's matrix form (chunk.chunk_step_vjp) inside the kernel.
 """
 
 import dataclasses
@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import config as chip_config
-from pallas_kernels.wkv7 import gpu, tpu
-from pallas_kernels.wkv7.reference import wkv7_chunked
+from pallas_kernels.wkv7 import gpu, gpu_bwd, tpu, tpu_bwd
 
 HEAD_SIZES = (32, 64)  # d served on both platforms (tiny models, published RWKV-7).
 CHUNK_SIZES = (16, 32, 64)  # B: powers of two (Triton), multiples of 16 (bf16 TPU tiles).
@@ -116,39 +115,49 @@ def doc_masks(doc, chunk: int):
   return same, from_state, to_end
 
 
-def _forward(r, w, k, v, a, b, doc, initial_state, config: Wkv7Config, interpret):
-  batch, t, h, d = r.shape
-  chunk = config.chunk_size
-  pad = (-t) % chunk
+def _kernel_inputs(r, w, k, v, a, b, doc, chunk: int):
+  """Head-major, padded kernel operands: (r, logw, k, v, a, b, same, from_state, to_end)."""
+  pad = (-r.shape[1]) % chunk
   head_major = lambda x: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, pad), (0, 0)))  # noqa: E731
   logw = head_major(jnp.log(w.astype(jnp.float32)))  # padding: log w = 0, w = 1
   doc = jnp.pad(doc.astype(jnp.int32), ((0, 0), (0, pad)), mode="edge")
+  return (head_major(r), logw, head_major(k), head_major(v), head_major(a), head_major(b),
+          *doc_masks(doc, chunk))
+
+
+def _forward(r, w, k, v, a, b, doc, initial_state, config: Wkv7Config, interpret,
+             save_states: bool):
+  """(y [b, t, h, d], final state), and the backward's residuals when save_states."""
+  operands = _kernel_inputs(r, w, k, v, a, b, doc, config.chunk_size)
   kernel = tpu.forward if config.platform == "tpu" else gpu.forward
-  y, state = kernel(head_major(r), logw, head_major(k), head_major(v), head_major(a),
-                    head_major(b), *doc_masks(doc, chunk), initial_state.astype(jnp.float32),
-                    chunk=chunk, interpret=interpret)
-  return jnp.swapaxes(y[:, :, :t], 1, 2), state
+  y, state, *starts = kernel(*operands, initial_state, chunk=config.chunk_size,
+                             interpret=interpret, save_states=save_states)
+  out = (jnp.swapaxes(y[:, :, :r.shape[1]], 1, 2), state)
+  return (out, (operands, starts[0], w)) if save_states else out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
 def _core(r, w, k, v, a, b, doc, initial_state, config, interpret):
-  return _forward(r, w, k, v, a, b, doc, initial_state, config, interpret)
+  return _forward(r, w, k, v, a, b, doc, initial_state, config, interpret, False)
 
 
 def _core_fwd(r, w, k, v, a, b, doc, initial_state, config, interpret):
-  out = _forward(r, w, k, v, a, b, doc, initial_state, config, interpret)
-  return out, (r, w, k, v, a, b, doc, initial_state)
+  return _forward(r, w, k, v, a, b, doc, initial_state, config, interpret, True)
 
 
 def _core_bwd(config, interpret, residuals, cotangents):
-  """The VJP of reference.wkv7_chunked (plain jnp), not a Pallas kernel (see the module doc)."""
-  del interpret
-  r, w, k, v, a, b, doc, initial_state = residuals
-  chunked = lambda *xs: wkv7_chunked(*xs[:6], chunk_size=config.chunk_size, doc=doc,  # noqa: E731
-                                     initial_state=xs[6])
-  _, vjp = jax.vjp(chunked, r, w, k, v, a, b, initial_state)
-  *grads, d_state = vjp(cotangents)
-  return (*grads, None, d_state)  # no cotangent for the integer doc
+  operands, starts, w = residuals
+  dy, d_final = cotangents
+  t = w.shape[1]
+  pad = operands[0].shape[2] - t
+  dy = jnp.pad(jnp.swapaxes(dy, 1, 2), ((0, 0), (0, 0), (0, pad), (0, 0)))
+  kernel = tpu_bwd.backward if config.platform == "tpu" else gpu_bwd.backward
+  *grads, d_initial = kernel(*operands, starts, dy, d_final.astype(jnp.float32),
+                             chunk=config.chunk_size, interpret=interpret)
+  dr, dlogw, dk, dv, da, db = (jnp.swapaxes(g[:, :, :t], 1, 2) for g in grads)
+  dw = dlogw / w.astype(jnp.float32)  # logw = log w
+  grads = tuple(g.astype(w.dtype) for g in (dr, dw, dk, dv, da, db))
+  return (*grads, None, d_initial)  # no cotangent for the integer doc
 
 
 _core.defvjp(_core_fwd, _core_bwd)

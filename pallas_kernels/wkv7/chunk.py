@@ -110,3 +110,21 @@ def chunk_step(state, r, logw, k, v, a, b, same, from_state, to_end):
   new_state = (state * (jnp.exp(last) * keep) + _tn(v, k * to_end_decay)
                + _tn(u, b * to_end_decay))
   return new_state, y
+
+
+def chunk_step_vjp(state, r, logw, k, v, a, b, same, from_state, to_end, d_new_state, dy):
+  """The cotangents of `chunk_step` in (state, r, logw, k, v, a, b), for a kernel body.
+
+  jax.vjp of the chunk's matrix form, traced inside the backward kernel: its
+  jaxpr is again 2-D matmuls (some transposed), elementwise ops, selects and
+  reductions, which both lowerings take. The masks get no cotangent.
+
+  Args:
+    as `chunk_step`; d_new_state float32 [d, d] and dy float32 [B, d] the
+    cotangents of its two results.
+  Returns:
+    (d_state [d, d], dr, dlogw, dk, dv, da, db [B, d]), float32.
+  """
+  step = lambda *xs: chunk_step(*xs, same, from_state, to_end)  # noqa: E731
+  _, vjp = jax.vjp(step, state, r, logw, k, v, a, b)
+  return vjp((d_new_state, dy))

@@ -33,8 +33,11 @@ NUM_WARPS = 4
 
 
 def _fwd_kernel(r_ref, logw_ref, k_ref, v_ref, a_ref, b_ref, same_ref, from_state_ref,
-                to_end_ref, init_ref, y_ref, final_ref, *, chunk: int, num_chunks: int):
+                to_end_ref, init_ref, y_ref, final_ref, *starts_ref, chunk: int,
+                num_chunks: int):
   def body(c, state):
+    if starts_ref:  # the state before each chunk, for the backward kernel
+      starts_ref[0][c] = state
     rows = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
     tile = lambda ref: ref[rows, :].astype(jnp.float32)  # noqa: E731
     state, y = chunk_step(state, tile(r_ref), tile(logw_ref), tile(k_ref), tile(v_ref),
@@ -47,7 +50,7 @@ def _fwd_kernel(r_ref, logw_ref, k_ref, v_ref, a_ref, b_ref, same_ref, from_stat
 
 
 def forward(r, logw, k, v, a, b, same, from_state, to_end, initial_state, *, chunk: int,
-            interpret):
+            interpret, save_states: bool = False):
   """Forward pass; arguments and returns as tpu.forward (interpret: bool)."""
   batch, heads, length, d = r.shape
   num_chunks = length // chunk
@@ -55,13 +58,18 @@ def forward(r, logw, k, v, a, b, same, from_state, to_end, initial_state, *, chu
   state = pl.BlockSpec((None, None, d, d), lambda i, h: (i, h, 0, 0))
   per_token = pl.BlockSpec((None, length, 1), lambda i, h: (i, 0, 0))
   pairs = pl.BlockSpec((None, num_chunks, chunk, chunk), lambda i, h: (i, 0, 0, 0))
+  out_specs = [token, state]
+  out_shape = [jax.ShapeDtypeStruct(r.shape, r.dtype),
+               jax.ShapeDtypeStruct((batch, heads, d, d), jnp.float32)]
+  if save_states:
+    out_specs.append(pl.BlockSpec((None, None, num_chunks, d, d), lambda i, h: (i, h, 0, 0, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((batch, heads, num_chunks, d, d), jnp.float32))
   return pl.pallas_call(
       functools.partial(_fwd_kernel, chunk=chunk, num_chunks=num_chunks),
       grid=(batch, heads),
       in_specs=[token] * 6 + [pairs, per_token, per_token, state],
-      out_specs=[token, state],
-      out_shape=[jax.ShapeDtypeStruct(r.shape, r.dtype),
-                 jax.ShapeDtypeStruct((batch, heads, d, d), jnp.float32)],
+      out_specs=out_specs,
+      out_shape=out_shape,
       compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
       interpret=bool(interpret),
       name="wkv7_fwd",

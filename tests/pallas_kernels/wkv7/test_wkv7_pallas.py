@@ -66,13 +66,14 @@ def test_forward_bf16_head64_several_heads():
   check_forward("tpu_v5e", 16, dtype=jnp.bfloat16, tol=1e-2, t=19, h=3, d=64, b=1)
 
 
-def test_gradients_of_all_inputs_and_state():
+@pytest.mark.parametrize("chip", ["h100", "tpu_v5e"])
+def test_gradients_of_all_inputs_and_state(chip):
   args, seg, init = inputs(5, b=1, t=19, h=2, d=32)
   doc = document_index(jnp.asarray(seg), seg.shape, jnp.asarray(seg[:, 0]))
   rng = np.random.default_rng(6)
   dy = rng.normal(size=args[0].shape).astype(np.float32)
   dstate = rng.normal(size=init.shape).astype(np.float32)
-  config = Wkv7Config("tpu_v5e", 16)
+  config = Wkv7Config(chip, 16)
 
   def grads(fn):
     def both(*xs):
