@@ -15,7 +15,7 @@ Two plain-jnp forms, the oracle of the Pallas kernels beside this file and the
 model's `xla` path (layers/rwkv/wkv7.py re-exports them): `wkv7`, a `lax.scan`
 over tokens with the state carried in float32 (exact, sequential: decode steps),
 and `wkv7_chunked`, the matrix form per chunk with a scan between chunks (the
-training form; its VJP is also the kernels' backward, see api.py).
+training form; chunk.py is the kernels' version of its `_chunk_step`).
 
 Shapes (layers/__init__.py): b batch, t sequence, h heads, d head size.
 """
