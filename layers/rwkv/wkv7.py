@@ -11,7 +11,9 @@ Shapes (layers/__init__.py): b batch, t sequence, h heads, d head size, B chunk 
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
+from layers.attention.implementations import dividing_spec
 from pallas_kernels.wkv7 import Wkv7Config, unsupported_reason, wkv7_pallas
 from pallas_kernels.wkv7.reference import unit_lower_inverse, wkv7, wkv7_chunked
 
@@ -71,6 +73,27 @@ def wkv7_apply(r, w, k, v, a, b, *, impl: str, chip: str = "", chunk_size: int,
   if impl == "xla":
     return wkv7_chunked(r, w, k, v, a, b, chunk_size=chunk_size, doc=doc,
                         initial_state=initial_state)
-  config = Wkv7Config(chip or INTERPRET_CHIP, chunk_size)
-  return wkv7_pallas(r, w, k, v, a, b, doc=doc, initial_state=initial_state, config=config,
-                     interpret=not chip)
+  return _pallas_per_shard(r, w, k, v, a, b, doc, initial_state,
+                           config=Wkv7Config(chip or INTERPRET_CHIP, chunk_size),
+                           interpret=not chip)
+
+
+def _pallas_per_shard(r, w, k, v, a, b, doc, initial_state, *, config, interpret):
+  """wkv7_pallas, under a mesh per shard (shard_map) of the axes 'batch' and 'heads' map
+  to, so the partitioner never gathers the kernel's inputs (heads are independent)."""
+  run = lambda *xs: wkv7_pallas(*xs[:6], doc=xs[6], initial_state=xs[7],  # noqa: E731
+                                config=config, interpret=interpret)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return run(r, w, k, v, a, b, doc, initial_state)
+  batch, t, h, d = r.shape
+  if doc is None:
+    doc = jnp.zeros((batch, t), jnp.int32)
+  if initial_state is None:
+    initial_state = jnp.zeros((batch, h, d, d), jnp.float32)
+  x_spec = dividing_spec(("batch", None, "heads", None), r.shape, mesh)
+  state_spec = PartitionSpec(x_spec[0], x_spec[2], None, None)
+  return jax.shard_map(run, mesh=mesh,
+                       in_specs=(x_spec,) * 6 + (PartitionSpec(x_spec[0], None), state_spec),
+                       out_specs=(x_spec, state_spec), check_vma=False)(
+                           r, w, k, v, a, b, doc, initial_state)

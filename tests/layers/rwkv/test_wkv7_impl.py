@@ -1,6 +1,9 @@
 """The WKV-7 implementation switch: 'auto' resolution, errors naming model.rwkv_impl, dispatch."""
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import numpy as np
 import pytest
 
@@ -45,3 +48,20 @@ def test_single_token_stays_sequential():
   np.testing.assert_allclose(new, new_ref)
   with pytest.raises(ValueError, match="Unresolved"):
     wkv7_apply(r, w, k, v, a, b, impl="auto", chunk_size=16)
+
+
+def test_pallas_runs_per_shard_under_a_mesh():
+  """Under a mesh the kernel runs per (batch, heads) shard and equals the scan."""
+  rng = np.random.default_rng(1)
+  r, k, v, a, b = (jnp.asarray(rng.normal(size=(2, 5, 2, 32)) / 4, jnp.float32)
+                   for _ in range(5))
+  w = jnp.asarray(rng.uniform(0.6, 1.0, size=r.shape), jnp.float32)
+  doc = jnp.asarray([[0, 0, 1, 1, 1], [0, 0, 0, 0, 2]], jnp.int32)
+  mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(2, 2), ("data", "model"))
+  rules = (("batch", "data"), ("heads", "model"))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    y, state = jax.jit(lambda *xs: wkv7_apply(*xs, impl="pallas", chunk_size=16, doc=doc))(
+        r, w, k, v, a, b)
+  y_ref, state_ref = wkv7(r, w, k, v, a, b, doc=doc)
+  np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-4)
+  np.testing.assert_allclose(state, state_ref, atol=1e-5, rtol=1e-4)
