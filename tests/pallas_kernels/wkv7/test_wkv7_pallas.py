@@ -10,6 +10,7 @@ sequential jnp scan. The default set keeps shapes tiny; the sweep is slow.
 import itertools
 
 import jax
+import jax.experimental.pallas.tpu as pltpu
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -131,3 +132,33 @@ def test_config_errors():
 def test_forward_sweep(chip, chunk, d, dtype):
   tol = 1e-2 if dtype == jnp.bfloat16 else 2e-4
   check_forward(chip, chunk, dtype=dtype, tol=tol, t=2 * chunk + 7, h=3, d=d)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chip", ["h100", "tpu_v5e"])
+def test_long_rows_fastest_decay_chunk64(chip):
+  """The strongest decay RWKV-7 allows on every token, chunks of 64: the factored in-chunk
+  decays (chunk.py) stay finite and the kernel stays at the oracle's values."""
+  args, seg, init = inputs(11, b=1, t=200, h=1, d=32)
+  args = (args[0], np.full_like(args[1], np.exp(-np.exp(-0.5))), *args[2:])
+  (y, state), _ = run(chip, 64, args, seg, init)
+  y_ref, state_ref = wkv7_reference(*args, segment_ids=seg, initial_state=init)
+  np.testing.assert_allclose(y, y_ref, atol=2e-4 * np.abs(y_ref).max(), rtol=2e-4)
+  np.testing.assert_allclose(state, state_ref, atol=2e-4 * np.abs(state_ref).max(), rtol=2e-4)
+
+
+@pytest.mark.slow
+def test_tpu_strict_interpreter_forward_and_backward():
+  """pltpu's interpreter with NaN-filled uninitialized memory, out-of-bounds reads raising
+  and race detection: the forward and backward kernels read only what they wrote."""
+  args, seg, init = inputs(12, b=1, t=37, h=2, d=32)
+  params = pltpu.InterpretParams(uninitialized_memory="nan", out_of_bounds_reads="raise",
+                                 detect_races=True)
+  fn = lambda *xs: wkv7_pallas(*xs[:6], initial_state=xs[6],  # noqa: E731
+                               config=Wkv7Config("tpu_v5e", 16), interpret=params)
+  (y, state), vjp = jax.vjp(fn, *args, init)
+  grads = vjp((jnp.ones_like(y), jnp.ones_like(state)))
+  y_ref, state_ref = wkv7(*args, initial_state=init)
+  np.testing.assert_allclose(y, y_ref, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(state, state_ref, atol=1e-4, rtol=1e-4)
+  assert all(np.isfinite(g).all() for g in grads)
