@@ -7,8 +7,8 @@
 api: wkv7_pallas (checks, padding, the custom VJP), Wkv7Config; reference: the
 plain-jnp forms `wkv7` (sequential scan) and `wkv7_chunked` (matrix form per
 chunk), which the model's 'xla' path uses too; chunk: the in-chunk matrix form
-both kernels run; tpu: the Mosaic TPU forward; gpu: the GPU forward (Pallas
-Triton). The backward is the VJP of `wkv7_chunked` for now (no tpu_bwd/gpu_bwd yet).
+and its VJP, which every kernel body runs; tpu / tpu_bwd: the Mosaic TPU forward
+and backward (reverse chunk scan); gpu / gpu_bwd: the GPU ones (Pallas Triton).
 """
 
 from pallas_kernels.wkv7.api import (CHUNK_SIZES, HEAD_SIZES, Wkv7Config, unsupported_reason,
