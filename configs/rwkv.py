@@ -4,8 +4,9 @@ python -m train.main --config=configs/rwkv.py:size=0.1b --workdir=gs://.../run
 Sizes follow the released RWKV-7 World models (head size 64, channel-mix width
 4·e, the RWKV world vocabulary of 65,536, low-rank widths from
 models.rwkv.low_rank_sizes); `size=tiny` is RwkvConfig's defaults (the model of
-rwkv_tiny, scanned). Until the chunked WKV form lands, training runs the
-sequential scan (see layers/rwkv/wkv7.py): correct, not fast.
+rwkv_tiny, scanned). Training runs the chunked WKV-7 form (model.chunk_size 16):
+the Pallas kernel on an H100/H200 or TPU (model.rwkv_impl='auto'), its jnp twin
+elsewhere (layers/rwkv/wkv7.py).
 """
 
 from configs import base

@@ -1,4 +1,5 @@
-"""Pallas kernels for Mosaic GPU (Hopper) and Mosaic TPU, each with a plain-jnp reference.
+"""Pallas kernels for Mosaic GPU (Hopper) and Mosaic TPU, each with a plain-jnp reference
+(wkv7/ runs on GPUs through the Pallas Triton lowering instead: see its gpu.py).
 
 One subpackage per operation, whose `__init__` is its public API:
 
@@ -6,6 +7,8 @@ One subpackage per operation, whose `__init__` is its public API:
   block_sparse/     block_sparse_attention under a static Mask (CausalMask,
                     LocalMask, ...), build_block_map, the reference
   nsa_selection/    selected_block_attention (NSA's selection branch), the reference
+  wkv7/             wkv7_pallas (RWKV-7's WKV recurrence by chunks), Wkv7Config,
+                    the jnp forms wkv7 / wkv7_chunked (also the model's 'xla' path)
   common/           what they share: the chip config (common.config, public),
                     masking and tiling, the call plan, the TPU and GPU helpers,
                     the online-softmax and backward steps
@@ -21,6 +24,8 @@ Inside an operation, files are named by role:
   gpu_bwd.py        forward twin, never the reverse
   tpu_core.py       (NSA) the XLA driver of the TPU kernels: query chunks and
                     their custom VJP
+  chunk.py          (WKV-7) the in-chunk matrix form and its VJP, as 2-D array
+                    code that both platforms' kernel bodies call
 
 The forward / backward rule holds in common/ too: tpu_steps and tpu_steps_bwd,
 gpu_cta and gpu_cta_bwd. Imports point down: an operation imports common/ and

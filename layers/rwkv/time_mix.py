@@ -28,7 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from layers.linear import Einsum
 from layers.rwkv.token_shift import token_shift
-from layers.rwkv.wkv7 import wkv7, wkv7_chunked
+from layers.rwkv.wkv7 import resolve_impl, wkv7_apply
 
 _HEAD_AXES = ("batch", "length", "heads", "head_dim")
 DECAY_SCALE = math.exp(-0.5)
@@ -76,8 +76,12 @@ class TimeMix(nn.Module):
     num_heads: h (h·d = e).
     head_size: d.
     decay_rank, iclr_rank, value_rank, gate_rank: low-rank widths R_w, R_a, R_v, R_g.
-    chunk_size: tokens per chunk of the WKV-7 matrix form (`wkv7_chunked`); 0 runs the
-      sequential scan (`wkv7`), as does a call of a single token (decode steps).
+    chunk_size: tokens per chunk of the WKV-7 matrix form (`wkv7_chunked` or the
+      kernel); 0 runs the sequential scan (`wkv7`), as does a call of a single token
+      (decode steps stay sequential whatever `rwkv_impl`).
+    rwkv_impl: 'xla' (jnp chunked form) | 'pallas' (pallas_kernels.wkv7) | 'auto'
+      (layers.rwkv.wkv7.resolve_impl: the kernel where `rwkv_chip` is set and served).
+    rwkv_chip: the kernel's target chip ('' : none; 'pallas' then interprets on CPU).
     value_residual: mix in the first layer's values (every layer but the first).
     dtype: computation dtype of the projections (decay, gates and the state are float32).
     param_dtype: parameter storage dtype.
@@ -89,6 +93,8 @@ class TimeMix(nn.Module):
   value_rank: int
   gate_rank: int
   chunk_size: int = 16
+  rwkv_impl: str = "auto"
+  rwkv_chip: str = ""
   value_residual: bool = True
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -165,11 +171,10 @@ class TimeMix(nn.Module):
       v = v + (v_first.astype(jnp.float32) - v) * mix
 
     r, w, k, v, kk, a = (nn.with_logical_constraint(z, _HEAD_AXES) for z in (r, w, k, v, kk, a))
-    if self.chunk_size > 0 and t > 1:
-      y, state = wkv7_chunked(r, w, k, v, -kk, kk * a, chunk_size=self.chunk_size, doc=doc,
-                              initial_state=state)
-    else:
-      y, state = wkv7(r, w, k, v, -kk, kk * a, doc=doc, initial_state=state)
+    impl = resolve_impl(self.rwkv_impl, chip=self.rwkv_chip, head_size=d,
+                        chunk_size=self.chunk_size)
+    y, state = wkv7_apply(r, w, k, v, -kk, kk * a, impl=impl, chip=self.rwkv_chip,
+                          chunk_size=self.chunk_size, doc=doc, initial_state=state)
     y = checkpoint_name(nn.with_logical_constraint(y, _HEAD_AXES), "wkv")
 
     ln_scale = self.param("ln_x_scale", nn.with_logical_partitioning(

@@ -8,6 +8,7 @@ import dataclasses
 import math
 from typing import ClassVar
 
+from layers.rwkv.wkv7 import resolve_impl as resolve_rwkv_impl
 from models.config_schema import ModelConfig, field
 from models.llama.config import REMAT_POLICIES, check_choice, check_dtype_names
 
@@ -37,6 +38,12 @@ class RwkvConfig(ModelConfig):
   gate_rank: int = field(64, "Low-rank width of the output gate (g1, g2).")
   chunk_size: int = field(16, "WKV-7 chunk length of the matrix form (computation only); 0 "
                           "runs the sequential token-by-token scan.", shapes_params=False)
+  rwkv_impl: str = field("auto", "WKV-7 implementation: xla (jnp chunked form) | pallas "
+                         "(pallas_kernels.wkv7; head_size 32 or 64, chunk_size 16, 32 or 64) | "
+                         "auto (pallas on a GPU/TPU chip it serves, else xla).",
+                         shapes_params=False)
+  rwkv_chip: str = field("", "WKV-7 kernel target (h100, tpu_v5e, ...); '' = this machine's.",
+                         shapes_params=False)
   max_seq_len: int = field(256, "Longest row of data and of prompt + sampled tokens (the "
                            "recurrent state itself has no length limit).", shapes_params=False)
   norm_eps: float = field(1e-5, "LayerNorm epsilon (ln0, ln1, ln2, ln_out; ln_x uses 64e-5).")
@@ -61,6 +68,12 @@ class RwkvConfig(ModelConfig):
       raise ValueError(f"model.norm_eps={self.norm_eps} must be positive.")
     check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
     check_dtype_names(self)
+    # Raises for an unknown name, or 'pallas' with a head size / chunk it cannot serve.
+    resolve_rwkv_impl(self.rwkv_impl, chip=self.rwkv_chip, head_size=self.head_size,
+                      chunk_size=self.chunk_size)
+
+  def on_chip(self, chip):
+    return self if self.rwkv_chip else dataclasses.replace(self, rwkv_chip=chip)
 
   @property
   def num_heads(self) -> int:

@@ -68,7 +68,8 @@ class Block(nn.Module):
     y = LayerNorm(cfg.norm_eps, name="ln1", **kw)(x)
     y, values, att_last, state = TimeMix(
         cfg.num_heads, cfg.head_size, cfg.decay_rank, cfg.iclr_rank, cfg.value_rank,
-        cfg.gate_rank, chunk_size=cfg.chunk_size, value_residual=not self.first, name="att", **kw)(
+        cfg.gate_rank, chunk_size=cfg.chunk_size, rwkv_impl=cfg.rwkv_impl,
+        rwkv_chip=cfg.rwkv_chip, value_residual=not self.first, name="att", **kw)(
             y, v_first, doc, None if cache is None else cache.att_shift.value,
             None if cache is None else cache.att_state.value)
     x = nn.with_logical_constraint(x + y, _RESIDUAL_AXES)

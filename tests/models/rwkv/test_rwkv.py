@@ -16,6 +16,7 @@ import pytest
 from configs import rwkv as rwkv_configs
 from configs import rwkv_tiny
 from configs.base import DEFAULT_LOGICAL_AXIS_RULES
+from helpers.kernels import FAST_COMPILE
 from models.rwkv import Rwkv, RwkvConfig, init_cache
 from train import sampling
 
@@ -103,6 +104,8 @@ def test_config_from_base_configs():
     ("gate_rank", -1, r"model\.gate_rank=-1"),
     ("remat_policy", "some", r"model\.remat_policy='some'"),
     ("dtype", "bfloat17", r"model\.dtype='bfloat17'"),
+    ("rwkv_impl", "triton", r"model\.rwkv_impl='triton'"),
+    ("rwkv_impl", "pallas", r"model\.rwkv_impl='pallas'.*model\.chunk_size=0.*'xla'"),
 ])
 def test_bad_config_names_the_field(field, value, pattern):
   model_cfg = rwkv_tiny.get_config().model
@@ -154,6 +157,19 @@ def test_chunked_equals_sequential_scan():
   np.testing.assert_allclose(forward_fn(cfg)(params, tokens, seg),
                              forward_fn(dataclasses.replace(cfg, chunk_size=0))(params, tokens, seg),
                              atol=2e-5, rtol=2e-5)
+
+
+def test_pallas_kernel_equals_xla_chunked_form():
+  """model.rwkv_impl='pallas' (interpreted on CPU: no model.rwkv_chip) gives the 'xla' logits."""
+  cfg = make_config(embed_dim=32, head_size=32, num_layers=1, chunk_size=16, rwkv_impl="xla")
+  params, tokens = random_params(cfg), random_tokens(9, (1, T))
+  seg = jnp.asarray(np.repeat([1, 2], (6, 7))[None], jnp.int32)
+  pallas = forward_fn(dataclasses.replace(cfg, rwkv_impl="pallas")).lower(
+      params, tokens, seg).compile(FAST_COMPILE)  # the interpreted kernel: skip XLA's passes
+  np.testing.assert_allclose(pallas(params, tokens, seg), forward_fn(cfg)(params, tokens, seg),
+                             atol=2e-5, rtol=2e-5)
+  assert cfg.on_chip("h100").rwkv_chip == "h100"
+  assert cfg.on_chip("h100").on_chip("tpu_v4").rwkv_chip == "h100"
 
 
 def test_causality():
