@@ -12,7 +12,8 @@ from configs import base
 from configs import common
 from models.rwkv import RwkvConfig, low_rank_sizes
 
-_SHAPES = {"0.1b": (12, 768), "0.4b": (24, 1024), "1.5b": (24, 2048), "2.9b": (32, 2560)}
+_SHAPES = {"0.1b": (12, 768), "0.4b": (24, 1024), "1.5b": (24, 2048), "2.9b": (32, 2560),
+           "7.2b": (32, 4096)}
 SIZES = {"tiny": dict()}
 SIZES.update({
     size: dict(num_layers=layers, embed_dim=embed, head_size=64, hidden_dim=4 * embed,
