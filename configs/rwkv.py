@@ -6,6 +6,9 @@ Sizes follow the released RWKV-7 World models (head size 64, channel-mix width
 models.rwkv.low_rank_sizes); `size=tiny` is RwkvConfig's defaults (the model of
 rwkv_tiny, scanned). Until the chunked WKV form lands, training runs the
 sequential scan (see layers/rwkv/wkv7.py): correct, not fast.
+Tokenize as the World models do with --config.data.tokenizer=rwkv_world (the
+vocabulary file of an installed `rwkv` package) or
+--config.data.tokenizer=PATH/rwkv_vocab_v20230424.txt (train/data/rwkv_world.py).
 """
 
 from configs import base
