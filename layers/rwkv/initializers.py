@@ -12,8 +12,8 @@ per head of d channels, `zigzag` = z·|z| with z = (c mod d − (d−1)/2) / ((d
                       previous token on early channels, the last layer almost none.
   channel-mix lerp    μ_k = 1 − ramp^(shallow⁴).
   decay offset w0     −5.5 + 6·(c/(e−1))^(1 + deep^0.3) + 2.5·zigzag: slow decay on
-                      early channels, fast on late ones, a steeper ramp deeper down,
-                      and a spread of speeds inside each head.
+                      early channels, fast on late ones, more slow channels deeper
+                      down, and a spread of speeds inside each head.
   in-context rate a0  −0.19 + 0.3·zigzag + 0.4·centred.
   value mix v0        0.73 − 0.4·centred.
   k_k, k_a, r_k       0.71 − 0.1·centred; 1.02; −0.04.
@@ -22,13 +22,16 @@ per head of d channels, `zigzag` = z·|z| with z = (c mod d − (d−1)/2) / ((d
                       channel-mix key gain 1; the time mix's output and the
                       channel mix's value start at zero (each block starts as
                       the identity on the residual stream).
-  low-rank maps       the first factor zero, the second orthogonal with gain 0.1.
+  low-rank maps       the first factor zero, the second [R, e] orthogonal with gain
+                      0.1 (times √(R/e) if R > e).
   embedding, head     uniform in ±1e-4 (ln0 normalises it); head orthogonal with
                       gain ½·√(v/e) when v > e, else ½.
 
-Orthogonal means semi-orthogonal over the kernel seen as a [fan-in, fan-out]
-matrix (the contracting axes against the rest), as torch's `orthogonal_` on the
-transposed Linear weight.
+The trainer's decay exp(−exp(−softplus(−w) − ½)) equals this model's
+exp(−e^{−½}·σ(w)), so its w0 carries over unchanged. Orthogonal means
+semi-orthogonal over the kernel seen as a [fan-in, fan-out] matrix (the
+contracting axes against the rest), as torch's `orthogonal_` on the transposed
+Linear weight.
 
 Shapes (layers/__init__.py): e embed, h heads, d head size, v vocab, L layers.
 """
@@ -44,7 +47,6 @@ Initializer = Callable[..., jax.Array]
 
 # (lerp, power p of μ = 1 − ramp^(p·shallow)) of the time mix's six token-shift lerps.
 TIME_MIX_LERP_POWERS = (("r", 0.2), ("w", 0.9), ("k", 0.7), ("v", 0.7), ("a", 0.9), ("g", 0.2))
-LOW_RANK_OUT_GAIN = 0.1
 KEY_GAIN = 0.1
 EMBED_RANGE = 1e-4
 
@@ -128,6 +130,11 @@ def orthogonal(gain: float, num_contracting: int = 1) -> Initializer:
     fan_in, fan_out = math.prod(shape[:num_contracting]), math.prod(shape[num_contracting:])
     return nn.initializers.orthogonal(gain)(key, (fan_in, fan_out), dtype).reshape(shape)
   return init
+
+
+def low_rank_out_gain(rank: int, embed_dim: int) -> float:
+  """0.1, times √(R/e) when R > e."""
+  return 0.1 * (math.sqrt(rank / embed_dim) if rank > embed_dim else 1.0)
 
 
 def head_gain(vocab_size: int, embed_dim: int) -> float:

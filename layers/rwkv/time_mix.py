@@ -93,8 +93,8 @@ class TimeMix(nn.Module):
                                                             ("embed", "low_rank")),
                       (e, rank), self.param_dtype)
     w_out = self.param(name_out, nn.with_logical_partitioning(
-        rwkv_init.orthogonal(rwkv_init.LOW_RANK_OUT_GAIN), ("low_rank", "embed")), (rank, e),
-        self.param_dtype)
+        rwkv_init.orthogonal(rwkv_init.low_rank_out_gain(rank, e)), ("low_rank", "embed")),
+        (rank, e), self.param_dtype)
     hidden = jnp.einsum("bte,er->btr", x, w_in.astype(jnp.float32))
     if inner is not None:
       hidden = inner(hidden)
