@@ -64,7 +64,7 @@ def text_data_section() -> ml_collections.ConfigDict:
   d.train_split = "train"  # TFDS split to train on.
   d.eval_split = "validation"  # TFDS split to evaluate on.
   d.text_key = "text"  # Feature holding the text in each example.
-  d.tokenizer = "byte"  # 'byte' or the path to a SentencePiece .model file.
+  d.tokenizer = "byte"  # 'byte', 'rwkv_world', or a .model / tokenizer.json / RWKV vocab .txt path.
   d.seq_len = 128  # Packed row length in tokens.
   d.global_batch_size = 32  # Rows per step across all hosts.
   d.worker_count = 0  # grain worker processes per host (0: in-process).

@@ -7,13 +7,17 @@ models.rwkv.low_rank_sizes); `size=tiny` is RwkvConfig's defaults (the model of
 rwkv_tiny, scanned). Training runs the chunked WKV-7 form (model.chunk_size 16):
 the Pallas kernel on an H100/H200 or TPU (model.rwkv_impl='auto'), its jnp twin
 elsewhere (layers/rwkv/wkv7.py).
+Tokenize as the World models do with --config.data.tokenizer=rwkv_world (the
+vocabulary file of an installed `rwkv` package) or
+--config.data.tokenizer=PATH/rwkv_vocab_v20230424.txt (train/data/rwkv_world.py).
 """
 
 from configs import base
 from configs import common
 from models.rwkv import RwkvConfig, low_rank_sizes
 
-_SHAPES = {"0.1b": (12, 768), "0.4b": (24, 1024), "1.5b": (24, 2048), "2.9b": (32, 2560)}
+_SHAPES = {"0.1b": (12, 768), "0.4b": (24, 1024), "1.5b": (24, 2048), "2.9b": (32, 2560),
+           "7.2b": (32, 4096)}
 SIZES = {"tiny": dict()}
 SIZES.update({
     size: dict(num_layers=layers, embed_dim=embed, head_size=64, hidden_dim=4 * embed,

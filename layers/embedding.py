@@ -3,6 +3,8 @@
 Shapes: b batch, t sequence, e embed, v vocab.
 """
 
+from collections.abc import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,14 +18,18 @@ class Embed(nn.Module):
     embed_dim: row width e.
     dtype: dtype of looked-up embeddings (and of `attend`'s inputs).
     param_dtype: storage dtype of the table.
+    embedding_init: initializer (key, shape, dtype) of the table; None: the
+      variance-scaled normal below.
   """
   vocab_size: int
   embed_dim: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  embedding_init: Callable[..., jax.Array] | None = None
 
   def setup(self):
-    init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+    init = self.embedding_init or nn.initializers.variance_scaling(
+        1.0, "fan_in", "normal", out_axis=0)
     self.embedding = self.param(
         "embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
         (self.vocab_size, self.embed_dim), self.param_dtype)

@@ -3,7 +3,7 @@
 Shapes: b batch, t sequence, h heads, k kv heads, d head dim, e embed, m mlp.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -17,7 +17,8 @@ class Einsum(nn.Module):
   """y = einsum(equation, x, kernel) [+ bias] with a logically partitioned kernel.
 
   The kernel is initialised with fan-in truncated-normal scaling, where fan-in
-  is the product of the first `num_contracting` kernel axes. A bias (zeros at
+  is the product of the first `num_contracting` kernel axes, unless
+  `kernel_init` says otherwise. A bias (zeros at
   init) is added when `bias_axes` is set; its shape is the kernel's
   non-contracting axes, which must be the trailing axes of the output, e.g.
   [h, d] for 'bte,ehd->bthd'.
@@ -31,6 +32,8 @@ class Einsum(nn.Module):
       axes), e.g. ('heads', 'head_dim'); None (default) means no bias.
     dtype: computation dtype (inputs and kernel are cast to it).
     param_dtype: storage dtype of the kernel and bias.
+    kernel_init: initializer (key, shape, dtype) of the kernel; None: fan-in
+      truncated normal.
   """
   shape: Sequence[int]
   axes: Sequence[str]
@@ -39,12 +42,13 @@ class Einsum(nn.Module):
   bias_axes: Sequence[str] | None = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  kernel_init: Callable[..., jax.Array] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Applies the projection; the output shape follows `equation`."""
     rank = len(self.shape)
-    init = nn.initializers.variance_scaling(
+    init = self.kernel_init or nn.initializers.variance_scaling(
         1.0, "fan_in", "truncated_normal",
         in_axis=tuple(range(self.num_contracting)),
         out_axis=tuple(range(self.num_contracting, rank)))

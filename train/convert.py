@@ -7,8 +7,8 @@ r"""One command for every foreign checkpoint format: import into and export from
 NAME is a format a family registers (`python -m train.convert list`): llama
 (transformers LlamaForCausalLM), mixtral (MixtralForCausalLM), qwen2_moe
 (Qwen2MoeForCausalLM), mamba (MambaForCausalLM), mamba2 (Mamba2ForCausalLM) and
-rwkv7_pth (BlinkDL's RWKV-7 .pth) today; SRC and DST are that format's files (a
-transformers `save_pretrained` directory for the first five, a .pth file for rwkv7_pth). The
+rwkv7 (BlinkDL's RWKV-7 .pth) today; SRC and DST are that format's files (a
+transformers `save_pretrained` directory for the first five, a .pth file for rwkv7). The
 converters live with their family (models/<family>/hf.py, pth.py); this module
 adds the checkpoint side.
 

@@ -8,6 +8,8 @@
   time_mix.py     `TimeMix`: the RWKV-7 attention replacement (lerps, low-rank decay/iclr/gate,
                   value residual, WKV-7, per-head GroupNorm, bonus)
   channel_mix.py  `ChannelMix`: token shift + squared-ReLU feed-forward
+  initializers.py RWKV-LM's depth-dependent initial values (lerps, decay offsets, ln_x
+                  scale, orthogonal/zero projections) as Flax initializers
 """
 
 from layers.rwkv.channel_mix import ChannelMix

@@ -13,7 +13,8 @@ For normed inputs x and the previous token x' (token shift), with δ = x' − x:
     y = WKV7(r, w, k, v, −k̂, k̂·a);  y = GroupNorm_h(y) + (Σ_d r·k·r_k)·v
     out = (y·g) O
 
-The same maths and order as the reference `rwkv` package's v7 path.
+The same maths and order as the reference `rwkv` package's v7 path; the
+initial values depend on the layer's depth (layers/rwkv/initializers.py).
 
 Shapes (layers/__init__.py): b batch, t sequence, e embed, h heads, d head size,
 R low-rank width.
@@ -27,27 +28,13 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from layers.linear import Einsum
+from layers.rwkv import initializers as rwkv_init
 from layers.rwkv.token_shift import token_shift
 from layers.rwkv.wkv7 import resolve_impl, wkv7_apply
 
 _HEAD_AXES = ("batch", "length", "heads", "head_dim")
 DECAY_SCALE = math.exp(-0.5)
 GROUP_NORM_EPS = 64e-5
-
-
-def _lerp_init(power: float):
-  """μ[c] = 1 − (c/e)^power: early channels mostly take the previous token."""
-  def init(key, shape, dtype):
-    del key
-    return (1.0 - (jnp.arange(shape[0]) / shape[0]) ** power).astype(dtype)
-  return init
-
-
-def _decay_init(key, shape, dtype):
-  """w0 spread from slow to fast decay over the channels (as RWKV-LM, mid-depth)."""
-  del key
-  n = jnp.arange(shape[0]) / max(shape[0] - 1, 1)
-  return (-7.0 + 5.0 * n ** 1.55 + 0.5).astype(dtype)
 
 
 def group_norm_heads(y: jax.Array, scale: jax.Array, bias: jax.Array,
@@ -83,6 +70,7 @@ class TimeMix(nn.Module):
       (layers.rwkv.wkv7.resolve_impl: the kernel where `rwkv_chip` is set and served).
     rwkv_chip: the kernel's target chip ('' : none; 'pallas' then interprets on CPU).
     value_residual: mix in the first layer's values (every layer but the first).
+    num_layers: L, for the depth-dependent initial values.
     dtype: computation dtype of the projections (decay, gates and the state are float32).
     param_dtype: parameter storage dtype.
   """
@@ -96,6 +84,7 @@ class TimeMix(nn.Module):
   rwkv_impl: str = "auto"
   rwkv_chip: str = ""
   value_residual: bool = True
+  num_layers: int = 1
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -110,7 +99,8 @@ class TimeMix(nn.Module):
                                                             ("embed", "low_rank")),
                       (e, rank), self.param_dtype)
     w_out = self.param(name_out, nn.with_logical_partitioning(
-        nn.initializers.orthogonal(0.1), ("low_rank", "embed")), (rank, e), self.param_dtype)
+        rwkv_init.orthogonal(rwkv_init.low_rank_out_gain(rank, e)), ("low_rank", "embed")),
+        (rank, e), self.param_dtype)
     hidden = jnp.einsum("bte,er->btr", x, w_in.astype(jnp.float32))
     if inner is not None:
       hidden = inner(hidden)
@@ -118,7 +108,8 @@ class TimeMix(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, v_first: jax.Array | None, doc: jax.Array | None = None,
-               previous: jax.Array | None = None, state: jax.Array | None = None):
+               previous: jax.Array | None = None, state: jax.Array | None = None,
+               depth: jax.Array | int = 0):
     """The time mix of normed inputs.
 
     Args:
@@ -127,6 +118,8 @@ class TimeMix(nn.Module):
       doc: int [b, t] document index (layers.ssm.document_index); None: one document.
       previous: [b, e] the token before x[:, 0] (decoding), or None.
       state: float32 [b, h, d, d] the WKV state before x[:, 0] (decoding), or None.
+      depth: this layer's index l in 0..L-1 (int or traced int scalar); sets the
+        initial values only.
     Returns:
       (out [b, t, e] in `dtype`, this layer's values v [b, t, h, d] (before the
       value residual: the v_first of later layers), the last token [b, e], the
@@ -138,35 +131,37 @@ class TimeMix(nn.Module):
     shifted, last = token_shift(x, doc, previous)
     x32 = x.astype(jnp.float32)
     delta = shifted.astype(jnp.float32) - x32
-    mixed = {c: x32 + delta * self._vector(f"x_{c}", _lerp_init(p), e)
-             for c, p in (("r", 0.2), ("w", 0.9), ("k", 0.7), ("v", 0.7), ("a", 0.9),
-                          ("g", 0.2))}
+    lerp = lambda c, p: self._vector(  # noqa: E731
+        f"x_{c}", rwkv_init.token_shift_lerp(p, depth, self.num_layers), e)
+    mixed = {c: x32 + delta * lerp(c, p) for c, p in rwkv_init.TIME_MIX_LERP_POWERS}
 
-    heads_in = lambda name, inputs: Einsum((e, h, d), ("embed", "heads", "head_dim"),  # noqa: E731
-                                           "bte,ehd->bthd", name=name, **kw)(inputs)
-    r = heads_in("receptance", mixed["r"]).astype(jnp.float32)
-    k = heads_in("key", mixed["k"]).astype(jnp.float32)
-    v = heads_in("value", mixed["v"]).astype(jnp.float32)
+    heads_in = lambda name, inputs, gain: Einsum(  # noqa: E731
+        (e, h, d), ("embed", "heads", "head_dim"), "bte,ehd->bthd", name=name,
+        kernel_init=rwkv_init.orthogonal(gain), **kw)(inputs)
+    r = heads_in("receptance", mixed["r"], 1.0).astype(jnp.float32)
+    k = heads_in("key", mixed["k"], rwkv_init.KEY_GAIN).astype(jnp.float32)
+    v = heads_in("value", mixed["v"], 1.0).astype(jnp.float32)
     split = lambda y: y.reshape(b, t, h, d)  # noqa: E731
 
-    w = self._vector("w0", _decay_init, e) + self._low_rank("w1", "w2", mixed["w"],
-                                                             self.decay_rank, jnp.tanh)
+    w = (self._vector("w0", rwkv_init.decay_offset(d, depth, self.num_layers), e)
+         + self._low_rank("w1", "w2", mixed["w"], self.decay_rank, jnp.tanh))
     w = jnp.exp(-DECAY_SCALE * jax.nn.sigmoid(split(w)))
-    a = jax.nn.sigmoid(split(self._vector("a0", nn.initializers.zeros_init(), e)
+    a = jax.nn.sigmoid(split(self._vector("a0", rwkv_init.iclr_offset(d), e)
                              + self._low_rank("a1", "a2", mixed["a"], self.iclr_rank)))
     g = split(self._low_rank("g1", "g2", mixed["g"], self.gate_rank, jax.nn.sigmoid))
 
-    per_head = lambda name, value: self.param(  # noqa: E731
-        name, nn.with_logical_partitioning(nn.initializers.constant(value),
-                                           ("heads", "head_dim")),
+    per_head = lambda name, init: self.param(  # noqa: E731
+        name, nn.with_logical_partitioning(init, ("heads", "head_dim")),
         (h, d), self.param_dtype).astype(jnp.float32)
-    k_k, k_a, r_k = per_head("k_k", 0.85), per_head("k_a", 1.0), per_head("r_k", -0.04)
+    k_k = per_head("k_k", rwkv_init.key_norm_scale())
+    k_a = per_head("k_a", nn.initializers.constant(1.02))
+    r_k = per_head("r_k", nn.initializers.constant(-0.04))
     kk = k * k_k
     kk = kk / jnp.maximum(jnp.linalg.norm(kk, axis=-1, keepdims=True), 1e-12)
     k = k * (1.0 + (a - 1.0) * k_a)
     values = v
     if self.value_residual:
-      mix = jax.nn.sigmoid(split(self._vector("v0", nn.initializers.ones, e)
+      mix = jax.nn.sigmoid(split(self._vector("v0", rwkv_init.value_mix_offset(), e)
                                  + self._low_rank("v1", "v2", mixed["v"], self.value_rank)))
       v = v + (v_first.astype(jnp.float32) - v) * mix
 
@@ -178,12 +173,14 @@ class TimeMix(nn.Module):
     y = checkpoint_name(nn.with_logical_constraint(y, _HEAD_AXES), "wkv")
 
     ln_scale = self.param("ln_x_scale", nn.with_logical_partitioning(
-        nn.initializers.ones, ("heads", "head_dim")), (h, d), self.param_dtype)
+        rwkv_init.group_norm_scale(depth, self.num_layers), ("heads", "head_dim")), (h, d),
+        self.param_dtype)
     ln_bias = self.param("ln_x_bias", nn.with_logical_partitioning(
         nn.initializers.zeros_init(), ("heads", "head_dim")), (h, d), self.param_dtype)
     y = group_norm_heads(y, ln_scale, ln_bias)
     y = y + jnp.sum(r * k * r_k, axis=-1, keepdims=True) * v
     y = (y * g).astype(self.dtype)
     out = Einsum((h, d, e), ("heads", "head_dim", "embed"), "bthd,hde->bte",
-                 num_contracting=2, name="output", **kw)(y)
+                 num_contracting=2, name="output", kernel_init=nn.initializers.zeros_init(),
+                 **kw)(y)
     return out, values.astype(self.dtype), last, state

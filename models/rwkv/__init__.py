@@ -11,4 +11,4 @@ from models.rwkv.config import RwkvConfig, low_rank_sizes
 from models.rwkv.model import Block, Rwkv, init_cache
 
 FAMILY = ModelFamily(config_class=RwkvConfig, model_class=Rwkv, init_cache=init_cache,
-                     converters={"rwkv7_pth": pth.RWKV7_PTH})
+                     converters={"rwkv7": pth.RWKV7_PTH})

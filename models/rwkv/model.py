@@ -3,7 +3,9 @@
 Block 0 makes the values every later block mixes in (the value residual,
 v_first), so it is built on its own ('layers_0'); blocks 1..L-1 are identical
 and scanned ('layers', or layers_1 ... unrolled). The carry between blocks is
-(x, v_first).
+(x, v_first, depth): the block's index l rides along as a traced int32 so that
+scanned blocks, which share one module, still get their own depth-dependent
+initial values (layers/rwkv/initializers.py); it sets nothing else.
 
 Shapes (layers/__init__.py): b batch, t sequence, e embed, v vocab, h heads,
 d head size, L layers.
@@ -19,6 +21,7 @@ from layers.embedding import Embed
 from layers.linear import Einsum
 from layers.norms import LayerNorm
 from layers.rwkv import ChannelMix, TimeMix
+from layers.rwkv import initializers as rwkv_init
 from layers.ssm import document_index
 from models.llama.config import REMAT_POLICIES
 from models.llama.model import stack_blocks
@@ -53,12 +56,13 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, carry, positions, segment_ids):
-    """carry (x [b, t, e], v_first [b, t, h, d] or None) -> (carry, None); positions
-    are unused (order comes from the recurrence); the None makes it an nn.scan body."""
+    """carry (x [b, t, e], v_first [b, t, h, d] or None, depth int32 []) -> (carry with
+    depth + 1, None); positions are unused (order comes from the recurrence); the None
+    makes it an nn.scan body."""
     del positions
     cfg = self.config
     kw = _dtypes(cfg)
-    x, v_first = carry
+    x, v_first, depth = carry
     b, t, _ = x.shape
     cache = self._cache_variables(b) if self.decode else None
     previous = None if cache is None else cache.segment_ids.value
@@ -69,13 +73,14 @@ class Block(nn.Module):
     y, values, att_last, state = TimeMix(
         cfg.num_heads, cfg.head_size, cfg.decay_rank, cfg.iclr_rank, cfg.value_rank,
         cfg.gate_rank, chunk_size=cfg.chunk_size, rwkv_impl=cfg.rwkv_impl,
-        rwkv_chip=cfg.rwkv_chip, value_residual=not self.first, name="att", **kw)(
+        rwkv_chip=cfg.rwkv_chip, value_residual=not self.first, num_layers=cfg.num_layers,
+        name="att", **kw)(
             y, v_first, doc, None if cache is None else cache.att_shift.value,
-            None if cache is None else cache.att_state.value)
+            None if cache is None else cache.att_state.value, depth=depth)
     x = nn.with_logical_constraint(x + y, _RESIDUAL_AXES)
     y = LayerNorm(cfg.norm_eps, name="ln2", **kw)(x)
-    y, ffn_last = ChannelMix(cfg.hidden_dim, name="ffn", **kw)(
-        y, doc, None if cache is None else cache.ffn_shift.value)
+    y, ffn_last = ChannelMix(cfg.hidden_dim, cfg.num_layers, name="ffn", **kw)(
+        y, doc, None if cache is None else cache.ffn_shift.value, depth=depth)
     x = nn.with_logical_constraint(x + y, _RESIDUAL_AXES)
 
     if cache is not None:
@@ -86,7 +91,7 @@ class Block(nn.Module):
         cache.segment_ids.value = segment_ids[:, -1].astype(jnp.int32)
     if self.first:
       v_first = values
-    return (x, v_first), None
+    return (x, v_first, depth + 1), None
 
   def _cache_variables(self, b: int) -> _Cache:
     """The cache variables, created as zeros if absent."""
@@ -129,18 +134,21 @@ class Rwkv(nn.Module):
     """
     cfg = self.config
     kw = _dtypes(cfg)
-    x = Embed(cfg.vocab_size, cfg.embed_dim, name="embed", **kw)(tokens)
+    x = Embed(cfg.vocab_size, cfg.embed_dim, name="embed",
+              embedding_init=rwkv_init.small_uniform, **kw)(tokens)
     x = nn.with_logical_constraint(LayerNorm(cfg.norm_eps, name="ln0", **kw)(x), _RESIDUAL_AXES)
     first = Block
     if cfg.remat_policy != "none":
       first = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy])
-    carry, _ = first(cfg, decode, True, name="layers_0")((x, None), positions, segment_ids)
+    carry = (x, None, jnp.zeros((), jnp.int32))
+    carry, _ = first(cfg, decode, True, name="layers_0")(carry, positions, segment_ids)
     if cfg.num_layers > 1:
       carry = stack_blocks(Block, cfg, decode, carry, positions, segment_ids,
                            count=cfg.num_layers - 1, first_index=1, scan_name="layers")
     x = LayerNorm(cfg.norm_eps, name="ln_out", **kw)(carry[0])
     logits = Einsum((cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), "bte,ev->btv",
-                    name="head", **kw)(x)
+                    name="head", kernel_init=rwkv_init.orthogonal(
+                        rwkv_init.head_gain(cfg.vocab_size, cfg.embed_dim)), **kw)(x)
     logits = logits.astype(jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
 

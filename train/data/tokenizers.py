@@ -1,5 +1,6 @@
-"""Tokenizers: UTF-8 bytes (the default), a SentencePiece model, or a Hugging Face
-`tokenizer.json` (read by the `tokenizers` library), all from local files.
+"""Tokenizers: UTF-8 bytes (the default), a SentencePiece model, a Hugging Face
+`tokenizer.json` (read by the `tokenizers` library), or the RWKV World vocabulary
+(train/data/rwkv_world.py), all from local files.
 
 All expose the same small interface: `encode(text) -> list[int]` without
 special tokens (the pipeline adds bos/eos), `decode(ids) -> str` that drops
@@ -13,6 +14,9 @@ from collections.abc import Iterable
 
 import numpy as np
 import sentencepiece
+
+from train.data import rwkv_world
+from train.data.rwkv_world import RwkvWorldTokenizer, find_vocab_file
 
 
 class ByteTokenizer:
@@ -163,7 +167,7 @@ class HuggingFaceTokenizer:
     return self._tok.decode(keep, skip_special_tokens=True)
 
 
-Tokenizer = ByteTokenizer | SentencePieceTokenizer | HuggingFaceTokenizer
+Tokenizer = ByteTokenizer | SentencePieceTokenizer | HuggingFaceTokenizer | RwkvWorldTokenizer
 
 
 def _resolve_path(spec: str) -> str:
@@ -176,17 +180,27 @@ def _resolve_path(spec: str) -> str:
                             "tokenizer.json or tokenizer.model.")
   if not os.path.isfile(spec):
     raise FileNotFoundError(
-        f"config.data.tokenizer={spec!r} is neither 'byte' nor an existing SentencePiece "
-        ".model file, tokenizer.json, or directory holding one.")
+        f"config.data.tokenizer={spec!r} is neither 'byte', 'rwkv_world' nor an existing "
+        "SentencePiece .model file, tokenizer.json, RWKV World vocabulary .txt, or directory "
+        "holding a tokenizer.json or tokenizer.model.")
   return spec
 
 
 def get_tokenizer(spec: str) -> Tokenizer:
-  """config.data.tokenizer: 'byte', or a local SentencePiece .model file, a Hugging Face
-  tokenizer.json, or a directory holding one (a downloaded model's directory)."""
+  """config.data.tokenizer: 'byte'; 'rwkv_world' (the RWKV World vocabulary of an
+  installed `rwkv` package) or the path of such a vocabulary .txt; or a local
+  SentencePiece .model file, a Hugging Face tokenizer.json, or a directory holding
+  one (a downloaded model's directory)."""
   if spec == "byte":
     return ByteTokenizer()
+  if spec == "rwkv_world":
+    return RwkvWorldTokenizer(find_vocab_file())
+  if spec.endswith(".txt") and not os.path.isfile(spec):
+    raise FileNotFoundError(f"config.data.tokenizer={spec!r}: no such RWKV World vocabulary file "
+                            f"({rwkv_world.WHERE}).")
   path = _resolve_path(spec)
+  if path.endswith(".txt"):
+    return RwkvWorldTokenizer(path)
   if path.endswith(".json"):
     try:
       return HuggingFaceTokenizer(path)

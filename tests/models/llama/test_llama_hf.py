@@ -163,7 +163,7 @@ def test_convert_lists_every_format():
   assert {name: family for name, (family, _) in formats.items()} == {
       "llama": "llama", "qwen2": "llama", "qwen3": "llama", "mistral": "llama",
       "gemma3": "llama", "mixtral": "moe", "qwen2_moe": "moe", "mamba2": "mamba",
-      "rwkv7_pth": "rwkv", "unet2d": "unet"}
+      "rwkv7": "rwkv", "unet2d": "unet"}
   assert "LlamaForCausalLM" in formats["llama"][1].description
   with pytest.raises(ValueError, match="--model='gpt2' is not a known format"):
     convert.get_converter("gpt2")

@@ -111,11 +111,11 @@ def test_convert_cli_round_trip(tmp_path, torch_pth):
   stem, params = torch_pth
   env = {**os.environ, "PYTHONPATH": REPO}
   work, out = str(tmp_path / "work"), str(tmp_path / "out")
-  for args in (["import", "--model=rwkv7_pth", stem + ".pth", work],
-               ["export", "--model=rwkv7_pth", work, out]):
+  for args in (["import", "--model=rwkv7", stem + ".pth", work],
+               ["export", "--model=rwkv7", work, out]):
     subprocess.run([sys.executable, "-m", "train.convert", *args], check=True, cwd=REPO, env=env,
                    capture_output=True)
   back = pth.read_pth(os.path.join(out, "model.pth"))
   for name, w in pth.pth_from_params(params, CFG).items():
     np.testing.assert_allclose(back[name], w, err_msg=name)
-  assert "rwkv7_pth" in convert.converters()
+  assert "rwkv7" in convert.converters()
