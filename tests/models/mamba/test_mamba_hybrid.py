@@ -250,3 +250,9 @@ def test_sharded_loss_matches_single_device():
                   in_shardings=(shardings, batch, batch))(
         jax.device_put(params, shardings), tokens, seg)
   np.testing.assert_allclose(loss(got), want, rtol=1e-5)
+
+
+def test_hf_export_refuses_a_hybrid():
+  from models.mamba import hf  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=r"model\.attention_layers=\(1,\).*Mamba2ForCausalLM"):
+    hf.hf_config_from_model(make_config())
