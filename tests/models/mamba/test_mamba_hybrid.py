@@ -206,8 +206,9 @@ def test_prefill_then_decode_equals_full_forward():
 
 def test_sampler_greedy_matches_full_forward():
   """The shared sampler (left-padded prompts with their positions, prefill in one pass,
-  then one token per step) picks what rerunning the full forward picks."""
-  cfg = make_config(num_layers=4, attention_layers=(0, 3), scan_layers=False)
+  then one token per step) picks what rerunning the full forward picks; with Mamba-1
+  blocks, unscanned."""
+  cfg = make_config(num_layers=4, attention_layers=(0, 3), scan_layers=False, version=1)
   params = random_params(cfg)
   prompts = [[1, 5, 9, 3, 7], [2, 8], [4], [6, 6, 6]]
   tokens, positions, segments = sampling.left_pad(prompts, pad_id=0)
@@ -253,6 +254,8 @@ def test_sharded_loss_matches_single_device():
 
 
 def test_hf_export_refuses_a_hybrid():
-  from models.mamba import hf  # pylint: disable=g-import-not-at-top
+  from models.mamba import hf, hf_mamba1  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match=r"model\.attention_layers=\(1,\).*Mamba2ForCausalLM"):
     hf.hf_config_from_model(make_config())
+  with pytest.raises(ValueError, match=r"model\.attention_layers=\(1,\).*MambaForCausalLM"):
+    hf_mamba1.hf_config_from_model(make_config(version=1))
