@@ -6,7 +6,8 @@ import ml_collections
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses the `:key=value,key=value` suffix of `--config=configs/x.py:...`.
 
-  Every key must be one of `defaults`; values take the type of the default.
+  Every key must be one of `defaults`; values take the type of the default. A
+  bare key whose default is a bool turns it on (`:hybrid` = `:hybrid=true`).
 
   >>> parse_arg('size=1b', size='tiny').size
   '1b'
@@ -16,6 +17,8 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     return parsed
   for item in arg.split(","):
     key, sep, value = item.partition("=")
+    if not sep and isinstance(defaults.get(key), bool):
+      sep, value = "=", "true"
     if not sep:
       raise ValueError(f"Config argument {item!r} must look like key=value; "
                        f"known keys: {sorted(defaults)}.")

@@ -3,20 +3,50 @@ checks, FLOPs.
 
 The defaults are the tiny CPU model of configs/mamba_tiny.py (Mamba-2);
 configs/mamba.py sets the published mamba-130m ... 2.8b (version 1) and
-mamba2-130m ... 2.7b (version 2) shapes. Shapes: see layers/__init__.py.
+mamba2-130m ... 2.7b (version 2) shapes. `model.attention_layers` makes a
+Jamba-style hybrid: Llama decoder blocks (attention + MLP, shaped by
+`model.attention.*`) at those depths (models/mamba/hybrid.py).
+Shapes: see layers/__init__.py.
 """
 
 import dataclasses
 import math
 from typing import ClassVar
 
-from models.config_schema import ModelConfig, field
+from layers import attention as attention_lib
+from models.config_schema import ConfigSection, ModelConfig, field, section
 from models.llama.config import REMAT_POLICIES, check_choice, check_dtype_names
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class HybridAttentionConfig(ConfigSection):
+  """The Llama decoder blocks of a hybrid (`model.attention_layers`): GQA attention with
+  RoPE, then a SwiGLU MLP; embed width, norms and dtypes are the Mamba model's."""
+  num_heads: int = field(4, "Query heads (h).")
+  num_kv_heads: int = field(2, "Key/value heads (k, GQA); divides num_heads.")
+  head_dim: int = field(32, "Per-head width (d); even (RoPE).")
+  mlp_dim: int = field(384, "SwiGLU hidden width (m).")
+  rope_theta: float = field(10_000.0, "RoPE base frequency.")
+
+  def __post_init__(self):
+    for name in ("num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+      if int(getattr(self, name)) <= 0:
+        raise ValueError(f"model.attention.{name}={getattr(self, name)} must be positive.")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"model.attention.num_heads={self.num_heads} must be a multiple of "
+                       f"model.attention.num_kv_heads={self.num_kv_heads} (grouped-query "
+                       "attention).")
+    if self.head_dim % 2:
+      raise ValueError(f"model.attention.head_dim={self.head_dim} must be even for RoPE.")
+    if self.rope_theta <= 0:
+      raise ValueError(f"model.attention.rope_theta={self.rope_theta} must be positive.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class MambaConfig(ModelConfig):
-  """A pre-norm stack of Mamba-1 or Mamba-2 mixers (no attention, no MLP), RMSNorm, LM head."""
+  """A pre-norm stack of Mamba-1 or Mamba-2 mixers (no MLP), RMSNorm, LM head;
+  attention_layers puts Llama decoder blocks (attention + MLP) at some depths (a
+  Jamba-style hybrid)."""
   family: ClassVar[str] = "mamba"
 
   vocab_size: int = field(512, "Embedding rows; must be >= the tokenizer's vocabulary.")
@@ -46,7 +76,18 @@ class MambaConfig(ModelConfig):
                            "recurrent state itself has no length limit).", shapes_params=False)
   norm_eps: float = field(1e-5, "RMSNorm epsilon (block, gated and final norms).")
   tie_embeddings: bool = field(False, "Share the input embedding and the output projection.")
-  scan_layers: bool = field(True, "nn.scan over identical blocks (faster compile).")
+  # Hybrid (Jamba-style) stacks: attention blocks at some depths.
+  attention_layers: tuple[int, ...] = field(
+      (), "0-based depths, increasing, whose block is a Llama decoder block (attention + "
+      "MLP) instead of a Mamba mixer; () = pure Mamba.")
+  attention: HybridAttentionConfig = section(
+      HybridAttentionConfig, "The attention blocks at model.attention_layers.")
+  attention_impl: str = field("auto", "Attention blocks: xla | cudnn | pallas | auto.",
+                              shapes_params=False)
+  attention_chip: str = field("", "Attention blocks' Pallas kernel target (h100, tpu_v5e, "
+                              "...); '' = this machine's.", shapes_params=False)
+  scan_layers: bool = field(True, "nn.scan over identical blocks (faster compile; a hybrid "
+                            "scans each run of Mamba blocks between attention blocks).")
   remat_policy: str = field("none", "none | full | dots_saveable | "
                             "dots_with_no_batch_dims_saveable.", shapes_params=False)
   dtype: str = field("bfloat16", "Computation dtype (SSM states stay float32).",
@@ -68,6 +109,7 @@ class MambaConfig(ModelConfig):
     check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
     check_dtype_names(self)
     self._check_version_fields()
+    self._check_hybrid()
 
   def _check_version_fields(self):
     if self.version not in (1, 2):
@@ -86,6 +128,33 @@ class MambaConfig(ModelConfig):
           raise ValueError(f"model.{name}={getattr(self, name)!r} applies to model.version=1 "
                            f"only; leave it at {default!r} for version 2 or set version=1.")
 
+  def _check_hybrid(self) -> None:
+    check_choice("attention_impl", self.attention_impl, attention_lib.IMPLEMENTATIONS)
+    if isinstance(self.attention_layers, list):  # Built in Python with a list: keep it hashable.
+      object.__setattr__(self, "attention_layers", tuple(self.attention_layers))
+    depths = self.attention_layers
+    for depth in depths:
+      if isinstance(depth, bool) or not isinstance(depth, int):
+        raise ValueError(f"model.attention_layers={depths} must hold int depths, got "
+                         f"{depth!r}.")
+      if not 0 <= depth < self.num_layers:
+        raise ValueError(f"model.attention_layers={depths} has depth {depth}, outside the "
+                         f"0-based depths 0..{self.num_layers - 1} of "
+                         f"model.num_layers={self.num_layers}.")
+    if len(set(depths)) != len(depths):
+      raise ValueError(f"model.attention_layers={depths} repeats a depth; list each once.")
+    if list(depths) != sorted(depths):
+      raise ValueError(f"model.attention_layers={depths} must be increasing: write "
+                       f"{tuple(sorted(depths))}.")
+
+  @property
+  def num_mamba_layers(self) -> int:
+    """Blocks with a Mamba mixer (num_layers less the attention blocks)."""
+    return self.num_layers - len(self.attention_layers)
+
+  def on_chip(self, chip):
+    return self if self.attention_chip else dataclasses.replace(self, attention_chip=chip)
+
   @property
   def inner_dim(self) -> int:
     """The mixer's inner width: i = expand·e (version 1), h·d (version 2)."""
@@ -102,19 +171,32 @@ class MambaConfig(ModelConfig):
 
   def sharded_sizes(self):
     if self.version == 1:
-      return {"expand·embed_dim": ("mlp", self.inner_dim)}
-    return {"num_heads": ("heads", self.num_heads)}
+      sizes = {"expand·embed_dim": ("mlp", self.inner_dim)}
+    else:
+      sizes = {"num_heads": ("heads", self.num_heads)}
+    if self.attention_layers:
+      sizes.update({"attention.num_heads": ("heads", self.attention.num_heads),
+                    "attention.num_kv_heads": ("kv_heads", self.attention.num_kv_heads)})
+    return sizes
 
   def matmul_params(self) -> int:
     """Weights each token multiplies with (projections and head; not the embedding lookup)."""
     if self.version == 1:
       i, r, n = self.inner_dim, self.dt_rank, self.state_size
       mixer = self.embed_dim * 2 * i + i * (r + 2 * n) + r * i + i * self.embed_dim
-      return self.num_layers * mixer + self.embed_dim * self.vocab_size
-    in_proj = self.embed_dim * (2 * self.inner_dim + 2 * self.num_groups * self.state_size
-                                + self.num_heads)
-    out_proj = self.inner_dim * self.embed_dim
-    return self.num_layers * (in_proj + out_proj) + self.embed_dim * self.vocab_size
+    else:
+      in_proj = self.embed_dim * (2 * self.inner_dim + 2 * self.num_groups * self.state_size
+                                  + self.num_heads)
+      mixer = in_proj + self.inner_dim * self.embed_dim
+    return (self.num_mamba_layers * mixer
+            + len(self.attention_layers) * self.attention_block_matmul_params()
+            + self.embed_dim * self.vocab_size)
+
+  def attention_block_matmul_params(self) -> int:
+    """Weights of one hybrid attention block: q, k, v, output projections and the MLP."""
+    a = self.attention
+    return self.embed_dim * (a.head_dim * (2 * a.num_heads + 2 * a.num_kv_heads)
+                             + 3 * a.mlp_dim)
 
   def ssd_flops_per_token(self, seq_len: int) -> float:
     """Forward + backward FLOPs of the chunked SSD per token: the in-chunk C·Bᵀ scores
@@ -122,15 +204,21 @@ class MambaConfig(ModelConfig):
     chunk = min(self.chunk_size, seq_len)
     in_chunk = 2 * chunk * (self.num_groups * self.state_size + self.inner_dim)
     states = 4 * self.inner_dim * self.state_size
-    return 3.0 * self.num_layers * (in_chunk + states)
+    return 3.0 * self.num_mamba_layers * (in_chunk + states)
 
   def selective_scan_flops_per_token(self) -> float:
     """Forward + backward FLOPs of Mamba-1's scan per token, counted as the recurrence
     (per channel and state: decay, input and update 3, read-out 2, discretising 1)."""
-    return 3.0 * self.num_layers * 6 * self.inner_dim * self.state_size
+    return 3.0 * self.num_mamba_layers * 6 * self.inner_dim * self.state_size
 
   def train_flops_per_token(self, seq_len: int) -> float:
-    """6 · N_matmul + the scan's own FLOPs (SSD for version 2, selective scan for 1)."""
+    """6 · N_matmul + the scan's own FLOPs (SSD for version 2, selective scan for 1)
+    + causal attention's in a hybrid (12·h·d·t/2 per attention block, as LlamaConfig
+    counts them)."""
+    attention = (len(self.attention_layers) * 12.0 * self.attention.num_heads
+                 * self.attention.head_dim * seq_len / 2)
     if self.version == 1:
-      return 6.0 * self.matmul_params() + self.selective_scan_flops_per_token()
-    return 6.0 * self.matmul_params() + self.ssd_flops_per_token(seq_len)
+      scan = self.selective_scan_flops_per_token()
+    else:
+      scan = self.ssd_flops_per_token(seq_len)
+    return 6.0 * self.matmul_params() + scan + attention

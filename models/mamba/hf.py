@@ -64,12 +64,17 @@ def hf_config_from_model(cfg: MambaConfig) -> dict:
   """A config.json dict that transformers' `Mamba2ForCausalLM` loads (float32 weights).
 
   Raises:
-    ValueError: if h·d is not expand·e for a whole or decimal `expand`, or for a
-      Mamba-1 model (model.version=1 exports with --model=mamba).
+    ValueError: if h·d is not expand·e for a whole or decimal `expand`, for a
+      Mamba-1 model (model.version=1 exports with --model=mamba), or for a hybrid
+      (Mamba2ForCausalLM has no attention blocks).
   """
   if cfg.version != 2:
     raise ValueError(f"model.version={cfg.version}: Mamba2ForCausalLM holds Mamba-2 models "
                      "(version 2); export Mamba-1 with --model=mamba.")
+  if cfg.attention_layers:
+    raise ValueError(f"model.attention_layers={cfg.attention_layers}: transformers' "
+                     "Mamba2ForCausalLM has no attention blocks, so a hybrid cannot be "
+                     "written in its format.")
   expand = cfg.inner_dim / cfg.embed_dim
   if int(expand * cfg.embed_dim) != cfg.inner_dim:
     raise ValueError(f"model.num_heads·model.head_dim={cfg.inner_dim} is not expand·"

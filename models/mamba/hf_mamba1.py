@@ -57,11 +57,16 @@ def hf_config_from_model(cfg: MambaConfig) -> dict:
   """A config.json dict that transformers' `MambaForCausalLM` loads (float32 weights).
 
   Raises:
-    ValueError: if the model is not Mamba-1 (model.version=2 exports with --model=mamba2).
+    ValueError: if the model is not Mamba-1 (model.version=2 exports with --model=mamba2)
+      or is a hybrid (MambaForCausalLM has no attention blocks).
   """
   if cfg.version != 1:
     raise ValueError(f"model.version={cfg.version}: MambaForCausalLM holds Mamba-1 models "
                      "(version 1); export Mamba-2 with --model=mamba2.")
+  if cfg.attention_layers:
+    raise ValueError(f"model.attention_layers={cfg.attention_layers}: transformers' "
+                     "MambaForCausalLM has no attention blocks, so a hybrid cannot be "
+                     "written in its format.")
   return {
       "architectures": ["MambaForCausalLM"], "model_type": "mamba",
       "vocab_size": cfg.vocab_size, "hidden_size": cfg.embed_dim,

@@ -1,5 +1,8 @@
 """Mamba language model: embedding, pre-norm residual Mamba-1 or Mamba-2 blocks, RMSNorm, LM head.
 
+With `model.attention_layers` some depths hold Llama decoder blocks instead
+(a Jamba-style hybrid; models/mamba/hybrid.py builds that stack).
+
 Shapes (layers/__init__.py): b batch, t sequence, e embed, v vocab, L layers.
 """
 
@@ -12,6 +15,7 @@ from layers.linear import Einsum
 from layers.norms import RMSNorm
 from layers.ssm import Mamba1Mixer, Mamba2Mixer
 from models.llama.model import stack_blocks
+from models.mamba import hybrid
 from models.mamba.config import MambaConfig
 
 _RESIDUAL_AXES = ("batch", "length", "act_embed")
@@ -57,7 +61,8 @@ class Mamba(nn.Module):
 
   Parameters: embed/embedding [v, e]; layers/{norm, mixer} (stacked with a
   leading 'layers' axis when scan_layers, else layers_0 ... layers_{L-1});
-  final_norm/scale [e]; lm_head/kernel [e, v] unless tie_embeddings.
+  final_norm/scale [e]; lm_head/kernel [e, v] unless tie_embeddings. A hybrid
+  (attention_layers) names its blocks as models/mamba/hybrid.py lists.
 
   Attributes:
     config: the model shape.
@@ -71,7 +76,9 @@ class Mamba(nn.Module):
 
     Args:
       tokens: int token ids [b, t].
-      positions: accepted for the shared LM interface; unused (order comes from the scan).
+      positions: int [b, t] RoPE positions of a hybrid's attention blocks (default:
+        the offset in each document; cache_index + arange(t) when decoding);
+        pure Mamba ignores them (order comes from the scan).
       segment_ids: int [b, t]; the state restarts where the id changes (packed
         documents; 0 on left padding). None means one document per row.
       decode: continue from and update the 'cache' collection (see `init_cache`).
@@ -80,8 +87,11 @@ class Mamba(nn.Module):
     kw = _dtypes(cfg)
     embed = Embed(cfg.vocab_size, cfg.embed_dim, name="embed", **kw)
     x = nn.with_logical_constraint(embed(tokens), _RESIDUAL_AXES)
-    x = stack_blocks(Block, cfg, decode, x, positions, segment_ids, count=cfg.num_layers,
-                     first_index=0, scan_name="layers")
+    if cfg.attention_layers:
+      x = hybrid.hybrid_layers(cfg, Block, decode, x, positions, segment_ids)
+    else:
+      x = stack_blocks(Block, cfg, decode, x, positions, segment_ids, count=cfg.num_layers,
+                       first_index=0, scan_name="layers")
     x = RMSNorm(cfg.norm_eps, name="final_norm", **kw)(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x)
@@ -95,16 +105,18 @@ class Mamba(nn.Module):
 def init_cache(config: MambaConfig, batch_size: int, max_length: int):
   """A zero recurrent cache for `batch_size` rows.
 
-  Its size does not depend on `max_length` (kept for the shared sampler's
-  signature). Per layer, version 2: conv_x [b, w-1, h, d], conv_b / conv_c
+  The recurrent part's size does not depend on `max_length`. Per Mamba layer,
+  version 2: conv_x_window [b, w-1, h, d], conv_b_window / conv_c_window
   [b, w-1, ng, N] in `config.dtype`, ssm_state float32 [b, h, d, N]; version 1:
   conv_window [b, w-1, i], ssm_state float32 [b, i, N]; both: segment_ids int32 [b];
-  stacked with a leading [L] axis when scan_layers. Leaves are nn.Partitioned
-  boxes with logical axes.
+  stacked with a leading [L] axis when scanned. A hybrid's attention blocks add a
+  KV cache of `max_length` tokens each (layers/attention/dense.py: cached_key /
+  cached_value [b, s, k, d], cached_segment_ids [b, s], cache_index []); callers
+  keep prompt + generated tokens <= max_length. Leaves are nn.Partitioned boxes
+  with logical axes.
   """
-  del max_length
   model = Mamba(config)
-  tokens = jnp.zeros((batch_size, 1), jnp.int32)
+  tokens = jnp.zeros((batch_size, max_length if config.attention_layers else 1), jnp.int32)
   shapes = jax.eval_shape(
       lambda: model.init(jax.random.key(0), tokens, decode=True))["cache"]
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

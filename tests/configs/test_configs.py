@@ -40,6 +40,7 @@ def test_bad_config_arguments(arg, message):
 def test_parse_arg_types():
   parsed = common.parse_arg("n=3,flag=true,lr=0.5", n=1, flag=False, lr=1.0)
   assert (parsed.n, parsed.flag, parsed.lr) == (3, True, 0.5)
+  assert common.parse_arg("flag,n=2", n=1, flag=False).flag  # A bare bool key turns it on.
 
 
 @pytest.mark.parametrize("override, message", [

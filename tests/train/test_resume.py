@@ -1,6 +1,7 @@
 """A run killed with SIGKILL and resumed matches one that never stopped, bitwise: every
 loss, and the final parameters' EMA (both runs keep one; `load_model` returns it).
-The diffusion UNet's case repeats it with the image task (slow: -m slow)."""
+The diffusion UNet's case repeats it with the image task, the Mamba-attention hybrid's with
+both kinds of block (slow: -m slow)."""
 
 import os
 import signal
@@ -26,6 +27,15 @@ CASES = {
               {"data.seq_len": 32, "model.embed_dim": 32, "model.num_layers": 2,
                "model.mlp_dim": 64, "model.head_dim": 8, "model.max_seq_len": 64,
                "sample.max_new_tokens": 2, "opt.ema_decay": 0.9, **_RUN}, "treadle_corpus"),
+    # Both caches' owners: Mamba blocks around an attention block (configs/mamba_tiny.py:hybrid).
+    "mamba_hybrid": ("configs/mamba_tiny.py:hybrid",
+                     {"data.seq_len": 32, "model.embed_dim": 32, "model.num_layers": 3,
+                      "model.attention_layers": "(1,)", "model.num_heads": 4,
+                      "model.head_dim": 8, "model.state_size": 8, "model.chunk_size": 16,
+                      "model.attention.head_dim": 8, "model.attention.mlp_dim": 64,
+                      "model.max_seq_len": 64, "model.dtype": "float32",
+                      "sample.max_new_tokens": 2, "opt.ema_decay": 0.9, **_RUN},
+                     "treadle_corpus"),
     "unet": ("configs/unet_tiny.py",
              {"data.name": "treadle_shapes/tiny", "model.block_out_channels": "(16,32)",
               "model.down_block_types": "('DownBlock2D','AttnDownBlock2D')",
@@ -52,7 +62,8 @@ def _logged_steps(workdir):
     return {}
 
 
-@pytest.mark.parametrize("family", ["llama", pytest.param("unet", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", ["llama", pytest.param("mamba_hybrid", marks=pytest.mark.slow),
+                                    pytest.param("unet", marks=pytest.mark.slow)])
 def test_sigkill_and_resume_reproduces_every_loss(tmp_path, family):
   data_dir = str(tmp_path / "tfds")
   builder.ensure_dataset(CASES[family][2], data_dir)
