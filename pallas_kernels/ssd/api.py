@@ -1,0 +1,244 @@
+"""The SSD (Mamba-2) scan in Pallas: checks, static config, chunk layout, custom VJP.
+
+    from pallas_kernels.ssd import SsdConfig, ssd
+    y, final_state = ssd(x, dt, a, bmat, cmat, d_skip, chunk_size=256,
+                         config=SsdConfig("tpu_v5e"))
+
+Same signature and result as the chunked jnp form (reference.ssd), plus
+`config` and `interpret`. Legend: layers/__init__.py.
+
+The kernel is picked from `config.chip` (static data; the runtime is never
+asked while tracing): 'tpu_*' run the Mosaic TPU kernel (tpu.py: one grid step
+per (batch, head, chunk), state in VMEM across the "arbitrary" chunk axis),
+'h100'/'h200' the Triton GPU kernel (gpu.py: one program per (batch, head),
+blocks in a loop). This wrapper pads t to whole blocks (padding: dt = 0, no
+input, no decay, the last document continues), computes what is cheap per
+token in XLA (x·dt, the in-block cumulative log decay, the document flags) and
+adds the D·x skip after the kernel.
+
+Backward: NOT a Pallas kernel yet. The custom VJP runs the Pallas forward and,
+for the gradients, the VJP of the chunked jnp form (reference.ssd, which
+recomputes its forward); gradients are those of the reference, and the
+backward costs what the 'xla' path's does. tpu_bwd.py / gpu_bwd.py do not
+exist yet.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.common.config import CHIPS, chip_of_device
+from pallas_kernels.ssd import gpu as gpu_fwd
+from pallas_kernels.ssd import tpu as tpu_fwd
+from pallas_kernels.ssd.reference import document_index
+from pallas_kernels.ssd.reference import ssd as ssd_reference
+
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_GPU_SIZES = (16, 32, 64, 128, 256)  # Triton tiles: powers of two, >= 16 for a dot.
+
+
+@dataclasses.dataclass(frozen=True)
+class SsdConfig:
+  """Chip and block sizes of one SSD kernel call (hashable, static).
+
+  Attributes:
+    chip: a key of common.config.CHIPS; picks the TPU or the GPU kernel.
+    gpu_block: GPU only: tokens per loop step (a power of two >= 16). The TPU
+      kernel's block is the call's chunk_size.
+    gpu_num_warps: GPU only: warps per (batch, head) program.
+  """
+  chip: str
+  gpu_block: int = 64
+  gpu_num_warps: int = 4
+
+  def __post_init__(self):
+    if self.chip not in CHIPS:
+      raise ValueError(f"config.chip={self.chip!r}; choose one of {sorted(CHIPS)}.")
+    if self.gpu_block not in _GPU_SIZES:
+      raise ValueError(f"config.gpu_block={self.gpu_block}; choose one of {_GPU_SIZES}.")
+
+  @property
+  def platform(self) -> str:
+    """'gpu' or 'tpu'."""
+    return CHIPS[self.chip][0]
+
+
+def default_config(chip: str | None = None) -> SsdConfig:
+  """The config of `chip`, or of `jax.devices()[0]` when None (TPU v5e on CPU).
+
+  Call outside jit: it may query the runtime.
+  """
+  return SsdConfig(chip or chip_of_device(jax.devices()[0]) or "tpu_v5e")
+
+
+def unsupported(platform: str, *, head_dim: int, state_size: int, chunk_size: int,
+                dtype) -> str | None:
+  """Why the `platform` ('tpu' | 'gpu') kernel cannot serve these shapes, or None."""
+  if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _DTYPES]:
+    return f"dtype {jnp.dtype(dtype).name} is not float32, bfloat16 or float16"
+  if platform == "tpu" and chunk_size % 8:
+    return f"chunk_size={chunk_size} is not a multiple of 8 (TPU sublanes)"
+  if platform == "gpu":
+    for name, size in (("head_dim", head_dim), ("state_size", state_size)):
+      if size not in _GPU_SIZES:
+        return f"{name}={size} is not one of {_GPU_SIZES} (Triton tile sizes)"
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  platform: str
+  block: int
+  chunk_size: int
+  num_warps: int
+  interpret: object
+
+
+def _check(x, dt, a, bmat, cmat, d_skip, initial_state):
+  if x.ndim != 4:
+    raise ValueError(f"x must be [b, t, h, d]; got shape {x.shape}.")
+  b, t, h, d = x.shape
+  if bmat.ndim != 4 or bmat.shape[:2] != (b, t) or cmat.shape != bmat.shape:
+    raise ValueError(f"bmat and cmat must be [b, t, ng, N] = [{b}, {t}, ng, N]; got "
+                     f"{bmat.shape} and {cmat.shape}.")
+  if h % bmat.shape[2]:
+    raise ValueError(f"heads h={h} must be a multiple of the B/C groups ng={bmat.shape[2]}.")
+  if dt.shape != (b, t, h) or a.shape != (h,) or d_skip.shape != (h,):
+    raise ValueError(f"dt must be [b, t, h] = {(b, t, h)}, a and d_skip [h] = ({h},); got "
+                     f"{dt.shape}, {a.shape}, {d_skip.shape}.")
+  n = bmat.shape[3]
+  if initial_state is not None and initial_state.shape != (b, h, d, n):
+    raise ValueError(f"initial_state must be [b, h, d, N] = {(b, h, d, n)}; got "
+                     f"{initial_state.shape}.")
+  if t == 0:
+    raise ValueError("t = 0: the sequence is empty.")
+
+
+def ssd(x, dt, a, bmat, cmat, d_skip, *, chunk_size: int, segment_ids=None,
+        initial_state=None, initial_segment_ids=None, interpret=False,
+        config: SsdConfig | None = None):
+  """The SSD scan of a whole sequence by a Pallas kernel; see reference.ssd for the maths.
+
+  Args:
+    x: [b, t, h, d] float32, bfloat16 or float16 (the output has its dtype).
+    dt: [b, t, h] positive step sizes. a: [h] negative decay rates.
+    bmat, cmat: [b, t, ng, N] (cast to x.dtype). d_skip: [h].
+    chunk_size: B; the TPU kernel's chunk (a multiple of 8). The GPU kernel
+      loops over config.gpu_block tokens instead (same result).
+    segment_ids: int [b, t] or None; the state resets where the id changes.
+    initial_state: float32 [b, h, d, N] or None (zeros).
+    initial_segment_ids: int [b] or None (see reference.document_index).
+    interpret: True runs the kernel body on CPU (Pallas interpret mode).
+    config: SsdConfig; None: `default_config()` (build it outside jit).
+
+  Returns:
+    (y [b, t, h, d] in x.dtype, final state float32 [b, h, d, N]).
+
+  Raises:
+    ValueError: for shapes, dtypes or chunk sizes the kernels cannot serve.
+  """
+  _check(x, dt, a, bmat, cmat, d_skip, initial_state)
+  config = config or default_config()
+  b, t, h, d = x.shape
+  n = bmat.shape[3]
+  reason = unsupported(config.platform, head_dim=d, state_size=n, chunk_size=chunk_size,
+                       dtype=x.dtype)
+  if reason:
+    raise ValueError(f"The {config.chip} SSD kernel cannot serve this call: {reason}.")
+  if config.platform == "tpu":
+    block = min(chunk_size, -(-t // 8) * 8)
+  else:
+    block = min(config.gpu_block, max(16, 1 << (t - 1).bit_length()))
+  plan = _Plan(config.platform, block, chunk_size, config.gpu_num_warps, interpret)
+  state0 = (jnp.zeros((b, h, d, n), jnp.float32) if initial_state is None
+            else initial_state.astype(jnp.float32))
+  cast = lambda z: z.astype(x.dtype)  # noqa: E731
+  y, final = _core(x, dt.astype(jnp.float32), a.astype(jnp.float32), cast(bmat), cast(cmat),
+                   state0, segment_ids, initial_segment_ids, plan)
+  y = y + x.astype(jnp.float32) * d_skip.astype(jnp.float32)[:, None]
+  return y.astype(x.dtype), final
+
+
+def chunk_rows(dt, a, segment_ids, initial_segment_ids, shape, block: int):
+  """Per-token float32 scalars of blocks of `block` tokens (t already padded).
+
+  Returns:
+    cs [b, T, h]: cumulative log decay dt·a within each block (inclusive);
+    doc [b, T]: document index; keep [b, T]: 1 where the token is in the
+    document of the state entering its block; to_end [b, T]: 1 where the token
+    is in its block's last document (its input reaches the block's end state).
+  """
+  b, padded, h = shape
+  nb = padded // block
+  t = dt.shape[1]
+  doc = document_index(segment_ids, (b, t), initial_segment_ids)
+  pad = padded - t
+  if pad:
+    dt = jnp.pad(dt, [(0, 0), (0, pad), (0, 0)])
+    doc = jnp.pad(doc, [(0, 0), (0, pad)], mode="edge")
+  cs = jnp.cumsum((dt * a).reshape(b, nb, block, h), axis=2).reshape(b, padded, h)
+  docs = doc.reshape(b, nb, block)
+  doc_before = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), docs[:, :-1, -1]], axis=1)
+  keep = docs == doc_before[..., None]
+  to_end = docs == docs[..., -1:]
+  flat = lambda z: z.reshape(b, padded).astype(jnp.float32)  # noqa: E731
+  return cs, flat(docs), flat(keep), flat(to_end)
+
+
+def _forward(x, dt, a, bmat, cmat, state0, segment_ids, initial_segment_ids, plan: _Plan):
+  """(y float32 [b, t, h, d] without D·x, final state float32 [b, h, d, N])."""
+  b, t, h, d = x.shape
+  block = plan.block
+  padded = -(-t // block) * block
+  pad = padded - t
+  cs, doc, keep, to_end = chunk_rows(dt, a, segment_ids, initial_segment_ids, (b, padded, h),
+                                     block)
+  x_dt = (x.astype(jnp.float32) * dt[..., None]).astype(x.dtype)
+  if pad:
+    widths = lambda z: [(0, 0), (0, pad)] + [(0, 0)] * (z.ndim - 2)  # noqa: E731
+    x_dt, bmat, cmat = (jnp.pad(z, widths(z)) for z in (x_dt, bmat, cmat))
+  state0 = jnp.swapaxes(state0, -1, -2)  # [b, h, N, d]
+  if plan.platform == "tpu":
+    nb = padded // block
+    heads_first = lambda z: jnp.swapaxes(z, 1, 2)  # noqa: E731
+    cs_rows = jnp.transpose(cs.reshape(b, nb, block, h), (0, 3, 1, 2))[:, :, :, None, :]
+    rows = jnp.stack([doc, keep, to_end], axis=1).reshape(b, 3, nb, block)
+    y, final = tpu_fwd.forward(heads_first(x_dt), cs_rows, jnp.swapaxes(rows, 1, 2),
+                               heads_first(bmat), heads_first(cmat), state0, chunk=block,
+                               interpret=plan.interpret)
+    y = heads_first(y)
+  else:
+    y, final = gpu_fwd.forward(x_dt, cs, doc, keep, to_end, bmat, cmat, state0, block=block,
+                               num_warps=plan.num_warps, interpret=plan.interpret)
+  return y[:, :t], jnp.swapaxes(final, -1, -2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _core(x, dt, a, bmat, cmat, state0, segment_ids, initial_segment_ids, plan):
+  return _forward(x, dt, a, bmat, cmat, state0, segment_ids, initial_segment_ids, plan)
+
+
+def _core_fwd(x, dt, a, bmat, cmat, state0, segment_ids, initial_segment_ids, plan):
+  out = _forward(x, dt, a, bmat, cmat, state0, segment_ids, initial_segment_ids, plan)
+  return out, (x, dt, a, bmat, cmat, state0, segment_ids, initial_segment_ids)
+
+
+def _core_bwd(plan, residuals, cotangents):
+  """Gradients from the VJP of the chunked jnp form (not a Pallas kernel yet)."""
+  x, dt, a, bmat, cmat, state0, segment_ids, initial_segment_ids = residuals
+  dy, dfinal = cotangents
+  h = x.shape[2]
+
+  def scan(x, dt, a, bmat, cmat, state0):
+    return ssd_reference(x, dt, a, bmat, cmat, jnp.zeros((h,), jnp.float32),
+                         chunk_size=plan.chunk_size, segment_ids=segment_ids,
+                         initial_state=state0, initial_segment_ids=initial_segment_ids)
+
+  _, vjp = jax.vjp(scan, x, dt, a, bmat, cmat, state0)
+  grads = vjp((dy.astype(x.dtype), dfinal))
+  return (*grads, None, None)
+
+
+_core.defvjp(_core_fwd, _core_bwd)

@@ -1,0 +1,123 @@
+"""Mosaic TPU SSD forward kernel: one (batch, head, chunk) per grid step, state in VMEM.
+
+Legend: layers/__init__.py. Kernel layout is head-major (api.py transposes):
+x·dt [b, h, T, d], B and C [b, ng, T, N], with T padded to whole chunks of B
+tokens. Per-token scalars arrive as rows (lanes = tokens): the in-chunk
+cumulative log decay cs [b, h, nb, 1, B] and, per batch row, the document
+index, "continues the carried state" and "reaches the chunk's end" flags
+[b, nb, 3, B] (float32 0/1; see api.chunk_rows).
+
+Grid (b, h, nb): batch and heads "parallel", chunks "arbitrary" (in order on
+one core), so the float32 state [N, d] lives in a VMEM scratch across the
+chunk axis: loaded from the initial state at chunk 0, written out after the
+last chunk. Per step:
+
+  y   = ((C·Bᵀ) ∘ decay ∘ same document) · (x·dt)       the chunk's own tokens
+      + exp(cs) · keep ∘ (C · S)                         the carried state
+  S  <- exp(cs_last) · survives · S + (to_end ∘ B)ᵀ · (x·dt)
+
+decay[i, j] = exp(cs_i - cs_j) for j <= i. The state is kept transposed
+([N, d]) so both products are plain matmuls; the one contraction over tokens
+takes an explicit 2-D float32 transpose of (to_end ∘ B). Columns of the
+per-token rows (tokens on sublanes) are read off the diagonal of the
+broadcast row (a masked lane sum: exact, and needs no vector transpose).
+"""
+
+import functools
+
+import jax
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.tpu as pltpu
+import jax.numpy as jnp
+
+_NN = (((1,), (0,)), ((), ()))
+_NT = (((1,), (1,)), ((), ()))
+
+
+def _column(row, eye):
+  """[1, B] row -> [B, 1] column with the same values (exact)."""
+  square = jnp.broadcast_to(row, eye.shape)
+  return jnp.sum(jnp.where(eye, square, 0.0), axis=1, keepdims=True)
+
+
+def _kernel(cs_ref, rows_ref, x_ref, b_ref, c_ref, s0_ref, y_ref, sf_ref, state_ref, *,
+            num_chunks: int):
+  """One (batch, head, chunk) step."""
+  chunk = pl.program_id(2)
+  length = x_ref.shape[0]
+
+  @pl.when(chunk == 0)
+  def _():
+    state_ref[...] = s0_ref[...]
+
+  shape = (length, length)
+  row_i = lax.broadcasted_iota(jnp.int32, shape, 0)
+  col_j = lax.broadcasted_iota(jnp.int32, shape, 1)
+  eye = row_i == col_j
+  cs = cs_ref[...]  # [1, B] float32
+  rows = rows_ref[...]  # [3, B]
+  doc, keep, to_end = rows[0:1, :], rows[1:2, :], rows[2:3, :]
+  cs_col, doc_col, keep_col = _column(cs, eye), _column(doc, eye), _column(keep, eye)
+
+  x = x_ref[...]  # [B, d] (x·dt, compute dtype)
+  bmat, cmat = b_ref[...], c_ref[...]  # [B, N]
+  visible = (row_i >= col_j) & (doc_col == doc)
+  decay = jnp.exp(jnp.where(visible, cs_col - cs, -jnp.inf))  # [B, B]
+  scores = lax.dot_general(cmat, bmat, _NT, preferred_element_type=jnp.float32)
+  weights = (scores * decay).astype(x.dtype)
+  y_diag = lax.dot_general(weights, x, _NN, preferred_element_type=jnp.float32)
+  state = state_ref[...]  # [N, d] float32
+  carried = lax.dot_general(cmat.astype(jnp.float32), state, _NN,
+                            preferred_element_type=jnp.float32)
+  y_ref[...] = y_diag + carried * (jnp.exp(cs_col) * keep_col)
+
+  cs_last = cs[:, length - 1:length]  # [1, 1]
+  survives = keep[:, length - 1:length]
+  weight_col = _column(jnp.exp(cs_last - cs) * to_end, eye)  # [B, 1]
+  weighted_b = jnp.transpose(bmat.astype(jnp.float32) * weight_col).astype(x.dtype)  # [N, B]
+  own = lax.dot_general(weighted_b, x, _NN, preferred_element_type=jnp.float32)
+  state_ref[...] = state * (jnp.exp(cs_last) * survives) + own
+
+  @pl.when(chunk == num_chunks - 1)
+  def _():
+    sf_ref[...] = state_ref[...]
+
+
+def forward(x_dt, cs, rows, bmat, cmat, initial_state, *, chunk: int, interpret):
+  """The chunked scan.
+
+  Args:
+    x_dt: [b, h, T, d] x·dt in the compute dtype (T a multiple of chunk).
+    cs: float32 [b, h, nb, 1, B] in-chunk cumulative log decay (inclusive).
+    rows: float32 [b, nb, 3, B] document index, keep and to_end flags.
+    bmat, cmat: [b, ng, T, N] in the compute dtype.
+    initial_state: float32 [b, h, N, d] (transposed).
+
+  Returns:
+    y float32 [b, h, T, d] without the D·x skip; final state float32 [b, h, N, d].
+  """
+  b, h, padded, d = x_dt.shape
+  ng, n = bmat.shape[1], bmat.shape[3]
+  group = h // ng
+  nb = padded // chunk
+  in_specs = [
+      pl.BlockSpec((None, None, None, 1, chunk), lambda i, j, c: (i, j, c, 0, 0)),
+      pl.BlockSpec((None, None, 3, chunk), lambda i, j, c: (i, c, 0, 0)),
+      pl.BlockSpec((None, None, chunk, d), lambda i, j, c: (i, j, c, 0)),
+      pl.BlockSpec((None, None, chunk, n), lambda i, j, c: (i, j // group, c, 0)),
+      pl.BlockSpec((None, None, chunk, n), lambda i, j, c: (i, j // group, c, 0)),
+      pl.BlockSpec((None, None, n, d), lambda i, j, c: (i, j, 0, 0)),
+  ]
+  out_specs = [pl.BlockSpec((None, None, chunk, d), lambda i, j, c: (i, j, c, 0)),
+               pl.BlockSpec((None, None, n, d), lambda i, j, c: (i, j, 0, 0))]
+  out_shape = [jax.ShapeDtypeStruct((b, h, padded, d), jnp.float32),
+               jax.ShapeDtypeStruct((b, h, n, d), jnp.float32)]
+  return pl.pallas_call(
+      functools.partial(_kernel, num_chunks=nb),
+      grid=(b, h, nb), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      scratch_shapes=[pltpu.VMEM((n, d), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=interpret, name="ssd_fwd",
+  )(cs, rows, x_dt, bmat, cmat, initial_state)
