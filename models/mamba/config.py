@@ -8,6 +8,9 @@ import dataclasses
 import math
 from typing import ClassVar
 
+from layers.ssm.ssd import IMPLEMENTATIONS as SSM_IMPLEMENTATIONS
+from layers.ssm.ssd import resolve_impl as resolve_ssm_impl
+from pallas_kernels.common.config import CHIPS
 from models.config_schema import ModelConfig, field
 from models.llama.config import REMAT_POLICIES, check_choice, check_dtype_names
 
@@ -31,6 +34,10 @@ class MambaConfig(ModelConfig):
   max_seq_len: int = field(256, "Longest row of data and of prompt + sampled tokens (the "
                            "recurrent state itself has no length limit).", shapes_params=False)
   norm_eps: float = field(1e-5, "RMSNorm epsilon (block, gated and final norms).")
+  ssm_impl: str = field("auto", "SSD scan: xla | pallas | auto (pallas on a TPU or Hopper "
+                        "GPU whose kernel serves the shapes, else xla).", shapes_params=False)
+  ssm_chip: str = field("", "Pallas SSD kernel target (h100, tpu_v5e, ...); '' = this "
+                        "machine's.", shapes_params=False)
   tie_embeddings: bool = field(False, "Share the input embedding and the output projection.")
   scan_layers: bool = field(True, "nn.scan over identical blocks (faster compile).")
   remat_policy: str = field("none", "none | full | dots_saveable | "
@@ -53,6 +60,19 @@ class MambaConfig(ModelConfig):
                        "0 <= min < max.")
     check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
     check_dtype_names(self)
+    check_choice("ssm_impl", self.ssm_impl, SSM_IMPLEMENTATIONS)
+    if self.ssm_chip and self.ssm_chip not in CHIPS:
+      raise ValueError(f"model.ssm_chip={self.ssm_chip!r}; choose one of {sorted(CHIPS)} or "
+                       "'' (this machine's).")
+    if self.ssm_impl == "pallas":
+      # Raises, naming model.ssm_impl, where the chip's kernel cannot serve the shapes;
+      # chip '' (CPU) interprets the TPU kernel, and on_chip re-checks for a device's chip.
+      resolve_ssm_impl("pallas", backend="tpu", chip=self.ssm_chip or "tpu_v5e",
+                       head_dim=self.head_dim, state_size=self.state_size,
+                       chunk_size=self.chunk_size, dtype=self.dtype)
+
+  def on_chip(self, chip):
+    return self if self.ssm_chip else dataclasses.replace(self, ssm_chip=chip)
 
   @property
   def inner_dim(self) -> int:

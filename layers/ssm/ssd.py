@@ -1,0 +1,74 @@
+"""The SSD scan (Mamba-2) and its implementation switch: 'xla' | 'pallas' | 'auto'.
+
+'xla' is the chunked jnp form (pallas_kernels/ssd/reference.py, where the maths
+is described); 'pallas' the kernels of pallas_kernels/ssd (Mosaic TPU, Triton
+on Hopper; their backward is still the jnp form's VJP). Both return the same
+(y, final state) up to rounding.
+
+Shapes (layers/__init__.py): b batch, t sequence, h heads, d head dim, N state
+size, ng B/C groups.
+"""
+
+import jax
+
+from pallas_kernels import ssd as ssd_kernels
+from pallas_kernels.common.config import CHIPS
+from pallas_kernels.ssd.reference import document_index
+from pallas_kernels.ssd.reference import ssd as ssd_xla
+
+IMPLEMENTATIONS = ("auto", "xla", "pallas")
+
+__all__ = ["IMPLEMENTATIONS", "document_index", "resolve_impl", "ssd", "ssd_xla"]
+
+
+def resolve_impl(impl: str, *, backend: str, chip: str, head_dim: int, state_size: int,
+                 chunk_size: int, dtype) -> str:
+  """'xla' or 'pallas' for `impl` on `backend` ('cpu', 'tpu', 'cuda', ...) and `chip`.
+
+  'auto' is 'pallas' where a kernel targets the chip (a TPU or a Hopper GPU,
+  named by `chip`) and serves these shapes, else 'xla' (CPU runs the jnp form:
+  a Pallas kernel there would be interpreted). 'pallas' on CPU runs the kernel
+  in interpret mode (tests).
+
+  Raises:
+    ValueError: naming model.ssm_impl, for an unknown name, or 'pallas' with
+      shapes the chip's kernel cannot serve.
+  """
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"model.ssm_impl={impl!r}; choose one of {IMPLEMENTATIONS}.")
+  on_chip = backend in ("tpu", "cuda", "gpu") and chip in CHIPS
+  platform = CHIPS[chip][0] if chip in CHIPS else "tpu"  # CPU interprets the TPU kernel.
+  reason = ssd_kernels.unsupported(platform, head_dim=head_dim, state_size=state_size,
+                                   chunk_size=chunk_size, dtype=dtype)
+  if impl == "auto":
+    return "pallas" if on_chip and reason is None else "xla"
+  if impl == "pallas" and reason:
+    raise ValueError(f"model.ssm_impl='pallas': the {platform.upper()} SSD kernel cannot "
+                     f"serve this model: {reason}. Set model.ssm_impl='xla' (or 'auto'), or "
+                     "change that size.")
+  return impl
+
+
+def ssd(x: jax.Array, dt: jax.Array, a: jax.Array, bmat: jax.Array, cmat: jax.Array,
+        d_skip: jax.Array, *, chunk_size: int, segment_ids: jax.Array | None = None,
+        initial_state: jax.Array | None = None,
+        initial_segment_ids: jax.Array | None = None, impl: str = "xla",
+        chip: str = "") -> tuple[jax.Array, jax.Array]:
+  """The SSD scan of a whole sequence: (y [b, t, h, d] in x.dtype, final state f32 [b, h, d, N]).
+
+  Args: as pallas_kernels.ssd.reference.ssd (x [b, t, h, d], dt [b, t, h], a [h],
+    bmat/cmat [b, t, ng, N], d_skip [h], chunk_size, segment_ids [b, t],
+    initial_state [b, h, d, N], initial_segment_ids [b]), plus
+    impl: 'xla' or 'pallas' (resolve 'auto' with `resolve_impl` first).
+    chip: the kernel's target (common.config.CHIPS); '' runs the TPU kernel
+      in interpret mode (CPU).
+  """
+  kw = dict(chunk_size=chunk_size, segment_ids=segment_ids, initial_state=initial_state,
+            initial_segment_ids=initial_segment_ids)
+  if impl == "xla":
+    return ssd_xla(x, dt, a, bmat, cmat, d_skip, **kw)
+  if impl != "pallas":
+    raise ValueError(f"ssd impl={impl!r}; resolve it to 'xla' or 'pallas' first.")
+  config = ssd_kernels.SsdConfig(chip or "tpu_v5e")
+  return ssd_kernels.ssd(x, dt, a, bmat, cmat, d_skip, interpret=not chip, config=config,
+                         **kw)
