@@ -205,9 +205,10 @@ def _forward(x, dt, a, bmat, cmat, state0, segment_ids, initial_segment_ids, pla
     heads_first = lambda z: jnp.swapaxes(z, 1, 2)  # noqa: E731
     cs_rows = jnp.transpose(cs.reshape(b, nb, block, h), (0, 3, 1, 2))[:, :, :, None, :]
     rows = jnp.stack([doc, keep, to_end], axis=1).reshape(b, 3, nb, block)
+    bmat_t = jnp.transpose(bmat.reshape(b, nb, block, -1, bmat.shape[-1]), (0, 3, 1, 4, 2))
     y, final = tpu_fwd.forward(heads_first(x_dt), cs_rows, jnp.swapaxes(rows, 1, 2),
-                               heads_first(bmat), heads_first(cmat), state0, chunk=block,
-                               interpret=plan.interpret)
+                               heads_first(bmat), bmat_t, heads_first(cmat), state0,
+                               chunk=block, interpret=plan.interpret)
     y = heads_first(y)
   else:
     y, final = gpu_fwd.forward(x_dt, cs, doc, keep, to_end, bmat, cmat, state0, block=block,

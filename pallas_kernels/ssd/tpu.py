@@ -16,11 +16,13 @@ last chunk. Per step:
       + exp(cs) · keep ∘ (C · S)                         the carried state
   S  <- exp(cs_last) · survives · S + (to_end ∘ B)ᵀ · (x·dt)
 
-decay[i, j] = exp(cs_i - cs_j) for j <= i. The state is kept transposed
-([N, d]) so both products are plain matmuls; the one contraction over tokens
-takes an explicit 2-D float32 transpose of (to_end ∘ B). Columns of the
-per-token rows (tokens on sublanes) are read off the diagonal of the
-broadcast row (a masked lane sum: exact, and needs no vector transpose).
+decay[i, j] = exp(cs_i - cs_j) for j <= i. No vector transposes in the
+kernel: the state is kept transposed ([N, d]) so the read-out is a plain
+matmul; the one contraction over tokens, (to_end ∘ B)ᵀ · (x·dt), reads B a
+second time in a chunk-transposed copy Bᵀ [b, ng, nb, N, B] made by XLA
+(B is ng·N per token, small next to x's h·d). Columns of the per-token rows
+(tokens on sublanes) are read off the diagonal of the broadcast row (a
+masked lane sum: exact); the chunk's last value is a masked lane sum too.
 """
 
 import functools
@@ -41,7 +43,7 @@ def _column(row, eye):
   return jnp.sum(jnp.where(eye, square, 0.0), axis=1, keepdims=True)
 
 
-def _kernel(cs_ref, rows_ref, x_ref, b_ref, c_ref, s0_ref, y_ref, sf_ref, state_ref, *,
+def _kernel(cs_ref, rows_ref, x_ref, b_ref, bt_ref, c_ref, s0_ref, y_ref, sf_ref, state_ref, *,
             num_chunks: int):
   """One (batch, head, chunk) step."""
   chunk = pl.program_id(2)
@@ -56,8 +58,7 @@ def _kernel(cs_ref, rows_ref, x_ref, b_ref, c_ref, s0_ref, y_ref, sf_ref, state_
   col_j = lax.broadcasted_iota(jnp.int32, shape, 1)
   eye = row_i == col_j
   cs = cs_ref[...]  # [1, B] float32
-  rows = rows_ref[...]  # [3, B]
-  doc, keep, to_end = rows[0:1, :], rows[1:2, :], rows[2:3, :]
+  doc, keep, to_end = rows_ref[0:1, :], rows_ref[1:2, :], rows_ref[2:3, :]  # [1, B] each
   cs_col, doc_col, keep_col = _column(cs, eye), _column(doc, eye), _column(keep, eye)
 
   x = x_ref[...]  # [B, d] (x·dt, compute dtype)
@@ -72,11 +73,12 @@ def _kernel(cs_ref, rows_ref, x_ref, b_ref, c_ref, s0_ref, y_ref, sf_ref, state_
                             preferred_element_type=jnp.float32)
   y_ref[...] = y_diag + carried * (jnp.exp(cs_col) * keep_col)
 
-  cs_last = cs[:, length - 1:length]  # [1, 1]
-  survives = keep[:, length - 1:length]
-  weight_col = _column(jnp.exp(cs_last - cs) * to_end, eye)  # [B, 1]
-  weighted_b = jnp.transpose(bmat.astype(jnp.float32) * weight_col).astype(x.dtype)  # [N, B]
-  own = lax.dot_general(weighted_b, x, _NN, preferred_element_type=jnp.float32)
+  last = lax.broadcasted_iota(jnp.int32, cs.shape, 1) == length - 1
+  cs_last = jnp.sum(jnp.where(last, cs, 0.0), axis=1, keepdims=True)  # [1, 1]
+  survives = jnp.sum(jnp.where(last, keep, 0.0), axis=1, keepdims=True)
+  weight = jnp.exp(cs_last - cs) * to_end  # [1, B]
+  weighted_bt = (bt_ref[...].astype(jnp.float32) * weight).astype(x.dtype)  # [N, B]
+  own = lax.dot_general(weighted_bt, x, _NN, preferred_element_type=jnp.float32)
   state_ref[...] = state * (jnp.exp(cs_last) * survives) + own
 
   @pl.when(chunk == num_chunks - 1)
@@ -84,7 +86,7 @@ def _kernel(cs_ref, rows_ref, x_ref, b_ref, c_ref, s0_ref, y_ref, sf_ref, state_
     sf_ref[...] = state_ref[...]
 
 
-def forward(x_dt, cs, rows, bmat, cmat, initial_state, *, chunk: int, interpret):
+def forward(x_dt, cs, rows, bmat, bmat_t, cmat, initial_state, *, chunk: int, interpret):
   """The chunked scan.
 
   Args:
@@ -92,6 +94,7 @@ def forward(x_dt, cs, rows, bmat, cmat, initial_state, *, chunk: int, interpret)
     cs: float32 [b, h, nb, 1, B] in-chunk cumulative log decay (inclusive).
     rows: float32 [b, nb, 3, B] document index, keep and to_end flags.
     bmat, cmat: [b, ng, T, N] in the compute dtype.
+    bmat_t: B again, chunk-transposed: [b, ng, nb, N, B].
     initial_state: float32 [b, h, N, d] (transposed).
 
   Returns:
@@ -106,6 +109,7 @@ def forward(x_dt, cs, rows, bmat, cmat, initial_state, *, chunk: int, interpret)
       pl.BlockSpec((None, None, 3, chunk), lambda i, j, c: (i, c, 0, 0)),
       pl.BlockSpec((None, None, chunk, d), lambda i, j, c: (i, j, c, 0)),
       pl.BlockSpec((None, None, chunk, n), lambda i, j, c: (i, j // group, c, 0)),
+      pl.BlockSpec((None, None, None, n, chunk), lambda i, j, c: (i, j // group, c, 0, 0)),
       pl.BlockSpec((None, None, chunk, n), lambda i, j, c: (i, j // group, c, 0)),
       pl.BlockSpec((None, None, n, d), lambda i, j, c: (i, j, 0, 0)),
   ]
@@ -120,4 +124,4 @@ def forward(x_dt, cs, rows, bmat, cmat, initial_state, *, chunk: int, interpret)
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret, name="ssd_fwd",
-  )(cs, rows, x_dt, bmat, cmat, initial_state)
+  )(cs, rows, x_dt, bmat, bmat_t, cmat, initial_state)
