@@ -6,6 +6,8 @@ One subpackage per operation, whose `__init__` is its public API:
   block_sparse/     block_sparse_attention under a static Mask (CausalMask,
                     LocalMask, ...), build_block_map, the reference
   nsa_selection/    selected_block_attention (NSA's selection branch), the reference
+  ssd/              ssd: Mamba-2's state-space-duality scan (TPU kernels, and
+                    Triton ones on Hopper), the chunked jnp reference
   common/           what they share: the chip config (common.config, public),
                     masking and tiling, the call plan, the TPU and GPU helpers,
                     the online-softmax and backward steps
@@ -21,6 +23,7 @@ Inside an operation, files are named by role:
   gpu_bwd.py        forward twin, never the reverse
   tpu_core.py       (NSA) the XLA driver of the TPU kernels: query chunks and
                     their custom VJP
+  bwd_step.py       (SSD) one chunk's backward maths, run by both backward kernels
 
 The forward / backward rule holds in common/ too: tpu_steps and tpu_steps_bwd,
 gpu_cta and gpu_cta_bwd. Imports point down: an operation imports common/ and

@@ -2,8 +2,8 @@
 
 'xla' is the chunked jnp form (pallas_kernels/ssd/reference.py, where the maths
 is described); 'pallas' the kernels of pallas_kernels/ssd (Mosaic TPU, Triton
-on Hopper; their backward is still the jnp form's VJP). Both return the same
-(y, final state) up to rounding.
+on Hopper; forward and backward). Both return the same (y, final state) and
+gradients up to rounding.
 
 Shapes (layers/__init__.py): b batch, t sequence, h heads, d head dim, N state
 size, ng B/C groups.

@@ -16,11 +16,13 @@ input, no decay, the last document continues), computes what is cheap per
 token in XLA (x·dt, the in-block cumulative log decay, the document flags) and
 adds the D·x skip after the kernel.
 
-Backward: NOT a Pallas kernel yet. The custom VJP runs the Pallas forward and,
-for the gradients, the VJP of the chunked jnp form (reference.ssd, which
-recomputes its forward); gradients are those of the reference, and the
-backward costs what the 'xla' path's does. tpu_bwd.py / gpu_bwd.py do not
-exist yet.
+Backward: Pallas kernels too (tpu_bwd.py, gpu_bwd.py; the per-chunk maths in
+bwd_step.py). The custom VJP's forward also saves the float32 state entering
+each chunk ([b, h, nb, N, d]); the backward kernel walks the chunks in reverse
+with the state gradient in VMEM / registers and returns the gradients of x·dt,
+B and C per head, the in-chunk cumulative log decay and the initial state;
+this wrapper finishes the chain rule in XLA (x and dt from x·dt, dt and a from
+the reverse cumulative sum, B and C summed over the heads of each group).
 """
 
 import dataclasses
@@ -31,9 +33,10 @@ import jax.numpy as jnp
 
 from pallas_kernels.common.config import CHIPS, chip_of_device
 from pallas_kernels.ssd import gpu as gpu_fwd
+from pallas_kernels.ssd import gpu_bwd
 from pallas_kernels.ssd import tpu as tpu_fwd
+from pallas_kernels.ssd import tpu_bwd
 from pallas_kernels.ssd.reference import document_index
-from pallas_kernels.ssd.reference import ssd as ssd_reference
 
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _GPU_SIZES = (16, 32, 64, 128, 256)  # Triton tiles: powers of two, >= 16 for a dot.
@@ -187,8 +190,13 @@ def chunk_rows(dt, a, segment_ids, initial_segment_ids, shape, block: int):
   return cs, flat(docs), flat(keep), flat(to_end)
 
 
-def _forward(x, dt, a, bmat, cmat, state0, segment_ids, initial_segment_ids, plan: _Plan):
-  """(y float32 [b, t, h, d] without D·x, final state float32 [b, h, d, N])."""
+def _layout(x, dt, a, bmat, cmat, segment_ids, initial_segment_ids, plan: _Plan):
+  """The kernels' operands, t padded to whole blocks (XLA side).
+
+  Returns: dict of cs, doc, keep, to_end (token-major, chunk_rows), x_dt, bmat,
+  cmat (token-major, padded) and, for the TPU kernels, their head-major forms
+  x_dt_h, bmat_h, cmat_h, cs_rows, rows and the chunk-transposed bmat_t, cmat_t.
+  """
   b, t, h, d = x.shape
   block = plan.block
   padded = -(-t // block) * block
@@ -197,49 +205,97 @@ def _forward(x, dt, a, bmat, cmat, state0, segment_ids, initial_segment_ids, pla
                                      block)
   x_dt = (x.astype(jnp.float32) * dt[..., None]).astype(x.dtype)
   if pad:
-    widths = lambda z: [(0, 0), (0, pad)] + [(0, 0)] * (z.ndim - 2)  # noqa: E731
-    x_dt, bmat, cmat = (jnp.pad(z, widths(z)) for z in (x_dt, bmat, cmat))
-  state0 = jnp.swapaxes(state0, -1, -2)  # [b, h, N, d]
+    x_dt, bmat, cmat = (_pad_tokens(z, pad) for z in (x_dt, bmat, cmat))
+  ops = dict(cs=cs, doc=doc, keep=keep, to_end=to_end, x_dt=x_dt, bmat=bmat, cmat=cmat)
   if plan.platform == "tpu":
     nb = padded // block
-    heads_first = lambda z: jnp.swapaxes(z, 1, 2)  # noqa: E731
-    cs_rows = jnp.transpose(cs.reshape(b, nb, block, h), (0, 3, 1, 2))[:, :, :, None, :]
-    rows = jnp.stack([doc, keep, to_end], axis=1).reshape(b, 3, nb, block)
-    bmat_t = jnp.transpose(bmat.reshape(b, nb, block, -1, bmat.shape[-1]), (0, 3, 1, 4, 2))
-    y, final = tpu_fwd.forward(heads_first(x_dt), cs_rows, jnp.swapaxes(rows, 1, 2),
-                               heads_first(bmat), bmat_t, heads_first(cmat), state0,
-                               chunk=block, interpret=plan.interpret)
-    y = heads_first(y)
+    chunk_t = lambda z: jnp.transpose(  # noqa: E731
+        z.reshape(b, nb, block, z.shape[2], z.shape[3]), (0, 3, 1, 4, 2))
+    ops.update(
+        x_dt_h=_heads_first(x_dt), bmat_h=_heads_first(bmat), cmat_h=_heads_first(cmat),
+        bmat_t=chunk_t(bmat), cmat_t=chunk_t(cmat),
+        cs_rows=jnp.transpose(cs.reshape(b, nb, block, h), (0, 3, 1, 2))[:, :, :, None, :],
+        rows=jnp.swapaxes(jnp.stack([doc, keep, to_end], axis=1).reshape(b, 3, nb, block),
+                          1, 2))
+  return ops
+
+
+def _pad_tokens(z, pad):
+  return jnp.pad(z, [(0, 0), (0, pad)] + [(0, 0)] * (z.ndim - 2))
+
+
+def _heads_first(z):
+  return jnp.swapaxes(z, 1, 2)
+
+
+def _forward(x, dt, a, bmat, cmat, state0, segment_ids, initial_segment_ids, plan: _Plan,
+             save_states: bool):
+  """(y float32 [b, t, h, d] without D·x, final state float32 [b, h, d, N], entering
+  states float32 [b, h, nb, N, d] or None)."""
+  t = x.shape[1]
+  ops = _layout(x, dt, a, bmat, cmat, segment_ids, initial_segment_ids, plan)
+  state0 = jnp.swapaxes(state0, -1, -2)  # [b, h, N, d]
+  if plan.platform == "tpu":
+    out = tpu_fwd.forward(ops["x_dt_h"], ops["cs_rows"], ops["rows"], ops["bmat_h"],
+                          ops["bmat_t"], ops["cmat_h"], state0, chunk=plan.block,
+                          interpret=plan.interpret, save_states=save_states)
+    y = _heads_first(out[0])
   else:
-    y, final = gpu_fwd.forward(x_dt, cs, doc, keep, to_end, bmat, cmat, state0, block=block,
-                               num_warps=plan.num_warps, interpret=plan.interpret)
-  return y[:, :t], jnp.swapaxes(final, -1, -2)
+    out = gpu_fwd.forward(ops["x_dt"], ops["cs"], ops["doc"], ops["keep"], ops["to_end"],
+                          ops["bmat"], ops["cmat"], state0, block=plan.block,
+                          num_warps=plan.num_warps, interpret=plan.interpret,
+                          save_states=save_states)
+    y = out[0]
+  states = out[2] if save_states else None
+  return y[:, :t], jnp.swapaxes(out[1], -1, -2), states
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def _core(x, dt, a, bmat, cmat, state0, segment_ids, initial_segment_ids, plan):
-  return _forward(x, dt, a, bmat, cmat, state0, segment_ids, initial_segment_ids, plan)
+  y, final, _ = _forward(x, dt, a, bmat, cmat, state0, segment_ids, initial_segment_ids, plan,
+                         save_states=False)
+  return y, final
 
 
 def _core_fwd(x, dt, a, bmat, cmat, state0, segment_ids, initial_segment_ids, plan):
-  out = _forward(x, dt, a, bmat, cmat, state0, segment_ids, initial_segment_ids, plan)
-  return out, (x, dt, a, bmat, cmat, state0, segment_ids, initial_segment_ids)
+  y, final, states = _forward(x, dt, a, bmat, cmat, state0, segment_ids, initial_segment_ids,
+                              plan, save_states=True)
+  return (y, final), (x, dt, a, bmat, cmat, segment_ids, initial_segment_ids, states)
 
 
 def _core_bwd(plan, residuals, cotangents):
-  """Gradients from the VJP of the chunked jnp form (not a Pallas kernel yet)."""
-  x, dt, a, bmat, cmat, state0, segment_ids, initial_segment_ids = residuals
+  """The Pallas reverse scan, then the chain rule through x·dt, cs = cumsum(dt·a), groups."""
+  x, dt, a, bmat, cmat, segment_ids, initial_segment_ids, states = residuals
   dy, dfinal = cotangents
-  h = x.shape[2]
-
-  def scan(x, dt, a, bmat, cmat, state0):
-    return ssd_reference(x, dt, a, bmat, cmat, jnp.zeros((h,), jnp.float32),
-                         chunk_size=plan.chunk_size, segment_ids=segment_ids,
-                         initial_state=state0, initial_segment_ids=initial_segment_ids)
-
-  _, vjp = jax.vjp(scan, x, dt, a, bmat, cmat, state0)
-  grads = vjp((dy.astype(x.dtype), dfinal))
-  return (*grads, None, None)
+  b, t, h, d = x.shape
+  ng, n = bmat.shape[2], bmat.shape[3]
+  ops = _layout(x, dt, a, bmat, cmat, segment_ids, initial_segment_ids, plan)
+  padded = ops["x_dt"].shape[1]
+  dy = _pad_tokens(dy.astype(jnp.float32), padded - t)
+  dfinal = jnp.swapaxes(dfinal.astype(jnp.float32), -1, -2)
+  if plan.platform == "tpu":
+    grads = tpu_bwd.backward(ops["x_dt_h"], ops["cs_rows"], ops["rows"], ops["bmat_h"],
+                             ops["bmat_t"], ops["cmat_h"], ops["cmat_t"], states,
+                             _heads_first(dy), dfinal, chunk=plan.block,
+                             interpret=plan.interpret)
+    dx_dt, db, dc, dcs, dinitial = grads
+    dx_dt, db, dc = _heads_first(dx_dt), _heads_first(db), _heads_first(dc)
+    dcs = jnp.transpose(dcs[:, :, :, 0, :], (0, 2, 3, 1)).reshape(b, padded, h)
+  else:
+    dx_dt, db, dc, dcs, dinitial = gpu_bwd.backward(
+        ops["x_dt"], ops["cs"], ops["doc"], ops["keep"], ops["to_end"], ops["bmat"],
+        ops["cmat"], states, dy, dfinal, block=plan.block, num_warps=plan.num_warps,
+        interpret=plan.interpret)
+  block = plan.block
+  # cs is an inclusive cumsum of dt·a per block: its transpose is a reverse cumsum.
+  dcs = dcs.reshape(b, padded // block, block, h)
+  dlog_decay = jnp.flip(jnp.cumsum(jnp.flip(dcs, 2), axis=2), 2).reshape(b, padded, h)[:, :t]
+  dx_dt = dx_dt[:, :t]
+  dx = (dx_dt * dt[..., None]).astype(x.dtype)
+  ddt = dlog_decay * a + jnp.sum(dx_dt * x.astype(jnp.float32), axis=-1)
+  da = jnp.sum(dlog_decay * dt, axis=(0, 1))
+  by_group = lambda g: g[:, :t].reshape(b, t, ng, h // ng, n).sum(3).astype(bmat.dtype)  # noqa: E731
+  return (dx, ddt, da, by_group(db), by_group(dc), jnp.swapaxes(dinitial, -1, -2), None, None)
 
 
 _core.defvjp(_core_fwd, _core_bwd)

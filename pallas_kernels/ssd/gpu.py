@@ -37,15 +37,15 @@ _NT = (((1,), (1,)), ((), ()))
 _TN = (((0,), (0,)), ((), ()))
 
 
-def _dot(a, b, dims):
+def dot(a, b, dims):
   """float32-accumulated a·b; float32 operands stay IEEE float32 (no TF32)."""
   precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _kernel(x_ref, cs_ref, doc_ref, keep_ref, end_ref, b_ref, c_ref, s0_ref, y_ref, sf_ref, *,
-            block: int, num_blocks: int):
-  """One (batch, head): every block in order."""
+def _kernel(x_ref, cs_ref, doc_ref, keep_ref, end_ref, b_ref, c_ref, s0_ref, y_ref, sf_ref,
+            *states_ref, block: int, num_blocks: int):
+  """One (batch, head): every block in order; states_ref: () or (entering states,)."""
   idx = lax.broadcasted_iota(jnp.int32, (block,), 0)
   causal = idx[:, None] >= idx[None, :]
   last = idx == block - 1
@@ -56,25 +56,27 @@ def _kernel(x_ref, cs_ref, doc_ref, keep_ref, end_ref, b_ref, c_ref, s0_ref, y_r
     bmat, cmat = b_ref[tokens, :], c_ref[tokens, :]  # [B, N]
     cs, doc = cs_ref[tokens], doc_ref[tokens]  # [B]
     keep, to_end = keep_ref[tokens], end_ref[tokens]
+    if states_ref:
+      states_ref[0][i] = state
     visible = causal & (doc[:, None] == doc[None, :])
     gap = jnp.where(visible, cs[:, None] - cs[None, :], 0.0)
     decay = jnp.where(visible, jnp.exp(gap), 0.0)  # [B, B]
-    weights = (_dot(cmat, bmat, _NT) * decay).astype(x.dtype)
-    carried = _dot(cmat.astype(jnp.float32), state, _NN)  # [B, d]
-    y = _dot(weights, x, _NN) + carried * (jnp.exp(cs) * keep)[:, None]
+    weights = (dot(cmat, bmat, _NT) * decay).astype(x.dtype)
+    carried = dot(cmat.astype(jnp.float32), state, _NN)  # [B, d]
+    y = dot(weights, x, _NN) + carried * (jnp.exp(cs) * keep)[:, None]
     y_ref[tokens, :] = y.astype(y_ref.dtype)
     cs_last = jnp.sum(jnp.where(last, cs, 0.0))
     survives = jnp.sum(jnp.where(last, keep, 0.0))
     weight = jnp.exp(cs_last - cs) * to_end  # [B]
     weighted_b = (bmat.astype(jnp.float32) * weight[:, None]).astype(x.dtype)
-    return state * (jnp.exp(cs_last) * survives) + _dot(weighted_b, x, _TN)
+    return state * (jnp.exp(cs_last) * survives) + dot(weighted_b, x, _TN)
 
   state = lax.fori_loop(0, num_blocks, step, s0_ref[...].astype(jnp.float32))
   sf_ref[...] = state
 
 
 def forward(x_dt, cs, doc, keep, to_end, bmat, cmat, initial_state, *, block: int,
-            num_warps: int, interpret):
+            num_warps: int, interpret, save_states: bool = False):
   """The blocked scan.
 
   Args:
@@ -85,7 +87,8 @@ def forward(x_dt, cs, doc, keep, to_end, bmat, cmat, initial_state, *, block: in
     initial_state: float32 [b, h, N, d] (transposed).
 
   Returns:
-    y float32 [b, T, h, d] without the D·x skip; final state float32 [b, h, N, d].
+    y float32 [b, T, h, d] without the D·x skip; final state float32 [b, h, N, d];
+    with save_states, also the state entering each block float32 [b, h, nb, N, d].
   """
   b, padded, h, d = x_dt.shape
   ng, n = bmat.shape[2], bmat.shape[3]
@@ -103,6 +106,10 @@ def forward(x_dt, cs, doc, keep, to_end, bmat, cmat, initial_state, *, block: in
                pl.BlockSpec((None, None, n, d), lambda i, j: (i, j, 0, 0))]
   out_shape = [jax.ShapeDtypeStruct((b, padded, h, d), jnp.float32),
                jax.ShapeDtypeStruct((b, h, n, d), jnp.float32)]
+  if save_states:
+    nb = padded // block
+    out_specs.append(pl.BlockSpec((None, None, nb, n, d), lambda i, j: (i, j, 0, 0, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((b, h, nb, n, d), jnp.float32))
   return pl.pallas_call(
       functools.partial(_kernel, block=block, num_blocks=padded // block),
       grid=(b, h), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,

@@ -12,9 +12,8 @@ precision and turns -inf into NaN). Documents of a packed row (`segment_ids`)
 never see each other: the state is reset where the segment id changes. States
 and decays are float32 whatever the input dtype; matmuls accumulate in float32.
 
-Plain jnp, no Pallas: the oracle the kernels of this package are checked against,
-the backward of their custom VJP (see api.py), and the 'xla' path of
-layers/ssm/ssd.py (which imports it from here).
+Plain jnp, no Pallas: the oracle the kernels of this package are checked
+against, and the 'xla' path of layers/ssm/ssd.py (which imports it from here).
 
 Shapes (layers/__init__.py): b batch, t sequence, h heads, d head dim, N state
 size, ng B/C groups (head h reads group h // (h/ng)), B chunk length, nb chunks.

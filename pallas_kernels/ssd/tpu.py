@@ -37,15 +37,16 @@ _NN = (((1,), (0,)), ((), ()))
 _NT = (((1,), (1,)), ((), ()))
 
 
-def _column(row, eye):
+def column(row, eye):
   """[1, B] row -> [B, 1] column with the same values (exact)."""
   square = jnp.broadcast_to(row, eye.shape)
   return jnp.sum(jnp.where(eye, square, 0.0), axis=1, keepdims=True)
 
 
-def _kernel(cs_ref, rows_ref, x_ref, b_ref, bt_ref, c_ref, s0_ref, y_ref, sf_ref, state_ref, *,
+def _kernel(cs_ref, rows_ref, x_ref, b_ref, bt_ref, c_ref, s0_ref, y_ref, sf_ref, *rest,
             num_chunks: int):
-  """One (batch, head, chunk) step."""
+  """One (batch, head, chunk) step; rest is (states_ref, state_ref) or (state_ref,)."""
+  states_ref, state_ref = rest if len(rest) == 2 else (None, rest[0])
   chunk = pl.program_id(2)
   length = x_ref.shape[0]
 
@@ -59,7 +60,7 @@ def _kernel(cs_ref, rows_ref, x_ref, b_ref, bt_ref, c_ref, s0_ref, y_ref, sf_ref
   eye = row_i == col_j
   cs = cs_ref[...]  # [1, B] float32
   doc, keep, to_end = rows_ref[0:1, :], rows_ref[1:2, :], rows_ref[2:3, :]  # [1, B] each
-  cs_col, doc_col, keep_col = _column(cs, eye), _column(doc, eye), _column(keep, eye)
+  cs_col, doc_col, keep_col = column(cs, eye), column(doc, eye), column(keep, eye)
 
   x = x_ref[...]  # [B, d] (x·dt, compute dtype)
   bmat, cmat = b_ref[...], c_ref[...]  # [B, N]
@@ -69,6 +70,8 @@ def _kernel(cs_ref, rows_ref, x_ref, b_ref, bt_ref, c_ref, s0_ref, y_ref, sf_ref
   weights = (scores * decay).astype(x.dtype)
   y_diag = lax.dot_general(weights, x, _NN, preferred_element_type=jnp.float32)
   state = state_ref[...]  # [N, d] float32
+  if states_ref is not None:
+    states_ref[...] = state
   carried = lax.dot_general(cmat.astype(jnp.float32), state, _NN,
                             preferred_element_type=jnp.float32)
   y_ref[...] = y_diag + carried * (jnp.exp(cs_col) * keep_col)
@@ -86,7 +89,8 @@ def _kernel(cs_ref, rows_ref, x_ref, b_ref, bt_ref, c_ref, s0_ref, y_ref, sf_ref
     sf_ref[...] = state_ref[...]
 
 
-def forward(x_dt, cs, rows, bmat, bmat_t, cmat, initial_state, *, chunk: int, interpret):
+def forward(x_dt, cs, rows, bmat, bmat_t, cmat, initial_state, *, chunk: int, interpret,
+            save_states: bool = False):
   """The chunked scan.
 
   Args:
@@ -98,7 +102,9 @@ def forward(x_dt, cs, rows, bmat, bmat_t, cmat, initial_state, *, chunk: int, in
     initial_state: float32 [b, h, N, d] (transposed).
 
   Returns:
-    y float32 [b, h, T, d] without the D·x skip; final state float32 [b, h, N, d].
+    y float32 [b, h, T, d] without the D·x skip; final state float32 [b, h, N, d];
+    with save_states, also the state entering each chunk float32 [b, h, nb, N, d]
+    (for the backward).
   """
   b, h, padded, d = x_dt.shape
   ng, n = bmat.shape[1], bmat.shape[3]
@@ -117,6 +123,9 @@ def forward(x_dt, cs, rows, bmat, bmat_t, cmat, initial_state, *, chunk: int, in
                pl.BlockSpec((None, None, n, d), lambda i, j, c: (i, j, 0, 0))]
   out_shape = [jax.ShapeDtypeStruct((b, h, padded, d), jnp.float32),
                jax.ShapeDtypeStruct((b, h, n, d), jnp.float32)]
+  if save_states:
+    out_specs.append(pl.BlockSpec((None, None, None, n, d), lambda i, j, c: (i, j, c, 0, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((b, h, nb, n, d), jnp.float32))
   return pl.pallas_call(
       functools.partial(_kernel, num_chunks=nb),
       grid=(b, h, nb), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,

@@ -4,8 +4,8 @@ The TPU kernel runs under Pallas' HLO interpreter (and once under the strict
 TPU interpreter: NaN memory, out-of-bounds reads raise, races detected); the
 GPU (Triton) kernel under the same HLO interpreter. Each case checks y, the
 final state and the gradients of x, dt, a, B, C, D and the initial state
-(through the custom VJP: the Pallas forward, the jnp form's backward) on
-odd lengths, several groups, packed documents and an initial state.
+(the Pallas forward and reverse-scan backward kernels) against the jnp form's
+on odd lengths, several groups, packed documents and an initial state.
 """
 
 import dataclasses
