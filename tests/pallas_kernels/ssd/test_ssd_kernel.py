@@ -72,7 +72,7 @@ def value_and_grads(fn, args, cotangents):
 
   def both(*args):
     out, vjp = jax.vjp(fn, *args)
-    return (*out, *vjp(cotangents))
+    return (*out, *vjp(tuple(c.astype(o.dtype) for c, o in zip(cotangents, out))))
   return jax.jit(both).lower(*args).compile(FAST_COMPILE)(*args)
 
 
@@ -129,9 +129,9 @@ def test_tpu_short_row():
 
 
 @pytest.mark.parametrize("config", [TPU, GPU], ids=["tpu", "gpu"])
-def test_bfloat16_forward(config):
+def test_bfloat16(config):
   check(Case(b=2, t=21, h=2, dtype=jnp.bfloat16, documents=2, initial_state=True,
-             initial_segments=True), config, grads=False)
+             initial_segments=True), config)
 
 
 def test_forward_matches_the_token_oracle():
