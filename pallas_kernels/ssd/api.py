@@ -50,17 +50,23 @@ class SsdConfig:
     chip: a key of common.config.CHIPS; picks the TPU or the GPU kernel.
     gpu_block: GPU only: tokens per loop step (a power of two >= 16). The TPU
       kernel's block is the call's chunk_size.
-    gpu_num_warps: GPU only: warps per (batch, head) program.
+    gpu_num_warps: GPU only: warps per (batch, head) program of the forward.
+    gpu_num_warps_bwd: GPU only: the same for the backward, which holds about
+      twice as many [B, B] float32 tiles at once.
   """
   chip: str
   gpu_block: int = 64
   gpu_num_warps: int = 4
+  gpu_num_warps_bwd: int = 8
 
   def __post_init__(self):
     if self.chip not in CHIPS:
       raise ValueError(f"config.chip={self.chip!r}; choose one of {sorted(CHIPS)}.")
     if self.gpu_block not in _GPU_SIZES:
       raise ValueError(f"config.gpu_block={self.gpu_block}; choose one of {_GPU_SIZES}.")
+    for name in ("gpu_num_warps", "gpu_num_warps_bwd"):
+      if getattr(self, name) not in (1, 2, 4, 8, 16):
+        raise ValueError(f"config.{name}={getattr(self, name)}; choose 1, 2, 4, 8 or 16.")
 
   @property
   def platform(self) -> str:
@@ -94,8 +100,8 @@ def unsupported(platform: str, *, head_dim: int, state_size: int, chunk_size: in
 class _Plan:
   platform: str
   block: int
-  chunk_size: int
   num_warps: int
+  num_warps_bwd: int
   interpret: object
 
 
@@ -154,7 +160,8 @@ def ssd(x, dt, a, bmat, cmat, d_skip, *, chunk_size: int, segment_ids=None,
     block = min(chunk_size, -(-t // 8) * 8)
   else:
     block = min(config.gpu_block, max(16, 1 << (t - 1).bit_length()))
-  plan = _Plan(config.platform, block, chunk_size, config.gpu_num_warps, interpret)
+  plan = _Plan(config.platform, block, config.gpu_num_warps, config.gpu_num_warps_bwd,
+               interpret)
   state0 = (jnp.zeros((b, h, d, n), jnp.float32) if initial_state is None
             else initial_state.astype(jnp.float32))
   cast = lambda z: z.astype(x.dtype)  # noqa: E731
@@ -284,7 +291,7 @@ def _core_bwd(plan, residuals, cotangents):
   else:
     dx_dt, db, dc, dcs, dinitial = gpu_bwd.backward(
         ops["x_dt"], ops["cs"], ops["doc"], ops["keep"], ops["to_end"], ops["bmat"],
-        ops["cmat"], states, dy, dfinal, block=plan.block, num_warps=plan.num_warps,
+        ops["cmat"], states, dy, dfinal, block=plan.block, num_warps=plan.num_warps_bwd,
         interpret=plan.interpret)
   block = plan.block
   # cs is an inclusive cumsum of dt·a per block: its transpose is a reverse cumsum.

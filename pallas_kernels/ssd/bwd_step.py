@@ -96,8 +96,9 @@ def backward_step(v: ChunkInputs, *, dot, row_of):
   carried = dot(v.c.astype(f32), v.state, NN)  # C S [B, d]
   de = _lane_sum(v.dy * carried) * e_col  # [B, 1]
   dw = _lane_sum(v.b.astype(f32) * x_dstate) * w_col  # [B, 1]
-  dgate = jnp.sum(v.dstate * v.state) * gate  # [1, 1] after the broadcast below
-  dlast = jnp.sum(dw) + dgate
+  # [1, 1] sums (lane then sublane): no 0-d values in the kernels.
+  dgate = _sublane_sum(_lane_sum(v.dstate * v.state)) * gate
+  dlast = _sublane_sum(dw) + dgate
   dcs = (row_of(_lane_sum(through_m) + de - dw) - _sublane_sum(through_m)
          + jnp.where(v.last_row, dlast, 0.0))
   dstate_in = gate * v.dstate + dot(v.ct.astype(f32) * e_row, v.dy, NN)
