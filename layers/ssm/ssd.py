@@ -10,7 +10,9 @@ size, ng B/C groups.
 """
 
 import jax
+from jax.sharding import PartitionSpec
 
+from layers.attention.implementations import dividing_spec
 from pallas_kernels import ssd as ssd_kernels
 from pallas_kernels.common.config import CHIPS
 from pallas_kernels.ssd.reference import document_index
@@ -70,5 +72,41 @@ def ssd(x: jax.Array, dt: jax.Array, a: jax.Array, bmat: jax.Array, cmat: jax.Ar
   if impl != "pallas":
     raise ValueError(f"ssd impl={impl!r}; resolve it to 'xla' or 'pallas' first.")
   config = ssd_kernels.SsdConfig(chip or "tpu_v5e")
-  return ssd_kernels.ssd(x, dt, a, bmat, cmat, d_skip, interpret=not chip, config=config,
-                         **kw)
+
+  def scan(x, dt, a, bmat, cmat, d_skip, initial_state, segment_ids, initial_segment_ids):
+    return ssd_kernels.ssd(x, dt, a, bmat, cmat, d_skip, chunk_size=chunk_size,
+                           segment_ids=segment_ids, initial_state=initial_state,
+                           initial_segment_ids=initial_segment_ids, interpret=not chip,
+                           config=config)
+
+  args = (x, dt, a, bmat, cmat, d_skip, initial_state, segment_ids, initial_segment_ids)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return scan(*args)
+  in_specs, out_specs = _shard_specs(x.shape, bmat.shape[2], mesh)
+  in_specs = tuple(None if arg is None else spec for arg, spec in zip(args, in_specs))
+  return jax.shard_map(scan, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=False)(*args)
+
+
+def _shard_specs(x_shape, num_groups: int, mesh):
+  """shard_map specs of the kernel call: batch over 'batch''s mesh axes, heads over
+  'heads''s where each shard's heads keep their B/C groups (groups split the same way, or
+  one group); else heads whole. The kernel never sees a gathered input."""
+  spec = dividing_spec(("batch", None, "heads", None), x_shape, mesh)
+  batch, heads = spec[0], spec[2]
+  if heads is not None:
+    names = (heads,) if isinstance(heads, str) else tuple(heads)
+    ways = 1
+    for name in names:
+      ways *= mesh.shape[name]
+    if num_groups != 1 and num_groups % ways:
+      heads = None  # A shard's heads would need groups from other shards.
+  groups = heads if num_groups != 1 else None
+  x_spec = PartitionSpec(batch, None, heads, None)
+  per_head = PartitionSpec(heads)
+  state = PartitionSpec(batch, heads, None, None)
+  in_specs = (x_spec, PartitionSpec(batch, None, heads), per_head,
+              PartitionSpec(batch, None, groups, None), PartitionSpec(batch, None, groups, None),
+              per_head, state, PartitionSpec(batch, None), PartitionSpec(batch))
+  return in_specs, (x_spec, state)
