@@ -172,12 +172,14 @@ def ssd(x, dt, a, bmat, cmat, d_skip, *, chunk_size: int, segment_ids=None,
 
 
 def chunk_rows(dt, a, segment_ids, initial_segment_ids, shape, block: int):
-  """Per-token float32 scalars of blocks of `block` tokens (t already padded).
+  """Per-token float32 scalars of blocks of `block` tokens; shape is (b, padded t, h).
+
+  dt [b, t, h] and segment ids are unpadded; padding continues the last document.
 
   Returns:
-    cs [b, T, h]: cumulative log decay dt·a within each block (inclusive);
-    doc [b, T]: document index; keep [b, T]: 1 where the token is in the
-    document of the state entering its block; to_end [b, T]: 1 where the token
+    cs [b, t, h]: cumulative log decay dt·a within each block (inclusive);
+    doc [b, t]: document index; keep [b, t]: 1 where the token is in the
+    document of the state entering its block; to_end [b, t]: 1 where the token
     is in its block's last document (its input reaches the block's end state).
   """
   b, padded, h = shape

@@ -1,9 +1,9 @@
 """GPU SSD forward kernel (Pallas on Triton): one program per (batch, head), chunks in a loop.
 
 Legend: layers/__init__.py. Layout is the public, token-major one (Triton reads
-any strides, so nothing is transposed): x·dt [b, T, h, d], B and C
-[b, T, ng, N], per-token scalars cs [b, T, h] (in-block cumulative log decay)
-and doc / keep / to_end [b, T] (float32; see api.chunk_rows), T padded to whole
+any strides, so nothing is transposed): x·dt [b, t, h, d], B and C
+[b, t, ng, N], per-token scalars cs [b, t, h] (in-block cumulative log decay)
+and doc / keep / to_end [b, t] (float32; see api.chunk_rows), t padded to whole
 blocks of B tokens.
 
 A program owns one head of one batch row and walks its blocks in order
@@ -80,14 +80,14 @@ def forward(x_dt, cs, doc, keep, to_end, bmat, cmat, initial_state, *, block: in
   """The blocked scan.
 
   Args:
-    x_dt: [b, T, h, d] x·dt in the compute dtype (T a multiple of block).
-    cs: float32 [b, T, h] in-block cumulative log decay (inclusive).
-    doc, keep, to_end: float32 [b, T].
-    bmat, cmat: [b, T, ng, N] in the compute dtype.
+    x_dt: [b, t, h, d] x·dt in the compute dtype (t padded to a multiple of block).
+    cs: float32 [b, t, h] in-block cumulative log decay (inclusive).
+    doc, keep, to_end: float32 [b, t].
+    bmat, cmat: [b, t, ng, N] in the compute dtype.
     initial_state: float32 [b, h, N, d] (transposed).
 
   Returns:
-    y float32 [b, T, h, d] without the D·x skip; final state float32 [b, h, N, d];
+    y float32 [b, t, h, d] without the D·x skip; final state float32 [b, h, N, d];
     with save_states, also the state entering each block float32 [b, h, nb, N, d].
   """
   b, padded, h, d = x_dt.shape

@@ -2,13 +2,13 @@
 
 Legend: layers/__init__.py. Layouts are the forward's (gpu.py), plus the states
 entering each block saved by the forward [b, h, nb, N, d], dY float32
-[b, T, h, d] and the final state's gradient float32 [b, h, N, d] (transposed).
+[b, t, h, d] and the final state's gradient float32 [b, h, N, d] (transposed).
 
 A program walks its blocks from the last to the first (`lax.fori_loop`),
 carrying the state gradient dS [N, d] in registers; each block is
 bwd_step.backward_step (columns and rows of the per-token scalars are
 vector[:, None] and vector[None, :]; Bᵀ and Cᵀ are register transposes).
-dB and dC come out per head (float32 [b, T, h, N]); the wrapper sums the heads
+dB and dC come out per head (float32 [b, t, h, N]); the wrapper sums the heads
 of each group.
 """
 
@@ -56,11 +56,11 @@ def backward(x_dt, cs, doc, keep, to_end, bmat, cmat, states, dy, dfinal, *, blo
   """The reverse blocked scan.
 
   Args: as gpu.forward, plus states float32 [b, h, nb, N, d], dy float32
-    [b, T, h, d], dfinal float32 [b, h, N, d].
+    [b, t, h, d], dfinal float32 [b, h, N, d].
 
   Returns:
-    float32 dx [b, T, h, d] (of x·dt), db and dc [b, T, h, N] (per head),
-    dcs [b, T, h], dinitial [b, h, N, d].
+    float32 dx [b, t, h, d] (of x·dt), db and dc [b, t, h, N] (per head),
+    dcs [b, t, h], dinitial [b, h, N, d].
   """
   b, padded, h, d = x_dt.shape
   ng, n = bmat.shape[2], bmat.shape[3]

@@ -1,7 +1,7 @@
 """Mosaic TPU SSD forward kernel: one (batch, head, chunk) per grid step, state in VMEM.
 
 Legend: layers/__init__.py. Kernel layout is head-major (api.py transposes):
-x·dt [b, h, T, d], B and C [b, ng, T, N], with T padded to whole chunks of B
+x·dt [b, h, t, d], B and C [b, ng, t, N], with t padded to whole chunks of B
 tokens. Per-token scalars arrive as rows (lanes = tokens): the in-chunk
 cumulative log decay cs [b, h, nb, 1, B] and, per batch row, the document
 index, "continues the carried state" and "reaches the chunk's end" flags
@@ -94,15 +94,15 @@ def forward(x_dt, cs, rows, bmat, bmat_t, cmat, initial_state, *, chunk: int, in
   """The chunked scan.
 
   Args:
-    x_dt: [b, h, T, d] x·dt in the compute dtype (T a multiple of chunk).
+    x_dt: [b, h, t, d] x·dt in the compute dtype (t padded to a multiple of chunk).
     cs: float32 [b, h, nb, 1, B] in-chunk cumulative log decay (inclusive).
     rows: float32 [b, nb, 3, B] document index, keep and to_end flags.
-    bmat, cmat: [b, ng, T, N] in the compute dtype.
+    bmat, cmat: [b, ng, t, N] in the compute dtype.
     bmat_t: B again, chunk-transposed: [b, ng, nb, N, B].
     initial_state: float32 [b, h, N, d] (transposed).
 
   Returns:
-    y float32 [b, h, T, d] without the D·x skip; final state float32 [b, h, N, d];
+    y float32 [b, h, t, d] without the D·x skip; final state float32 [b, h, N, d];
     with save_states, also the state entering each chunk float32 [b, h, nb, N, d]
     (for the backward).
   """

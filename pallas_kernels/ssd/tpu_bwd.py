@@ -2,14 +2,14 @@
 
 Legend: layers/__init__.py. Layouts are the forward's (tpu.py), plus C
 chunk-transposed Cᵀ [b, ng, nb, N, B], the states entering each chunk saved by
-the forward [b, h, nb, N, d], dY float32 [b, h, T, d] and the final state's
+the forward [b, h, nb, N, d], dY float32 [b, h, t, d] and the final state's
 gradient float32 [b, h, N, d] (transposed).
 
 Grid (b, h, nb) with the chunk axis "arbitrary" and walked backwards (index
 maps read chunk nb-1-c): the state gradient dS [N, d] lives in VMEM scratch,
 starts as the final state's gradient, and after chunk 0 is the initial
 state's. Each step is bwd_step.backward_step. dB and dC come out per head
-(float32 [b, h, T, N]); the wrapper sums the heads of each group.
+(float32 [b, h, t, N]); the wrapper sums the heads of each group.
 """
 
 import functools
@@ -68,11 +68,11 @@ def backward(x_dt, cs, rows, bmat, bmat_t, cmat, cmat_t, states, dy, dfinal, *, 
   """The reverse chunk scan.
 
   Args: as tpu.forward, plus cmat_t [b, ng, nb, N, B], states float32
-    [b, h, nb, N, d] (entering each chunk), dy float32 [b, h, T, d], dfinal
+    [b, h, nb, N, d] (entering each chunk), dy float32 [b, h, t, d], dfinal
     float32 [b, h, N, d].
 
   Returns:
-    float32 dx [b, h, T, d] (of x·dt), db and dc [b, h, T, N] (per head),
+    float32 dx [b, h, t, d] (of x·dt), db and dc [b, h, t, N] (per head),
     dcs [b, h, nb, 1, B], dinitial [b, h, N, d].
   """
   b, h, padded, d = x_dt.shape
