@@ -85,8 +85,10 @@ def default_config(chip: str | None = None) -> SsdConfig:
 def unsupported(platform: str, *, head_dim: int, state_size: int, chunk_size: int,
                 dtype) -> str | None:
   """Why the `platform` ('tpu' | 'gpu') kernel cannot serve these shapes, or None."""
-  if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _DTYPES]:
-    return f"dtype {jnp.dtype(dtype).name} is not float32, bfloat16 or float16"
+  dtypes = _DTYPES if platform == "gpu" else _DTYPES[:2]  # No float16 on the TPU MXU.
+  if jnp.dtype(dtype) not in [jnp.dtype(d) for d in dtypes]:
+    names = ", ".join(jnp.dtype(d).name for d in dtypes)
+    return f"dtype {jnp.dtype(dtype).name} is not one of {names}"
   if platform == "tpu" and chunk_size % 8:
     return f"chunk_size={chunk_size} is not a multiple of 8 (TPU sublanes)"
   if platform == "gpu":
@@ -131,7 +133,7 @@ def ssd(x, dt, a, bmat, cmat, d_skip, *, chunk_size: int, segment_ids=None,
   """The SSD scan of a whole sequence by a Pallas kernel; see reference.ssd for the maths.
 
   Args:
-    x: [b, t, h, d] float32, bfloat16 or float16 (the output has its dtype).
+    x: [b, t, h, d] float32 or bfloat16, or float16 on GPU (the output has its dtype).
     dt: [b, t, h] positive step sizes. a: [h] negative decay rates.
     bmat, cmat: [b, t, ng, N] (cast to x.dtype). d_skip: [h].
     chunk_size: B; the TPU kernel's chunk (a multiple of 8). The GPU kernel

@@ -173,6 +173,7 @@ def test_random_shapes_sweep(seed, config):
     (dict(config=SsdConfig("h100"), d=48), "head_dim=48"),
     (dict(config=SsdConfig("h100"), n=8), "state_size=8"),
     (dict(config=TPU, chunk=12), "chunk_size=12"),
+    (dict(config=TPU, dtype=jnp.float16), "float16"),
 ])
 def test_clear_errors(kwargs, match):
   config = kwargs.pop("config")
