@@ -305,7 +305,8 @@ def _core_bwd(plan, residuals, cotangents):
   dx = (dx_dt * dt[..., None]).astype(x.dtype)
   ddt = dlog_decay * a + jnp.sum(dx_dt * x.astype(jnp.float32), axis=-1)
   da = jnp.sum(dlog_decay * dt, axis=(0, 1))
-  by_group = lambda g: g[:, :t].reshape(b, t, ng, h // ng, n).sum(3).astype(bmat.dtype)  # noqa: E731
+  def by_group(grad):  # Per head -> per B/C group.
+    return grad[:, :t].reshape(b, t, ng, h // ng, n).sum(3).astype(bmat.dtype)
   return (dx, ddt, da, by_group(db), by_group(dc), jnp.swapaxes(dinitial, -1, -2), None, None)
 
 

@@ -191,7 +191,7 @@ def test_config_checks():
 
 
 def test_resolve_impl():
-  """'auto' picks the kernel only on a chip that serves the shapes; 'pallas' errors name the field."""
+  """'auto' picks the kernel only on a chip serving the shapes; 'pallas' errors name the field."""
   kw = dict(head_dim=64, state_size=128, chunk_size=256, dtype=jnp.bfloat16)
   assert resolve_impl("auto", backend="cpu", chip="", **kw) == "xla"
   assert resolve_impl("auto", backend="tpu", chip="tpu_v6e", **kw) == "pallas"
