@@ -18,8 +18,9 @@ adds the D·x skip after the kernel.
 
 Backward: Pallas kernels too (tpu_bwd.py, gpu_bwd.py; the per-chunk maths in
 bwd_step.py). The custom VJP's forward also saves the float32 state entering
-each chunk ([b, h, nb, N, d]); the backward kernel walks the chunks in reverse
-with the state gradient in VMEM / registers and returns the gradients of x·dt,
+each chunk ([b, h, nb, N, d]; on GPU, at each chunk start or every 4 blocks,
+and the backward recomputes the blocks between); the backward kernel walks the
+chunks in reverse with the state gradient in VMEM / registers and returns the gradients of x·dt,
 B and C per head, the in-chunk cumulative log decay and the initial state;
 this wrapper finishes the chain rule in XLA (x and dt from x·dt, dt and a from
 the reverse cumulative sum, B and C summed over the heads of each group).
@@ -104,6 +105,7 @@ class _Plan:
   block: int
   num_warps: int
   num_warps_bwd: int
+  save_every: int  # GPU: the forward saves the state entering every save_every-th block.
   interpret: object
 
 
@@ -162,8 +164,10 @@ def ssd(x, dt, a, bmat, cmat, d_skip, *, chunk_size: int, segment_ids=None,
     block = min(chunk_size, -(-t // 8) * 8)
   else:
     block = min(config.gpu_block, max(16, 1 << (t - 1).bit_length()))
+  # GPU: save a state per chunk (at most every 4 blocks: the backward recomputes the rest).
+  save_every = min(4, chunk_size // block) if chunk_size % block == 0 else 1
   plan = _Plan(config.platform, block, config.gpu_num_warps, config.gpu_num_warps_bwd,
-               interpret)
+               max(1, save_every), interpret)
   state0 = (jnp.zeros((b, h, d, n), jnp.float32) if initial_state is None
             else initial_state.astype(jnp.float32))
   cast = lambda z: z.astype(x.dtype)  # noqa: E731
@@ -255,7 +259,7 @@ def _forward(x, dt, a, bmat, cmat, state0, segment_ids, initial_segment_ids, pla
     out = gpu_fwd.forward(ops["x_dt"], ops["cs"], ops["doc"], ops["keep"], ops["to_end"],
                           ops["bmat"], ops["cmat"], state0, block=plan.block,
                           num_warps=plan.num_warps, interpret=plan.interpret,
-                          save_states=save_states)
+                          save_states=save_states, save_every=plan.save_every)
     y = out[0]
   states = out[2] if save_states else None
   return y[:, :t], jnp.swapaxes(out[1], -1, -2), states
@@ -296,7 +300,7 @@ def _core_bwd(plan, residuals, cotangents):
     dx_dt, db, dc, dcs, dinitial = gpu_bwd.backward(
         ops["x_dt"], ops["cs"], ops["doc"], ops["keep"], ops["to_end"], ops["bmat"],
         ops["cmat"], states, dy, dfinal, block=plan.block, num_warps=plan.num_warps_bwd,
-        interpret=plan.interpret)
+        interpret=plan.interpret, save_every=plan.save_every)
   block = plan.block
   # cs is an inclusive cumsum of dt·a per block: its transpose is a reverse cumsum.
   dcs = dcs.reshape(b, padded // block, block, h)

@@ -43,12 +43,22 @@ def dot(a, b, dims):
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
+def advance(state, x, bmat, cs, keep, to_end):
+  """The state [N, d] after one block: decayed (reset at a document start) plus its input."""
+  last = lax.broadcasted_iota(jnp.int32, cs.shape, 0) == cs.shape[0] - 1
+  cs_last = jnp.sum(jnp.where(last, cs, 0.0))
+  survives = jnp.sum(jnp.where(last, keep, 0.0))
+  weight = jnp.exp(cs_last - cs) * to_end  # [B]
+  weighted_b = (bmat.astype(jnp.float32) * weight[:, None]).astype(x.dtype)
+  return state * (jnp.exp(cs_last) * survives) + dot(weighted_b, x, _TN)
+
+
 def _kernel(x_ref, cs_ref, doc_ref, keep_ref, end_ref, b_ref, c_ref, s0_ref, y_ref, sf_ref,
-            *states_ref, block: int, num_blocks: int):
-  """One (batch, head): every block in order; states_ref: () or (entering states,)."""
+            *states_ref, block: int, num_blocks: int, save_every: int):
+  """One (batch, head): every block in order; states_ref: () or (entering states,), saved
+  every `save_every` blocks."""
   idx = lax.broadcasted_iota(jnp.int32, (block,), 0)
   causal = idx[:, None] >= idx[None, :]
-  last = idx == block - 1
 
   def step(i, state):
     tokens = pl.ds(pl.multiple_of(i * block, block), block)
@@ -57,7 +67,11 @@ def _kernel(x_ref, cs_ref, doc_ref, keep_ref, end_ref, b_ref, c_ref, s0_ref, y_r
     cs, doc = cs_ref[tokens], doc_ref[tokens]  # [B]
     keep, to_end = keep_ref[tokens], end_ref[tokens]
     if states_ref:
-      states_ref[0][i] = state
+      every = jnp.int32(save_every)  # lax.rem / lax.div: i >= 0 (Triton lowers these plainly).
+      @pl.when(lax.rem(i, every) == 0)
+      def _():
+        states_ref[0][lax.div(i, every)] = state
+
     visible = causal & (doc[:, None] == doc[None, :])
     gap = jnp.where(visible, cs[:, None] - cs[None, :], 0.0)
     decay = jnp.where(visible, jnp.exp(gap), 0.0)  # [B, B]
@@ -65,18 +79,14 @@ def _kernel(x_ref, cs_ref, doc_ref, keep_ref, end_ref, b_ref, c_ref, s0_ref, y_r
     carried = dot(cmat.astype(jnp.float32), state, _NN)  # [B, d]
     y = dot(weights, x, _NN) + carried * (jnp.exp(cs) * keep)[:, None]
     y_ref[tokens, :] = y.astype(y_ref.dtype)
-    cs_last = jnp.sum(jnp.where(last, cs, 0.0))
-    survives = jnp.sum(jnp.where(last, keep, 0.0))
-    weight = jnp.exp(cs_last - cs) * to_end  # [B]
-    weighted_b = (bmat.astype(jnp.float32) * weight[:, None]).astype(x.dtype)
-    return state * (jnp.exp(cs_last) * survives) + dot(weighted_b, x, _TN)
+    return advance(state, x, bmat, cs, keep, to_end)
 
   state = lax.fori_loop(0, num_blocks, step, s0_ref[...].astype(jnp.float32))
   sf_ref[...] = state
 
 
 def forward(x_dt, cs, doc, keep, to_end, bmat, cmat, initial_state, *, block: int,
-            num_warps: int, interpret, save_states: bool = False):
+            num_warps: int, interpret, save_states: bool = False, save_every: int = 1):
   """The blocked scan.
 
   Args:
@@ -88,7 +98,8 @@ def forward(x_dt, cs, doc, keep, to_end, bmat, cmat, initial_state, *, block: in
 
   Returns:
     y float32 [b, t, h, d] without the D·x skip; final state float32 [b, h, N, d];
-    with save_states, also the state entering each block float32 [b, h, nb, N, d].
+    with save_states, also the state entering every save_every-th block float32
+    [b, h, ceil(nb / save_every), N, d] (the backward recomputes the others).
   """
   b, padded, h, d = x_dt.shape
   ng, n = bmat.shape[2], bmat.shape[3]
@@ -107,11 +118,12 @@ def forward(x_dt, cs, doc, keep, to_end, bmat, cmat, initial_state, *, block: in
   out_shape = [jax.ShapeDtypeStruct((b, padded, h, d), jnp.float32),
                jax.ShapeDtypeStruct((b, h, n, d), jnp.float32)]
   if save_states:
-    nb = padded // block
-    out_specs.append(pl.BlockSpec((None, None, nb, n, d), lambda i, j: (i, j, 0, 0, 0)))
-    out_shape.append(jax.ShapeDtypeStruct((b, h, nb, n, d), jnp.float32))
+    saved = -(-(padded // block) // save_every)
+    out_specs.append(pl.BlockSpec((None, None, saved, n, d), lambda i, j: (i, j, 0, 0, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((b, h, saved, n, d), jnp.float32))
   return pl.pallas_call(
-      functools.partial(_kernel, block=block, num_blocks=padded // block),
+      functools.partial(_kernel, block=block, num_blocks=padded // block,
+                        save_every=save_every),
       grid=(b, h), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret, name="ssd_fwd_gpu",
