@@ -9,6 +9,8 @@ One subpackage per operation, whose `__init__` is its public API:
   nsa_selection/    selected_block_attention (NSA's selection branch), the reference
   wkv7/             wkv7_pallas (RWKV-7's WKV recurrence by chunks), Wkv7Config,
                     the jnp forms wkv7 / wkv7_chunked (also the model's 'xla' path)
+  ssd/              ssd: Mamba-2's state-space-duality scan (TPU kernels, and
+                    Triton ones on Hopper), the chunked jnp reference
   common/           what they share: the chip config (common.config, public),
                     masking and tiling, the call plan, the TPU and GPU helpers,
                     the online-softmax and backward steps
@@ -26,6 +28,7 @@ Inside an operation, files are named by role:
                     their custom VJP
   chunk.py          (WKV-7) the in-chunk matrix form and its VJP, as 2-D array
                     code that both platforms' kernel bodies call
+  bwd_step.py       (SSD) one chunk's backward maths, run by both backward kernels
 
 The forward / backward rule holds in common/ too: tpu_steps and tpu_steps_bwd,
 gpu_cta and gpu_cta_bwd. Imports point down: an operation imports common/ and

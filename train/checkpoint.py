@@ -216,9 +216,9 @@ def load_model(workdir: str, step: int | None = None, *, dtype: str | None = Non
   step = _latest(manager, workdir) if step is None else step
   config = _read_config(manager, step)
   model_section = config.model.to_dict()
-  # attention_chip / rwkv_chip '' is this machine's, resolved when the model is built.
+  # Kernel chips '' are this machine's, resolved when the model is built.
   overrides = {"attention_impl": attention_impl, "attention_chip": "", "rwkv_chip": "",
-               "dtype": dtype}
+               "ssm_chip": "", "dtype": dtype}
   model_section.update({key: value for key, value in overrides.items()
                         if key in model_section and value is not None})
   family = families.get_family(model_section["family"])

@@ -1,6 +1,7 @@
 """State-space sequence mixers (Mamba-1 and Mamba-2).
 
-  ssd.py     `ssd`: the chunked state-space-duality scan (plain jnp), `document_index`
+  ssd.py     `ssd`: the state-space-duality scan, 'xla' (chunked jnp, pallas_kernels/ssd/
+             reference.py) or 'pallas' (pallas_kernels/ssd); `resolve_impl`, `document_index`
   conv.py    `causal_conv` / `CausalConv`: depthwise causal conv with document resets
   mamba2.py  `Mamba2Mixer`: the Linen layer (projections, conv, SSD, gated norm, decode cache)
   selective_scan.py  `selective_scan`: Mamba-1's per-channel scan (chunked associative scan)

@@ -21,7 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from layers.linear import Einsum
 from layers.ssm.conv import CausalConv
-from layers.ssm.ssd import document_index, ssd
+from layers.ssm.ssd import document_index, resolve_impl, ssd
 
 _HEAD_AXES = ("batch", "length", "heads", "head_dim")
 _GROUP_AXES = ("batch", "length", "ssm_groups", "ssm_state")
@@ -99,6 +99,10 @@ class Mamba2Mixer(nn.Module):
     chunk_size: SSD chunk length.
     time_step_limit: (min, max) clamp of dt after the softplus.
     norm_eps: epsilon of the gated RMSNorm.
+    ssm_impl: 'auto' | 'xla' | 'pallas': the SSD scan's implementation
+      (layers/ssm/ssd.resolve_impl). Decode steps of one token run 'xla'.
+    ssm_chip: the Pallas kernel's target chip ('' : none; 'pallas' then
+      interprets the kernel, and 'auto' picks 'xla').
     dtype: computation dtype.
     param_dtype: parameter storage dtype.
   """
@@ -111,6 +115,8 @@ class Mamba2Mixer(nn.Module):
   chunk_size: int = 256
   time_step_limit: tuple[float, float] = (0.0, float("inf"))
   norm_eps: float = 1e-5
+  ssm_impl: str = "auto"
+  ssm_chip: str = ""
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -158,10 +164,14 @@ class Mamba2Mixer(nn.Module):
     dt = jnp.clip(dt, self.time_step_limit[0], self.time_step_limit[1])
     a = -jnp.exp(a_log.astype(jnp.float32))
 
+    impl = resolve_impl(self.ssm_impl, backend=jax.default_backend(), chip=self.ssm_chip,
+                        head_dim=d, state_size=n, chunk_size=self.chunk_size, dtype=self.dtype)
+    if cache is not None and t == 1:
+      impl = "xla"  # One decode step: the jnp form is one state update already.
     y, state = ssd(xs, dt, a, bmat, cmat, d_skip, chunk_size=self.chunk_size,
                    segment_ids=segment_ids,
                    initial_state=None if cache is None else cache.state.value,
-                   initial_segment_ids=previous)
+                   initial_segment_ids=previous, impl=impl, chip=self.ssm_chip)
     y = checkpoint_name(nn.with_logical_constraint(y, _HEAD_AXES), "ssd")
     if cache is not None:
       cache.conv_x.value, cache.conv_b.value, cache.conv_c.value = window_x, window_b, window_c

@@ -1,135 +1,112 @@
-"""State-space duality (SSD, Mamba-2; Dao & Gu 2024, arXiv 2405.21060) computed by chunks.
+"""The SSD scan (Mamba-2) and its implementation switch: 'xla' | 'pallas' | 'auto'.
 
-The recurrence, per head h with a scalar decay and a state S [d, N]:
-
-    S_t = exp(dt_t · A) · S_{t-1} + dt_t · x_t ⊗ B_t        y_t = S_t · C_t + D · x_t
-
-is evaluated in chunks of `chunk_size` tokens: inside a chunk as masked
-matmuls (a causal "attention" whose weights are C_i·B_j · exp(a_{j+1} + ... + a_i)),
-between chunks by a `lax.scan` that carries the state. The decay sums come from a
-masked cumulative sum (never a difference of cumulative sums, which loses
-precision and turns -inf into NaN). Documents of a packed row (`segment_ids`)
-never see each other: the state is reset where the segment id changes. States
-and decays are float32 whatever the input dtype; matmuls accumulate in float32.
-
-Plain jnp, no Pallas: the reference a kernel will be checked against.
+'xla' is the chunked jnp form (pallas_kernels/ssd/reference.py, where the maths
+is described); 'pallas' the kernels of pallas_kernels/ssd (Mosaic TPU, Triton
+on Hopper; forward and backward). Both return the same (y, final state) and
+gradients up to rounding.
 
 Shapes (layers/__init__.py): b batch, t sequence, h heads, d head dim, N state
-size, ng B/C groups (head h reads group h // (h/ng)), B chunk length, nb chunks.
+size, ng B/C groups.
 """
 
 import jax
-import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from layers.attention.implementations import dividing_spec
+from pallas_kernels import ssd as ssd_kernels
+from pallas_kernels.common.config import CHIPS
+from pallas_kernels.ssd.reference import document_index
+from pallas_kernels.ssd.reference import ssd as ssd_xla
+
+IMPLEMENTATIONS = ("auto", "xla", "pallas")
+
+__all__ = ["IMPLEMENTATIONS", "document_index", "resolve_impl", "ssd", "ssd_xla"]
 
 
-def document_index(segment_ids: jax.Array | None, shape: tuple[int, int],
-                   initial_segment_ids: jax.Array | None = None) -> jax.Array:
-  """int32 [b, t]: how many segment changes precede each token (0: the initial state's document).
+def resolve_impl(impl: str, *, backend: str, chip: str, head_dim: int, state_size: int,
+                 chunk_size: int, dtype) -> str:
+  """'xla' or 'pallas' for `impl` on `backend` ('cpu', 'tpu', 'cuda', ...) and `chip`.
 
-  A token starts a new document where its segment id differs from the previous
-  token's; the token before the first is `initial_segment_ids` [b] (None: the
-  first token continues the initial state's document).
+  'auto' is 'pallas' where a kernel targets the chip (a TPU or a Hopper GPU,
+  named by `chip`) and serves these shapes, else 'xla' (CPU runs the jnp form:
+  a Pallas kernel there would be interpreted). 'pallas' on CPU runs the kernel
+  in interpret mode (tests).
+
+  Raises:
+    ValueError: naming model.ssm_impl, for an unknown name, or 'pallas' with
+      shapes the chip's kernel cannot serve.
   """
-  if segment_ids is None:
-    return jnp.zeros(shape, jnp.int32)
-  segment_ids = segment_ids.astype(jnp.int32)
-  first = segment_ids[:, :1] if initial_segment_ids is None else (
-      initial_segment_ids.astype(jnp.int32)[:, None])
-  previous = jnp.concatenate([first, segment_ids[:, :-1]], axis=1)
-  return jnp.cumsum(segment_ids != previous, axis=1, dtype=jnp.int32)
-
-
-def _segsum(a: jax.Array) -> jax.Array:
-  """[..., B] -> [..., B, B]: out[i, j] = a[j+1] + ... + a[i] for j <= i, -inf above it."""
-  length = a.shape[-1]
-  lower = jnp.tril(jnp.ones((length, length), bool), -1)  # i > j: a[i] enters the sum.
-  terms = jnp.where(lower, a[..., :, None], 0.0)
-  sums = jnp.cumsum(terms, axis=-2)
-  causal = jnp.tril(jnp.ones((length, length), bool))
-  return jnp.where(causal, sums, -jnp.inf)
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"model.ssm_impl={impl!r}; choose one of {IMPLEMENTATIONS}.")
+  on_chip = backend in ("tpu", "cuda", "gpu") and chip in CHIPS
+  platform = CHIPS[chip][0] if chip in CHIPS else "tpu"  # CPU interprets the TPU kernel.
+  reason = ssd_kernels.unsupported(platform, head_dim=head_dim, state_size=state_size,
+                                   chunk_size=chunk_size, dtype=dtype)
+  if impl == "auto":
+    return "pallas" if on_chip and reason is None else "xla"
+  if impl == "pallas" and reason:
+    raise ValueError(f"model.ssm_impl='pallas': the {platform.upper()} SSD kernel cannot "
+                     f"serve this model: {reason}. Set model.ssm_impl='xla' (or 'auto'), or "
+                     "change that size.")
+  return impl
 
 
 def ssd(x: jax.Array, dt: jax.Array, a: jax.Array, bmat: jax.Array, cmat: jax.Array,
         d_skip: jax.Array, *, chunk_size: int, segment_ids: jax.Array | None = None,
         initial_state: jax.Array | None = None,
-        initial_segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """The SSD scan of a whole sequence, by chunks.
+        initial_segment_ids: jax.Array | None = None, impl: str = "xla",
+        chip: str = "") -> tuple[jax.Array, jax.Array]:
+  """The SSD scan of a whole sequence: (y [b, t, h, d] in x.dtype, final state f32 [b, h, d, N]).
 
-  Args:
-    x: [b, t, h, d] inputs (any float dtype; the output has it).
-    dt: [b, t, h] positive step sizes (already softplus-ed and clamped).
-    a: [h] negative decay rates (A = -exp(A_log)).
-    bmat: [b, t, ng, N] input matrix B (shared by the h/ng heads of a group).
-    cmat: [b, t, ng, N] output matrix C.
-    d_skip: [h] skip weights D.
-    chunk_size: chunk length B; any t works (padded internally).
-    segment_ids: int [b, t] or None; the state resets where the id changes.
-    initial_state: float32 [b, h, d, N] or None (zeros): the state before token 0.
-    initial_segment_ids: int [b] or None: the segment the initial state belongs
-      to (None: the first token's).
-  Returns:
-    (y [b, t, h, d] in x.dtype, final state float32 [b, h, d, N] after token t-1).
+  Args: as pallas_kernels.ssd.reference.ssd (x [b, t, h, d], dt [b, t, h], a [h],
+    bmat/cmat [b, t, ng, N], d_skip [h], chunk_size, segment_ids [b, t],
+    initial_state [b, h, d, N], initial_segment_ids [b]), plus
+    impl: 'xla' or 'pallas' (resolve 'auto' with `resolve_impl` first).
+    chip: the kernel's target (common.config.CHIPS); '' runs the TPU kernel
+      in interpret mode (CPU).
   """
-  b, t, h, d = x.shape
-  ng, n = bmat.shape[2], bmat.shape[3]
-  hg = h // ng
-  chunk = min(chunk_size, t)
-  nb = -(-t // chunk)
-  pad = nb * chunk - t
-  doc = document_index(segment_ids, (b, t), initial_segment_ids)
-  dt = dt.astype(jnp.float32)
-  if pad:
-    widths = lambda z: [(0, 0), (0, pad)] + [(0, 0)] * (z.ndim - 2)  # noqa: E731
-    # Padding adds nothing (dt 0: decay 1, no input) and stays in the last document.
-    x, dt, bmat, cmat = (jnp.pad(z, widths(z)) for z in (x, dt, bmat, cmat))
-    doc = jnp.pad(doc, [(0, 0), (0, pad)], mode="edge")
-  compute = x.dtype
-  # [b, nb, B, ng, hg, ...]: chunks, and heads split into their groups.
-  xc = x.reshape(b, nb, chunk, ng, hg, d)
-  dtc = dt.reshape(b, nb, chunk, ng, hg)
-  bc = bmat.reshape(b, nb, chunk, ng, n)
-  cc = cmat.reshape(b, nb, chunk, ng, n)
-  docc = doc.reshape(b, nb, chunk)
-  x_dt = (xc.astype(jnp.float32) * dtc[..., None]).astype(compute)
-  log_decay = jnp.moveaxis(dtc * a.astype(jnp.float32).reshape(ng, hg), 2, -1)  # [b,nb,ng,hg,B]
-  segsum = _segsum(log_decay)  # [b, nb, ng, hg, B, B]
-  same_doc = docc[..., :, None] == docc[..., None, :]  # [b, nb, B, B]
+  kw = dict(chunk_size=chunk_size, segment_ids=segment_ids, initial_state=initial_state,
+            initial_segment_ids=initial_segment_ids)
+  if impl == "xla":
+    return ssd_xla(x, dt, a, bmat, cmat, d_skip, **kw)
+  if impl != "pallas":
+    raise ValueError(f"ssd impl={impl!r}; resolve it to 'xla' or 'pallas' first.")
+  config = ssd_kernels.SsdConfig(chip or "tpu_v5e")
 
-  # 1. Within each chunk: masked "attention" C_i·B_j · exp(segsum[i, j]).
-  scores = jnp.einsum("bclgn,bcsgn->bcgls", cc, bc, preferred_element_type=jnp.float32)
-  weights = jnp.exp(segsum) * scores[:, :, :, None] * same_doc[:, :, None, None]
-  y_diag = jnp.einsum("bcgjls,bcsgjd->bclgjd", weights.astype(compute), x_dt,
-                      preferred_element_type=jnp.float32)
+  def scan(x, dt, a, bmat, cmat, d_skip, initial_state, segment_ids, initial_segment_ids):
+    return ssd_kernels.ssd(x, dt, a, bmat, cmat, d_skip, chunk_size=chunk_size,
+                           segment_ids=segment_ids, initial_state=initial_state,
+                           initial_segment_ids=initial_segment_ids, interpret=not chip,
+                           config=config)
 
-  # 2. Each chunk's own contribution to the state at its end (tokens of its last document).
-  to_end = jnp.exp(segsum[..., -1, :])  # [b, nb, ng, hg, B]
-  to_end = to_end * (docc == docc[..., -1:])[:, :, None, None]
-  chunk_states = jnp.einsum("bcsgn,bcgjs,bcsgjd->bcgjdn", bc, to_end.astype(compute), x_dt,
-                            preferred_element_type=jnp.float32)
+  args = (x, dt, a, bmat, cmat, d_skip, initial_state, segment_ids, initial_segment_ids)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return scan(*args)
+  in_specs, out_specs = _shard_specs(x.shape, bmat.shape[2], mesh)
+  in_specs = tuple(None if arg is None else spec for arg, spec in zip(args, in_specs))
+  return jax.shard_map(scan, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=False)(*args)
 
-  # 3. Between chunks: carry the state; it survives a chunk only if no document ends inside.
-  chunk_decay = jnp.exp(segsum[..., -1, 0] + log_decay[..., 0])  # all of the chunk's decay
-  doc_before = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), docc[:, :-1, -1]], axis=1)
-  survives = docc[:, :, -1] == doc_before  # [b, nb]
-  state0 = (jnp.zeros((b, h, d, n), jnp.float32) if initial_state is None
-            else initial_state.astype(jnp.float32)).reshape(b, ng, hg, d, n)
 
-  def step(state, inputs):
-    decay, keep, own = inputs  # [b, ng, hg], [b], [b, ng, hg, d, n]
-    new = state * (decay * keep[:, None, None])[..., None, None] + own
-    return new, state
-
-  final, states_before = jax.lax.scan(
-      step, state0, (jnp.moveaxis(chunk_decay, 1, 0), jnp.moveaxis(survives, 1, 0),
-                     jnp.moveaxis(chunk_states, 1, 0)))
-  states_before = jnp.moveaxis(states_before, 0, 1)  # [b, nb, ng, hg, d, N]
-
-  # 4. The carried state read out by each token of its own document.
-  from_start = jnp.exp(jnp.cumsum(log_decay, axis=-1))  # [b, nb, ng, hg, B]
-  from_start = from_start * (docc == doc_before[..., None])[:, :, None, None]
-  y_off = jnp.einsum("bclgn,bcgjdn,bcgjl->bclgjd", cc.astype(jnp.float32), states_before,
-                     from_start, preferred_element_type=jnp.float32)
-
-  y = (y_diag + y_off).reshape(b, nb * chunk, h, d)[:, :t]
-  y = y + x[:, :t].astype(jnp.float32) * d_skip.astype(jnp.float32)[:, None]
-  return y.astype(compute), final.reshape(b, h, d, n)
+def _shard_specs(x_shape, num_groups: int, mesh):
+  """shard_map specs of the kernel call: batch over 'batch''s mesh axes, heads over
+  'heads''s where each shard's heads keep their B/C groups (groups split the same way, or
+  one group); else heads whole. The kernel never sees a gathered input."""
+  spec = dividing_spec(("batch", None, "heads", None), x_shape, mesh)
+  batch, heads = spec[0], spec[2]
+  if heads is not None:
+    names = (heads,) if isinstance(heads, str) else tuple(heads)
+    ways = 1
+    for name in names:
+      ways *= mesh.shape[name]
+    if num_groups != 1 and num_groups % ways:
+      heads = None  # A shard's heads would need groups from other shards.
+  groups = heads if num_groups != 1 else None
+  x_spec = PartitionSpec(batch, None, heads, None)
+  per_head = PartitionSpec(heads)
+  state = PartitionSpec(batch, heads, None, None)
+  in_specs = (x_spec, PartitionSpec(batch, None, heads), per_head,
+              PartitionSpec(batch, None, groups, None), PartitionSpec(batch, None, groups, None),
+              per_head, state, PartitionSpec(batch, None), PartitionSpec(batch))
+  return in_specs, (x_spec, state)

@@ -14,7 +14,10 @@ import math
 from typing import ClassVar
 
 from layers import attention as attention_lib
+from layers.ssm.ssd import IMPLEMENTATIONS as SSM_IMPLEMENTATIONS
+from layers.ssm.ssd import resolve_impl as resolve_ssm_impl
 from models.config_schema import ConfigSection, ModelConfig, field, section
+from pallas_kernels.common.config import CHIPS
 from models.llama.config import REMAT_POLICIES, check_choice, check_dtype_names
 
 
@@ -75,6 +78,10 @@ class MambaConfig(ModelConfig):
   max_seq_len: int = field(256, "Longest row of data and of prompt + sampled tokens (the "
                            "recurrent state itself has no length limit).", shapes_params=False)
   norm_eps: float = field(1e-5, "RMSNorm epsilon (block, gated and final norms).")
+  ssm_impl: str = field("auto", "SSD scan: xla | pallas | auto (pallas on a TPU or Hopper "
+                        "GPU whose kernel serves the shapes, else xla).", shapes_params=False)
+  ssm_chip: str = field("", "Pallas SSD kernel target (h100, tpu_v5e, ...); '' = this "
+                        "machine's.", shapes_params=False)
   tie_embeddings: bool = field(False, "Share the input embedding and the output projection.")
   # Hybrid (Jamba-style) stacks: attention blocks at some depths.
   attention_layers: tuple[int, ...] = field(
@@ -109,6 +116,7 @@ class MambaConfig(ModelConfig):
     check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
     check_dtype_names(self)
     self._check_version_fields()
+    self._check_ssm_impl()
     self._check_hybrid()
 
   def _check_version_fields(self):
@@ -127,6 +135,18 @@ class MambaConfig(ModelConfig):
         if getattr(self, name) != default:
           raise ValueError(f"model.{name}={getattr(self, name)!r} applies to model.version=1 "
                            f"only; leave it at {default!r} for version 2 or set version=1.")
+
+  def _check_ssm_impl(self) -> None:
+    check_choice("ssm_impl", self.ssm_impl, SSM_IMPLEMENTATIONS)
+    if self.ssm_chip and self.ssm_chip not in CHIPS:
+      raise ValueError(f"model.ssm_chip={self.ssm_chip!r}; choose one of {sorted(CHIPS)} or "
+                       "'' (this machine's).")
+    if self.ssm_impl == "pallas" and self.version == 2:  # Mamba-1's scan has no kernel switch.
+      # Raises, naming model.ssm_impl, where the chip's kernel cannot serve the shapes;
+      # chip '' (CPU) interprets the TPU kernel, and on_chip re-checks for a device's chip.
+      resolve_ssm_impl("pallas", backend="tpu", chip=self.ssm_chip or "tpu_v5e",
+                       head_dim=self.head_dim, state_size=self.state_size,
+                       chunk_size=self.chunk_size, dtype=self.dtype)
 
   def _check_hybrid(self) -> None:
     check_choice("attention_impl", self.attention_impl, attention_lib.IMPLEMENTATIONS)
@@ -153,7 +173,8 @@ class MambaConfig(ModelConfig):
     return self.num_layers - len(self.attention_layers)
 
   def on_chip(self, chip):
-    return self if self.attention_chip else dataclasses.replace(self, attention_chip=chip)
+    unset = {name: chip for name in ("attention_chip", "ssm_chip") if not getattr(self, name)}
+    return dataclasses.replace(self, **unset) if unset else self
 
   @property
   def inner_dim(self) -> int:

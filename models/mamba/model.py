@@ -51,7 +51,8 @@ class Block(nn.Module):
     y = Mamba2Mixer(cfg.embed_dim, cfg.num_heads, cfg.head_dim, cfg.state_size,
                     num_groups=cfg.num_groups, conv_kernel=cfg.conv_kernel,
                     chunk_size=cfg.chunk_size, time_step_limit=tuple(cfg.time_step_limit),
-                    norm_eps=cfg.norm_eps, name="mixer", **_dtypes(cfg))(
+                    norm_eps=cfg.norm_eps, ssm_impl=cfg.ssm_impl, ssm_chip=cfg.ssm_chip,
+                    name="mixer", **_dtypes(cfg))(
                         y, segment_ids, self.decode)
     return nn.with_logical_constraint(x + y, _RESIDUAL_AXES), None
 

@@ -90,6 +90,8 @@ def test_config_from_base_configs():
     ("time_step_limit", (0.1, 0.01), r"model\.time_step_limit"),
     ("remat_policy", "some", r"model\.remat_policy='some'"),
     ("dtype", "bfloat17", r"model\.dtype='bfloat17'"),
+    ("ssm_impl", "fast", r"model\.ssm_impl='fast'"),
+    ("ssm_chip", "a100", r"model\.ssm_chip='a100'"),
 ])
 def test_bad_config_names_the_field(field, value, pattern):
   model_cfg = mamba_tiny.get_config().model
@@ -97,6 +99,17 @@ def test_bad_config_names_the_field(field, value, pattern):
     model_cfg[field] = value
   with pytest.raises(ValueError, match=pattern):
     MambaConfig.from_dict(model_cfg)
+
+
+def test_ssm_impl_pallas_names_the_field_for_shapes_the_kernel_cannot_serve():
+  model_cfg = mamba_tiny.get_config().model
+  with model_cfg.unlocked():
+    model_cfg.ssm_impl, model_cfg.ssm_chip, model_cfg.head_dim = "pallas", "h100", 48
+  with pytest.raises(ValueError, match=r"model\.ssm_impl='pallas'.*head_dim=48.*'xla'"):
+    MambaConfig.from_dict(model_cfg)
+  with model_cfg.unlocked():
+    model_cfg.ssm_chip = "tpu_v5e"  # The TPU kernel takes any head dim.
+  assert MambaConfig.from_dict(model_cfg).ssm_impl == "pallas"
 
 
 def test_shapes_dtypes_and_logical_axes():
@@ -173,6 +186,23 @@ def test_prefill_then_decode_equals_full_forward(scan_layers):
     logits, cache = run(params, cache, tokens[:, i:i + 1], ONES[:, :1])
     pieces.append(logits)
   np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=2e-5, rtol=2e-5)
+
+
+def test_pallas_ssd_prefill_then_decode_equals_xla_forward():
+  """model.ssm_impl='pallas' (the TPU kernel, interpreted on CPU): a packed prefill through
+  the kernel, then one-token steps (xla) from the state it returned, match the xla model."""
+  cfg = make_config(chunk_size=8, ssm_impl="pallas")
+  params = random_params(make_config(chunk_size=8))
+  tokens = random_tokens(5)
+  segment_ids = jnp.asarray(np.repeat([[1] * 4 + [2] * 9], B, axis=0), jnp.int32)
+  full = forward_fn(make_config(chunk_size=8, ssm_impl="xla"))(params, tokens, segment_ids)
+  run = decode_fn(cfg)
+  logits, cache = run(params, init_cache(cfg, B, T), tokens[:, :11], segment_ids[:, :11])
+  pieces = [logits]
+  for i in range(11, T):
+    logits, cache = run(params, cache, tokens[:, i:i + 1], segment_ids[:, i:i + 1])
+    pieces.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=5e-5, rtol=5e-5)
 
 
 def test_packed_row_prefilled_in_pieces_equals_full_forward():
