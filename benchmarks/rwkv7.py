@@ -11,7 +11,8 @@ against the `rwkv` package, in one run on the current device.
    --chunk_sizes, forward and forward+backward (a VJP into all six inputs). Beside
    them, causal attention of the same width (h heads of d): on CPU the 'xla' path
    (the query-blocked layers/attention/cpu_blocked.py), on a GPU or TPU the Pallas
-   flash kernel. Inputs are shaped like RWKV-7's: decays w = exp(−e^{−1/2}·σ(x)),
+   flash kernel. Inputs are shaped like RWKV-7's: decays w = exp(−e^{−1/2}·σ(x)) with
+   x's per-channel offset spread over [−6.5, −1.5] as the model initialises it,
    a = −k̂ and b = k̂·σ(x) with k̂ unit-norm per head; in --dtype (the WKV computes in
    float32 whatever it is given). Attention above --attention_max_len tokens is
    skipped (its [t, t] scores). A row that fails (out of memory) prints n/a.
@@ -110,7 +111,9 @@ def wkv_inputs(batch: int, t: int, heads: int, d: int, dtype, seed: int = 0):
   keys = jax.random.split(jax.random.key(seed), 7)
   shape = (batch, t, heads, d)
   normal = lambda key: jax.random.normal(key, shape, jnp.float32)  # noqa: E731
-  w = jnp.exp(-np.exp(-0.5) * jax.nn.sigmoid(normal(keys[1])))
+  # Decays as the model's: a per-channel offset from slow (w ≈ 1) to fast (w ≈ 0.6), plus noise.
+  offset = jnp.linspace(-6.5, -1.5, heads * d).reshape(heads, d)
+  w = jnp.exp(-np.exp(-0.5) * jax.nn.sigmoid(offset + normal(keys[1])))
   k_hat = normal(keys[2])
   k_hat = k_hat / jnp.linalg.norm(k_hat, axis=-1, keepdims=True)
   iclr = jax.nn.sigmoid(normal(keys[3]))
