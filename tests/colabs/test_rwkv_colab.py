@@ -13,7 +13,7 @@ def test_rwkv_colab_runs(tmp_path, monkeypatch):
   # The state restarts at the document boundary in every block.
   resets = re.findall(r"state norm ([\d.]+) at the last token of document 1, ([\d.]+) at the "
                       r"first of document 2", text)
-  assert len(resets) == 4, text
+  assert len(resets) == 2, text  # RWKV_COLAB_SMALL: two blocks
   assert all(float(after) < float(before) for before, after in resets), resets
   # Chunked and sequential agree to float32 rounding.
   errors = re.findall(r"max \|logits - sequential\| = (\S+)", text)
