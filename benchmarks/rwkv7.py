@@ -12,7 +12,7 @@ against the `rwkv` package, in one run on the current device.
    them, causal attention of the same width (h heads of d): on CPU the 'xla' path
    (the query-blocked layers/attention/cpu_blocked.py), on a GPU or TPU the Pallas
    flash kernel. Inputs are shaped like RWKV-7's: decays w = exp(−e^{−1/2}·σ(x)) with
-   x's per-channel offset spread over [−6.5, −1.5] as the model initialises it,
+   x's per-channel offset spread over [−6.5, −1.5] as RWKV-7 initialises it,
    a = −k̂ and b = k̂·σ(x) with k̂ unit-norm per head; in --dtype (the WKV computes in
    float32 whatever it is given). Attention above --attention_max_len tokens is
    skipped (its [t, t] scores). A row that fails (out of memory) prints n/a.
@@ -62,6 +62,7 @@ from layers.attention import implementations as attention_lib
 from layers.rwkv import wkv7, wkv7_chunked
 from models.rwkv import Rwkv, RwkvConfig, init_cache
 from models.rwkv import pth
+from pallas_kernels.common.config import chip_of_device
 
 WkvFn = Callable[..., jax.Array]  # (r, w, k, v, a, b [b, t, h, d]) -> y [b, t, h, d]
 
@@ -76,10 +77,14 @@ def wkv_implementations(chunk_sizes: list[int]) -> dict[str, WkvFn]:
 
 
 def attention_implementation(backend: str) -> tuple[str, Callable]:
-  """Our causal attention of the same width: the CPU-blocked XLA path, or flash on GPU/TPU."""
-  impl = "xla" if backend == "cpu" else "pallas"
-  label = "attention xla (cpu-blocked)" if impl == "xla" else "attention pallas flash"
-  return label, lambda q, k, v: attention_lib.dot_product_attention(q, k, v, impl=impl)
+  """Our causal attention of the same width: the CPU-blocked XLA path, or flash on GPU/TPU
+  (the Pallas kernel tuned for this chip, as `model.attention_chip` picks it)."""
+  if backend == "cpu":
+    return "attention xla (cpu-blocked)", lambda q, k, v: attention_lib.dot_product_attention(
+        q, k, v, impl="xla")
+  chip = chip_of_device(jax.devices()[0]) or ""
+  return "attention pallas flash", lambda q, k, v: attention_lib.dot_product_attention(
+      q, k, v, impl="pallas", chip=chip)
 
 
 # ---- timing ---------------------------------------------------------------------------------
@@ -111,7 +116,7 @@ def wkv_inputs(batch: int, t: int, heads: int, d: int, dtype, seed: int = 0):
   keys = jax.random.split(jax.random.key(seed), 7)
   shape = (batch, t, heads, d)
   normal = lambda key: jax.random.normal(key, shape, jnp.float32)  # noqa: E731
-  # Decays as the model's: a per-channel offset from slow (w ≈ 1) to fast (w ≈ 0.6), plus noise.
+  # RWKV-7-like decays: a per-channel offset from slow (w ≈ 1) to fast (w ≈ 0.6), plus noise.
   offset = jnp.linspace(-6.5, -1.5, heads * d).reshape(heads, d)
   w = jnp.exp(-np.exp(-0.5) * jax.nn.sigmoid(offset + normal(keys[1])))
   k_hat = normal(keys[2])
@@ -356,7 +361,8 @@ def parse_args(argv=None):
   parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script runs")
   parser.add_argument("--lengths", type=ints, default=None,
                       help="tokens per row (default: 1024,2048,4096 on CPU, 1k..64k elsewhere)")
-  parser.add_argument("--chunk_sizes", type=ints, default=[16, 64], help="chunked WKV rows")
+  parser.add_argument("--chunk_sizes", type=ints, default=[16, 32],
+                      help="chunked WKV rows (above 32 a trained model loses float32 digits)")
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--heads", type=int, default=0, help="h (0: 4 on CPU, 12 elsewhere)")
   parser.add_argument("--head_size", type=int, default=64, help="d (RWKV-7's 64)")
