@@ -14,7 +14,7 @@ pytest.importorskip("torch")
 pytest.importorskip("rwkv")
 
 
-@pytest.mark.slow  # ~40 s on a quiet 2-core box (compiling fwd+bwd of each implementation).
+@pytest.mark.slow  # ~45 s on a 2-core box (compiling fwd+bwd of each implementation).
 def test_smoke_writes_every_row(tmp_path):
   env = {**os.environ, "XLA_FLAGS": ""}  # One CPU device, as a user runs it.
   out, report = tmp_path / "rwkv.json", tmp_path / "rwkv.md"
