@@ -1,6 +1,6 @@
 r"""Mamba-2's SSD against a sequential scan and against causal attention, one device, one run.
 
-  python benchmarks/ssm.py                        # CPU: 1k-8k tokens; GPU/TPU: 1k-64k
+  python benchmarks/ssm.py                        # CPU: 256-8k tokens; GPU/TPU: 512-64k
   python benchmarks/ssm.py --lengths=2048,8192 --passes=fwd+bwd --json=/tmp/ssm.json
   python benchmarks/ssm.py --smoke                # tiny shapes: checks the script runs
 
@@ -58,8 +58,8 @@ from layers.attention import implementations as attention_lib
 from layers.ssm import Mamba2Mixer
 from layers.ssm import ssd
 
-_LENGTHS = flags.DEFINE_list("lengths", [], "Sequence lengths (default: 1024-8192 on CPU, "
-                             "1024-65536 elsewhere).")
+_LENGTHS = flags.DEFINE_list("lengths", [], "Sequence lengths (default: 256-8192 on CPU, "
+                             "512-65536 elsewhere).")
 _TOKENS = flags.DEFINE_integer("tokens", 0, "Tokens per call, batch = tokens / length (default: "
                                "8192 on CPU, 65536 elsewhere).")
 _HEADS = flags.DEFINE_integer("heads", 0, "h (default: 8 on CPU, 24 elsewhere).")
@@ -232,7 +232,8 @@ def bench_mixers(problems: list[Problem], impls: list[str], passes: list[str], i
 
 
 def crossover(rows: list[dict], ssm: str, kind: str) -> str:
-  """The shortest length from which on `ssm` is faster than attention, in words."""
+  """Where `ssm` gets faster than attention for good (the shortest length from which on it
+  is faster at every measured length), in words."""
   pairs = {}
   for row in rows:
     if row["pass"] == kind and row["seconds"] and row["impl"] in (ssm, "attention"):
@@ -242,10 +243,13 @@ def crossover(rows: list[dict], ssm: str, kind: str) -> str:
     return "not measured"
   faster = [pairs[t][ssm] < pairs[t]["attention"] for t in lengths]
   if not faster[-1]:
-    return f"none up to {lengths[-1]}"
-  first = len(faster) - next(i for i, f in enumerate(reversed(faster)) if not f) if (
-      not all(faster)) else 0
-  return f"<= {lengths[0]}" if first == 0 else f"{lengths[first]} (slower at {lengths[first - 1]})"
+    return f"at no length for good (up to t = {lengths[-1]})"
+  first = len(faster)
+  while first > 0 and faster[first - 1]:
+    first -= 1
+  if first == 0:
+    return f"at every measured length (t >= {lengths[0]})"
+  return f"from t = {lengths[first]} on (slower at {lengths[first - 1]})"
 
 
 def markdown(rows: list[dict], impls: list[str], passes: list[str]) -> tuple[str, dict]:
@@ -270,7 +274,7 @@ def markdown(rows: list[dict], impls: list[str], passes: list[str]) -> tuple[str
     if "attention" in impls:
       for ssm in ssms:
         crossovers[f"{ssm} {kind}"] = crossover(rows, ssm, kind)
-        lines.append(f"\n{ssm} overtakes attention ({kind}) from t = {crossovers[f'{ssm} {kind}']}")
+        lines.append(f"\n{ssm} is faster than attention ({kind}) {crossovers[f'{ssm} {kind}']}")
   return "\n".join(lines), crossovers
 
 
@@ -386,7 +390,7 @@ def run_args(backend: str) -> dict:
   cpu = backend == "cpu"
   args = dict(
       lengths=[int(t) for t in _LENGTHS.value] or (
-          [1024, 2048, 4096, 8192] if cpu else [1024 << i for i in range(7)]),
+          [256 << i for i in range(6)] if cpu else [512 << i for i in range(8)]),
       tokens=_TOKENS.value or (8192 if cpu else 65536), heads=_HEADS.value or (8 if cpu else 24),
       head_dim=_HEAD_DIM.value, state=_STATE.value or (64 if cpu else 128),
       chunk=_CHUNK.value or (128 if cpu else 256),

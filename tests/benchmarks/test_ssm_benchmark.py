@@ -1,6 +1,7 @@
 """benchmarks/ssm.py --smoke times every row, prints the tables and the crossovers, and writes
 its JSON, so the script cannot rot between measurements (with -m slow)."""
 
+import functools
 import importlib.util
 import json
 import os
@@ -18,6 +19,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 
+@functools.cache  # Once: its absl flags can be defined only once per process.
 def _load_benchmark():
   """benchmarks/ssm.py as a module (benchmarks/ is a folder of scripts, not a package)."""
   spec = importlib.util.spec_from_file_location(
@@ -35,7 +37,7 @@ def test_smoke_times_every_row_and_both_layers(tmp_path):
       [sys.executable, "benchmarks/ssm.py", "--smoke", f"--json={out}"],
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "ssd overtakes attention (fwd+bwd) from t = " in result.stdout, result.stdout[-2000:]
+  assert "ssd is faster than attention (fwd+bwd) " in result.stdout, result.stdout[-2000:]
   report = json.loads(out.read_text())
   rows = report["rows"]
   assert {(r["impl"], r["pass"], r["seq"]) for r in rows} == {
@@ -58,3 +60,21 @@ def test_sequential_scan_matches_the_chunked_ssd():
   y_ssd, state_ssd = jax.jit(lambda *a: ssd(*a, chunk_size=16))(*inputs)
   np.testing.assert_allclose(y_scan, y_ssd, rtol=2e-4, atol=2e-4)
   np.testing.assert_allclose(state_scan, state_ssd, rtol=2e-4, atol=2e-4)
+
+
+def test_crossover_is_the_length_from_which_on_ssd_stays_faster():
+  bench = _load_benchmark()
+
+  def rows(times):  # {length: (ssd seconds, attention seconds)}
+    return [{"seq": t, "impl": impl, "pass": "fwd", "seconds": s}
+            for t, pair in times.items() for impl, s in zip(("ssd", "attention"), pair)]
+
+  assert bench.crossover(rows({256: (2, 1), 512: (1, 2), 1024: (1, 3)}), "ssd", "fwd") == (
+      "from t = 512 on (slower at 256)")
+  # Faster at 256, slower at 512 (noise or not): the crossover is after the last loss.
+  assert bench.crossover(rows({256: (1, 2), 512: (3, 2), 1024: (1, 3)}), "ssd", "fwd") == (
+      "from t = 1024 on (slower at 512)")
+  assert bench.crossover(rows({256: (1, 2), 512: (1, 2)}), "ssd", "fwd") == (
+      "at every measured length (t >= 256)")
+  assert bench.crossover(rows({256: (1, 2), 512: (3, 2)}), "ssd", "fwd").startswith("at no length")
+  assert bench.crossover(rows({256: (1, 2)}), "scan", "fwd") == "not measured"
