@@ -202,8 +202,8 @@ def median_seconds(call, iters: int, warmup: int) -> float:
   return statistics.median(times)
 
 
-def bench_mixers(problems: list[Problem], impls: list[str], passes: list[str], iters: int,
-                 warmup: int) -> list[dict]:
+def bench_sequence_mixers(problems: list[Problem], impls: list[str], passes: list[str],
+                          iters: int, warmup: int) -> list[dict]:
   """One JSON row per (problem, impl, pass): seconds per call, or the reason it has none."""
   rows = []
   for p in problems:
@@ -422,7 +422,8 @@ def main(argv):
         f"{args['iters']} calls after {args['warmup']} warmup")
   problems = [Problem(max(args["tokens"] // t, 1), t, args["heads"], args["head_dim"],
                       args["state"], args["chunk"], args["dtype"]) for t in args["lengths"]]
-  rows = bench_mixers(problems, args["impls"], args["passes"], args["iters"], args["warmup"])
+  rows = bench_sequence_mixers(problems, args["impls"], args["passes"], args["iters"],
+                               args["warmup"])
   table, crossovers = markdown(rows, args["impls"], args["passes"])
   print(table)
   meta = dict(args, device=jax.devices()[0].device_kind, backend=backend, jax=jax.__version__,
