@@ -89,6 +89,11 @@ BENCHMARKS = (
     ("diffusion", "benchmarks/diffusion.py",
      ["--model=ddpm_cifar10", "--sizes=32", "--batch=64", "--steps=5", "--repeats=3",
       "--dtype=bfloat16"], ["--smoke"], 90),
+    # SSD (xla and the Pallas kernel) vs flash attention by length; WKV-7 likewise.
+    ("ssm", "benchmarks/ssm.py", ["--lengths=2048,8192,32768", "--iters=5"],
+     ["--smoke", "--mixer=false", "--passes=fwd", "--impls=ssd,attention"], 90),
+    ("rwkv7", "benchmarks/rwkv7.py", ["--lengths=4096,16384", "--iters=10"],
+     ["--smoke", "--model_bench=off", "--chunk_sizes=16"], 90),
 )
 
 # Stage 3: benchmarks/train_throughput.py runs.
@@ -98,6 +103,12 @@ MOE = ["--config=configs/moe.py:size=deepseek_v3_small,seq_len=4096,batch=4",
 TRAIN_FLAGS = ["--steps=5", "--warmup=2"]
 SMOKE_LLAMA = ["--config=configs/llama_tiny.py"]
 SMOKE_MOE = ["--config=configs/moe_tiny.py"]
+# The recurrent families at their published shapes; model.ssm_impl / rwkv_impl 'auto' pick
+# the Pallas kernels on a GPU/TPU (one run each: the xla paths are in the benchmarks stage).
+RECURRENT = {"mamba2 370m": ["--config=configs/mamba.py:size=370m,seq_len=4096,batch=4"],
+             "rwkv7 0.4b": ["--config=configs/rwkv.py:size=0.4b,seq_len=4096,batch=4"]}
+SMOKE_RECURRENT = {"mamba_tiny": ["--config=configs/mamba_tiny.py"],
+                   "rwkv_tiny": ["--config=configs/rwkv_tiny.py"]}
 SMOKE_TRAIN_FLAGS = ["--config.model.num_layers=1", "--config.data.global_batch_size=2",
                      "--config.data.seq_len=64", "--steps=1", "--warmup=1", "--matmul_size=128"]
 TRAIN_BUDGET_S = 60
@@ -162,6 +173,8 @@ def plan(platform: str, smoke: bool) -> list[Step]:
   steps.append(Step("train", "moe_tiny" if smoke else "moe deepseek_v3_small 4 layers",
                     throughput + (SMOKE_MOE if smoke else MOE) + train_flags,
                     budget(TRAIN_BUDGET_S)))
+  for name, flags in (SMOKE_RECURRENT if smoke else RECURRENT).items():
+    steps.append(Step("train", name, throughput + flags + train_flags, budget(TRAIN_BUDGET_S)))
   return steps
 
 

@@ -63,6 +63,7 @@ from layers.rwkv import wkv7, wkv7_chunked
 from models.rwkv import Rwkv, RwkvConfig, init_cache
 from models.rwkv import pth
 from pallas_kernels.common.config import chip_of_device
+from pallas_kernels.wkv7 import Wkv7Config, wkv7_pallas
 
 WkvFn = Callable[..., jax.Array]  # (r, w, k, v, a, b [b, t, h, d]) -> y [b, t, h, d]
 
@@ -73,6 +74,11 @@ def wkv_implementations(chunk_sizes: list[int]) -> dict[str, WkvFn]:
   for size in chunk_sizes:
     impls[f"wkv7 chunked {size} (xla)"] = lambda *x, size=size: wkv7_chunked(
         *x, chunk_size=size)[0]
+  chip = chip_of_device(jax.devices()[0])
+  if chip is not None:  # The kernel targets this chip (on CPU it would only be interpreted).
+    for size in chunk_sizes:
+      config = Wkv7Config(chip=chip, chunk_size=size)
+      impls[f"wkv7 pallas {size}"] = lambda *x, config=config: wkv7_pallas(*x, config=config)[0]
   return impls
 
 

@@ -57,6 +57,7 @@ from absl import flags
 from layers.attention import implementations as attention_lib
 from layers.ssm import Mamba2Mixer
 from layers.ssm import ssd
+from pallas_kernels.common.config import chip_of_device
 
 _LENGTHS = flags.DEFINE_list("lengths", [], "Sequence lengths (default: 256-8192 on CPU, "
                              "512-65536 elsewhere).")
@@ -67,7 +68,8 @@ _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "d, of the SSM heads and the at
 _STATE = flags.DEFINE_integer("state_size", 0, "N (default: 64 on CPU, 128 elsewhere).")
 _CHUNK = flags.DEFINE_integer("chunk_size", 0, "SSD chunk length (default: 128 on CPU, 256 "
                               "elsewhere).")
-_IMPLS = flags.DEFINE_list("impls", ["ssd", "scan", "attention"], "Rows to time (keys of IMPLS).")
+_IMPLS = flags.DEFINE_list("impls", [], "Rows to time (keys of IMPLS); empty: ssd, scan and "
+                           "attention, and ssd_pallas on a GPU/TPU the kernel targets.")
 _ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "auto", list(attention_lib.IMPLEMENTATIONS),
                                     "layers/attention implementation of the attention row.")
 _PASSES = flags.DEFINE_list("passes", ["fwd", "fwd+bwd"], "fwd and/or fwd+bwd.")
@@ -149,9 +151,16 @@ def _attention_row(p: Problem) -> Callable[..., jax.Array]:
   return functools.partial(attention_lib.dot_product_attention, impl=attention_impl(p))
 
 
-# Name -> row. A Pallas SSD is one more 'ssm' entry: Impl("ssm", _ssm_row(pallas_ssd)).
+def pallas_ssd(*inputs, chunk_size: int):
+  """The Pallas SSD kernel for this machine's chip (interpreted on CPU: slow)."""
+  chip = chip_of_device(jax.devices()[0]) or ""
+  return ssd(*inputs, chunk_size=chunk_size, impl="pallas", chip=chip)
+
+
+# Name -> row; an SSD implementation is one more 'ssm' entry.
 IMPLS = {
     "ssd": Impl("ssm", _ssm_row(ssd)),
+    "ssd_pallas": Impl("ssm", _ssm_row(pallas_ssd)),
     "scan": Impl("ssm", _ssm_row(sequential_scan), max_length=lambda: _SCAN_MAX.value),
     "attention": Impl("attention", _attention_row),
 }
@@ -394,7 +403,9 @@ def run_args(backend: str) -> dict:
       tokens=_TOKENS.value or (8192 if cpu else 65536), heads=_HEADS.value or (8 if cpu else 24),
       head_dim=_HEAD_DIM.value, state=_STATE.value or (64 if cpu else 128),
       chunk=_CHUNK.value or (128 if cpu else 256),
-      dtype=_DTYPE.value or ("float32" if cpu else "bfloat16"), impls=list(_IMPLS.value),
+      dtype=_DTYPE.value or ("float32" if cpu else "bfloat16"), impls=list(_IMPLS.value) or (
+          ["ssd", "scan", "attention"] + ([] if chip_of_device(jax.devices()[0]) is None
+                                          else ["ssd_pallas"])),
       passes=list(_PASSES.value), iters=_ITERS.value, warmup=_WARMUP.value,
       mixer=_MIXER.value and cpu, mixer_tokens=_MIXER_TOKENS.value, repeats=_REPEATS.value)
   if _SMOKE.value:

@@ -21,7 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from layers.linear import Einsum
 from layers.ssm.conv import CausalConv
-from layers.ssm.mamba2 import _dt_bias_init  # pylint: disable=protected-access
+from layers.ssm.mamba2 import dt_bias_init
 from layers.ssm.selective_scan import selective_scan
 from layers.ssm.ssd import document_index
 
@@ -66,7 +66,7 @@ class TimeStepProjection(nn.Module):
         key, shape, dtype, -bound, bound)
     kernel = self.param("kernel", nn.with_logical_partitioning(init, ("low_rank", "mlp")),
                         (rank, self.inner_dim), self.param_dtype)
-    bias = self.param("bias", nn.with_logical_partitioning(_dt_bias_init, ("mlp",)),
+    bias = self.param("bias", nn.with_logical_partitioning(dt_bias_init, ("mlp",)),
                       (self.inner_dim,), self.param_dtype)
     dt = jnp.einsum("btr,ri->bti", dt_low.astype(self.dtype), kernel.astype(self.dtype),
                     preferred_element_type=jnp.float32)

@@ -42,7 +42,7 @@ def _a_log_init(key, shape, dtype):
   return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dtype)
 
 
-def _dt_bias_init(key, shape, dtype, dt_min=1e-3, dt_max=1e-1, floor=1e-4):
+def dt_bias_init(key, shape, dtype, dt_min=1e-3, dt_max=1e-1, floor=1e-4):
   """softplus⁻¹ of dt drawn log-uniformly in [dt_min, dt_max] (at least `floor`)."""
   u = jax.random.uniform(key, shape, jnp.float32)
   dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
@@ -157,7 +157,7 @@ class Mamba2Mixer(nn.Module):
 
     heads = lambda name, init: self.param(  # noqa: E731
         name, nn.with_logical_partitioning(init, ("heads",)), (h,), self.param_dtype)
-    dt_bias = heads("dt_bias", _dt_bias_init)
+    dt_bias = heads("dt_bias", dt_bias_init)
     a_log = heads("A_log", _a_log_init)
     d_skip = heads("D", nn.initializers.ones)
     dt = jax.nn.softplus(dt.astype(jnp.float32) + dt_bias.astype(jnp.float32))

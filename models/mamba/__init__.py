@@ -7,6 +7,7 @@ Jamba-style hybrid).
   hybrid.py  Jamba-style stacks: Llama decoder blocks at model.attention_layers
   hf.py      transformers Mamba2ForCausalLM checkpoints, both ways
   hf_mamba1.py  transformers MambaForCausalLM (Mamba-1) checkpoints, both ways
+  hf_backbone.py  what both converters share: embeddings, norms, head, the block loop
 """
 
 from models.family import ModelFamily

@@ -54,7 +54,7 @@ class MambaConfig(ModelConfig):
 
   vocab_size: int = field(512, "Embedding rows; must be >= the tokenizer's vocabulary.")
   embed_dim: int = field(128, "Residual stream width (e).")
-  num_layers: int = field(4, "Mamba-2 blocks (L).")
+  num_layers: int = field(4, "Blocks (L), attention blocks of a hybrid included.")
   # Which Mamba. The four fields after `version` shape only Mamba-1 (version 2 checks they
   # are left at their defaults); num_heads, head_dim, num_groups and time_step_limit shape
   # only Mamba-2 (version 1 ignores them). chunk_size is the scan's chunk in both.

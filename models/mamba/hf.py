@@ -11,12 +11,10 @@ Shapes (layers/__init__.py): e embed, v vocab, h heads, d head dim, N state
 size, ng groups, w conv width, L layers.
 """
 
-import jax
 import numpy as np
 
-from models import hf_io
-from models.family import Converter
-from models.llama.hf import TensorReader, as_numpy
+from models.llama.hf import TensorReader
+from models.mamba import hf_backbone
 from models.mamba.config import MambaConfig
 
 
@@ -150,58 +148,15 @@ def _block_to_hf(block: dict, prefix: str, cfg: MambaConfig) -> dict[str, np.nda
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: MambaConfig) -> dict:
-  """HF state dict (name -> array) -> plain Treadle params in `param_dtype`.
-
-  The tree matches `nn.unbox(Mamba(cfg).init(...)['params'])` (blocks stacked
-  under 'layers' when cfg.scan_layers). A tied model ignores any lm_head.weight.
-
-  Raises:
-    ValueError: naming a tensor that is missing, has the wrong shape, or is unused.
-  """
-  reader = TensorReader(tensors)
-  v, e = cfg.vocab_size, cfg.embed_dim
-  blocks = [_block_from_hf(reader, f"backbone.layers.{i}.", cfg) for i in range(cfg.num_layers)]
-  params = {"embed": {"embedding": reader.take("backbone.embeddings.weight", (v, e))},
-            "final_norm": {"scale": reader.take("backbone.norm_f.weight", (e,))}}
-  if cfg.tie_embeddings:
-    reader.used.add("lm_head.weight")
-  else:
-    params["lm_head"] = {"kernel": reader.take("lm_head.weight", (v, e)).T}
-  if cfg.scan_layers:
-    params["layers"] = jax.tree.map(lambda *ws: np.stack(ws), *blocks)
-  else:
-    params.update({f"layers_{i}": block for i, block in enumerate(blocks)})
-  reader.check_all_used("Mamba")
-  return as_numpy(params, np.dtype(jax.numpy.dtype(cfg.param_dtype)))
+  """HF state dict -> plain Treadle params (see hf_backbone.params_from_hf)."""
+  return hf_backbone.params_from_hf(tensors, cfg, _block_from_hf)
 
 
 def hf_from_params(params, cfg: MambaConfig) -> dict[str, np.ndarray]:
-  """Treadle params (boxed or plain, any device) -> HF state dict of float32 arrays
-  (no lm_head.weight when tied)."""
-  params = as_numpy(params, np.float32)
-  out = {"backbone.embeddings.weight": params["embed"]["embedding"],
-         "backbone.norm_f.weight": params["final_norm"]["scale"]}
-  if not cfg.tie_embeddings:
-    out["lm_head.weight"] = params["lm_head"]["kernel"].T
-  for i in range(cfg.num_layers):
-    block = (jax.tree.map(lambda w, i=i: w[i], params["layers"]) if cfg.scan_layers
-             else params[f"layers_{i}"])
-    out.update(_block_to_hf(block, f"backbone.layers.{i}.", cfg))
-  return {name: np.ascontiguousarray(w) for name, w in out.items()}
+  """Treadle params -> HF state dict of float32 arrays (see hf_backbone.hf_from_params)."""
+  return hf_backbone.hf_from_params(params, cfg, _block_to_hf)
 
 
-def read_checkpoint(hf_dir: str) -> tuple[MambaConfig, dict]:
-  """A transformers `Mamba2ForCausalLM` directory -> (model config, plain params)."""
-  hf_config, tensors = hf_io.read_hf_dir(hf_dir)
-  cfg = MambaConfig.from_dict(model_config_from_hf(hf_config))
-  return cfg, params_from_hf(tensors, cfg)
-
-
-def write_checkpoint(hf_dir: str, cfg: MambaConfig, variables: dict) -> list[str]:
-  """Writes config.json and float32 safetensors that `Mamba2ForCausalLM` loads."""
-  return hf_io.write_hf_dir(hf_dir, hf_config_from_model(cfg),
-                            hf_from_params(variables["params"], cfg))
-
-
-MAMBA2 = Converter("a transformers Mamba2ForCausalLM save_pretrained directory",
-                   read_checkpoint, write_checkpoint)
+MAMBA2 = hf_backbone.converter("a transformers Mamba2ForCausalLM save_pretrained directory",
+                               model_config_from_hf, hf_config_from_model, _block_from_hf,
+                               _block_to_hf)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from layers.ssm.ssd import resolve_impl
+from pallas_kernels.common.config import CHIPS, chip_of_device
 from pallas_kernels.ssd import SsdConfig, ssd, ssd_reference
 
 from helpers.kernels import FAST_COMPILE
@@ -77,7 +78,7 @@ def value_and_grads(fn, args, cotangents):
 
 
 def check(case: Case, config: SsdConfig, interpret=True, seed=0, grads=True,
-          oracle=ssd_reference):
+          oracle=ssd_reference, tol=None):
   """Kernel vs `oracle` (float32 inputs): y, final state, and the grads when `grads`."""
   args, cotangents, kw = case.inputs(seed)
   has_state = case.initial_state
@@ -97,7 +98,7 @@ def check(case: Case, config: SsdConfig, interpret=True, seed=0, grads=True,
     got = jax.jit(call(kernel)).lower(*kernel_args).compile(FAST_COMPILE)(*kernel_args)
     want = call(oracle)(*[f32(a) for a in args if a is not None])
   names = ("y", "final_state") + _GRAD_NAMES[:6 + has_state]
-  tol = _TOL[case.dtype]
+  tol = tol or _TOL[case.dtype]
   for name, g, w in zip(names, got, want):
     g = np.asarray(g.astype(jnp.float32))
     assert np.all(np.isfinite(g)), f"{name} has non-finite values (unwritten block?)"
@@ -128,6 +129,41 @@ def test_kernel_interpret(config, name):
 @pytest.mark.slow
 def test_tpu_short_row():
   check(CASES["one_group_short"], TPU)
+
+
+def _hardware_chip(platform: str) -> str:
+  chip = chip_of_device(jax.devices()[0])
+  if chip is None or CHIPS[chip][0] != platform:
+    pytest.skip(f"needs a {platform.upper()} kernel target; have {jax.devices()[0].device_kind}")
+  return chip
+
+
+# The shipped shapes on hardware: the tiny model's and Mamba-2's published (d 64, N 128,
+# chunk 256), with documents, an initial state and a length that is not a chunk multiple.
+HARDWARE_CASES = {
+    "tiny": CASES["documents_and_state"],
+    "mamba2_published": Case(b=2, t=700, h=4, ng=1, d=64, n=128, chunk=256, documents=3,
+                             initial_state=True, initial_segments=True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(HARDWARE_CASES))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_gpu_kernel_on_hardware(name, dtype):
+  """The compiled Triton kernels on a Hopper GPU, forward and backward, default config."""
+  check(dataclasses.replace(HARDWARE_CASES[name], dtype=dtype),
+        SsdConfig(_hardware_chip("gpu")), interpret=False)
+
+
+@pytest.mark.tpu
+@pytest.mark.parametrize("name", sorted(HARDWARE_CASES))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_tpu_kernel_on_hardware(name, dtype):
+  """The compiled Mosaic TPU kernels, forward and backward (the MXU may take f32 in bf16
+  passes: bf16 tolerance for both until measured)."""
+  case = dataclasses.replace(HARDWARE_CASES[name], dtype=dtype)
+  check(case, SsdConfig(_hardware_chip("tpu")), interpret=False, tol=_TOL[jnp.bfloat16])
 
 
 @pytest.mark.parametrize("config", [TPU, GPU], ids=["tpu", "gpu"])

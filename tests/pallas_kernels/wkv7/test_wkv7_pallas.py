@@ -18,6 +18,7 @@ import pytest
 from helpers.kernels import FAST_COMPILE
 from helpers.wkv7_reference import wkv7_reference
 from layers.ssm import document_index
+from pallas_kernels.common.config import CHIPS, chip_of_device
 from pallas_kernels.wkv7 import Wkv7Config, wkv7, wkv7_pallas
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -37,20 +38,21 @@ def inputs(seed, *, b=2, t=21, h=2, d=32):
   return (r, w, k, v, -kk, kk * iclr), seg, init
 
 
-def run(chip, chunk, args, seg, init, dtype=jnp.float32):
-  """(y, state) of the interpreted kernel; token 0 continues `init` (doc 0 there)."""
+def run(chip, chunk, args, seg, init, dtype=jnp.float32, interpret=True):
+  """(y, state) of the kernel (interpreted unless `interpret` is False); token 0
+  continues `init` (doc 0 there)."""
   doc = document_index(jnp.asarray(seg), seg.shape, jnp.asarray(seg[:, 0]))
   fn = lambda *xs: wkv7_pallas(*xs[:6], doc=doc, initial_state=xs[6],  # noqa: E731
-                               config=Wkv7Config(chip, chunk), interpret=True)
+                               config=Wkv7Config(chip, chunk), interpret=interpret)
   cast = [jnp.asarray(x, dtype) for x in args] + [jnp.asarray(init)]
   return jax.jit(fn).lower(*cast).compile(FAST_COMPILE)(*cast), doc
 
 
-def check_forward(chip, chunk, *, dtype=jnp.float32, tol=2e-4, **shape):
+def check_forward(chip, chunk, *, dtype=jnp.float32, tol=2e-4, interpret=True, **shape):
   args, seg, init = inputs(chunk + shape.get("t", 21), **shape)
   if dtype == jnp.bfloat16:  # the oracle reads the rounded inputs
     args = tuple(np.asarray(jnp.asarray(x, dtype).astype(jnp.float32)) for x in args)
-  (y, state), _ = run(chip, chunk, args, seg, init, dtype)
+  (y, state), _ = run(chip, chunk, args, seg, init, dtype, interpret)
   y_ref, state_ref = wkv7_reference(*args, segment_ids=seg, initial_state=init)
   assert y.dtype == dtype and state.dtype == jnp.float32
   scale = np.abs(y_ref).max()
@@ -69,12 +71,18 @@ def test_forward_bf16_head64_several_heads():
 
 @pytest.mark.parametrize("chip", ["h100", "tpu_v5e"])
 def test_gradients_of_all_inputs_and_state(chip):
-  args, seg, init = inputs(5, b=1, t=19, h=2, d=32)
+  check_gradients(chip, 16)
+
+
+def check_gradients(chip, chunk, interpret=True, tol=2e-4, **shape):
+  """Gradients of all six inputs and the initial state vs jax.vjp of the jnp scan."""
+  shape = dict(dict(b=1, t=19, h=2, d=32), **shape)
+  args, seg, init = inputs(5, **shape)
   doc = document_index(jnp.asarray(seg), seg.shape, jnp.asarray(seg[:, 0]))
   rng = np.random.default_rng(6)
   dy = rng.normal(size=args[0].shape).astype(np.float32)
   dstate = rng.normal(size=init.shape).astype(np.float32)
-  config = Wkv7Config(chip, 16)
+  config = Wkv7Config(chip, chunk)
 
   def grads(fn):
     def both(*xs):
@@ -84,14 +92,42 @@ def test_gradients_of_all_inputs_and_state(chip):
     return jax.jit(both).lower(*xs).compile(FAST_COMPILE)(*xs)
 
   (y, state), got = grads(lambda *xs, **kw: wkv7_pallas(*xs, **kw, config=config,
-                                                        interpret=True))
+                                                        interpret=interpret))
   (y_ref, state_ref), want = grads(wkv7)
-  np.testing.assert_allclose(y, y_ref, atol=1e-4, rtol=1e-4)
-  np.testing.assert_allclose(state, state_ref, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(y, y_ref, atol=tol * np.abs(y_ref).max(), rtol=tol)
+  np.testing.assert_allclose(state, state_ref, atol=tol * np.abs(state_ref).max(), rtol=tol)
   for name, g, g_ref in zip(("r", "w", "k", "v", "a", "b", "initial_state"), got, want):
     assert np.abs(g_ref).max() > 0, name
-    np.testing.assert_allclose(g, g_ref, atol=2e-4 * np.abs(g_ref).max(), rtol=2e-4,
+    np.testing.assert_allclose(g, g_ref, atol=tol * np.abs(g_ref).max(), rtol=tol,
                                err_msg=name)
+
+
+def _hardware_chip(platform: str) -> str:
+  chip = chip_of_device(jax.devices()[0])
+  if chip is None or CHIPS[chip][0] != platform:
+    pytest.skip(f"needs a {platform.upper()} kernel target; have {jax.devices()[0].device_kind}")
+  return chip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk, d", [(16, 32), (16, 64), (32, 64)])
+def test_gpu_kernel_on_hardware(chunk, d):
+  """The compiled Triton kernels on a Hopper GPU: forward (f32, bf16) and gradients."""
+  chip = _hardware_chip("gpu")
+  check_forward(chip, chunk, t=301, h=3, d=d, b=2, interpret=False)
+  check_forward(chip, chunk, dtype=jnp.bfloat16, tol=1e-2, t=301, h=3, d=d, b=2,
+                interpret=False)
+  check_gradients(chip, chunk, interpret=False, t=301, d=d)
+
+
+@pytest.mark.tpu
+@pytest.mark.parametrize("chunk, d", [(16, 32), (16, 64), (32, 64)])
+def test_tpu_kernel_on_hardware(chunk, d):
+  """The compiled Mosaic TPU kernels (f32 matmuls may run in bf16 passes: 1e-2 until
+  measured): forward and gradients."""
+  chip = _hardware_chip("tpu")
+  check_forward(chip, chunk, tol=1e-2, t=301, h=3, d=d, b=2, interpret=False)
+  check_gradients(chip, chunk, interpret=False, tol=1e-2, t=301, d=d)
 
 
 def test_no_initial_state_no_doc_and_empty():
