@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from configs import mamba as mamba_configs
 from configs.base import DEFAULT_LOGICAL_AXIS_RULES
+from helpers import lm_properties as lm
 from helpers.hf import make_mamba1
 from models import hf_io
 from models.mamba import Mamba, MambaConfig, hf_mamba1, init_cache
@@ -56,22 +57,16 @@ def random_params(cfg: MambaConfig, seed: int = 0):
   return treedef.unflatten([jnp.asarray(x, jnp.float32) for x in leaves])
 
 
-@functools.lru_cache
 def forward_fn(cfg: MambaConfig):
-  return jax.jit(lambda p, tokens, seg: Mamba(cfg).apply({"params": p}, tokens, segment_ids=seg))
+  return lm.forward_fn(Mamba(cfg))
 
 
-@functools.lru_cache
 def decode_fn(cfg: MambaConfig):
-  def run(params, cache, tokens, seg):
-    logits, updated = Mamba(cfg).apply({"params": params, "cache": cache}, tokens,
-                                       segment_ids=seg, decode=True, mutable=["cache"])
-    return logits, updated["cache"]
-  return jax.jit(run)
+  return lm.decode_fn(Mamba(cfg))
 
 
 def random_tokens(seed, shape=(B, T), vocab=V):
-  return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, shape), jnp.int32)
+  return lm.random_tokens(seed, shape, vocab)
 
 
 def test_published_sizes_and_flops():
@@ -157,16 +152,7 @@ def test_params_axes_and_cache_layout():
 
 def test_packed_documents_equal_separate_ones():
   cfg = make_config(use_bias=True)
-  params, forward = random_params(cfg), forward_fn(cfg)
-  tokens = random_tokens(1)
-  lengths = (5, 3, 5)
-  seg = jnp.asarray(np.repeat(np.arange(1, 4), lengths)[None].repeat(B, 0), jnp.int32)
-  packed = forward(params, tokens, seg)
-  start = 0
-  for length in lengths:
-    alone = forward(params, tokens[:, start:start + length], jnp.ones((B, length), jnp.int32))
-    np.testing.assert_allclose(packed[:, start:start + length], alone, atol=2e-5, rtol=2e-5)
-    start += length
+  lm.assert_packed_equals_separate(Mamba(cfg), random_params(cfg), random_tokens(1), (5, 3, 5))
 
 
 def test_prefill_in_pieces_then_decode_equals_full_forward():

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from configs import mamba_tiny
 from configs.base import DEFAULT_LOGICAL_AXIS_RULES
+from helpers import lm_properties as lm
 from models.mamba import Mamba, MambaConfig, hybrid, init_cache
 from train import sampling
 from train.config_checks import check_sharded_sizes
@@ -61,26 +62,16 @@ def random_params(cfg: MambaConfig, seed: int = 0):
   return treedef.unflatten([jnp.asarray(x, jnp.float32) for x in leaves])
 
 
-@functools.lru_cache
 def forward_fn(cfg: MambaConfig):
-  model = Mamba(cfg)
-  return jax.jit(lambda p, tokens, segment_ids: model.apply(
-      {"params": p}, tokens, segment_ids=segment_ids))
+  return lm.forward_fn(Mamba(cfg))
 
 
-@functools.lru_cache
 def decode_fn(cfg: MambaConfig):
-  model = Mamba(cfg)
-
-  def run(params, cache, tokens, segment_ids):
-    logits, updated = model.apply({"params": params, "cache": cache}, tokens,
-                                  segment_ids=segment_ids, decode=True, mutable=["cache"])
-    return logits, updated["cache"]
-  return jax.jit(run)
+  return lm.decode_fn(Mamba(cfg))
 
 
 def random_tokens(seed, shape=(B, T)):
-  return jnp.asarray(np.random.default_rng(seed).integers(0, V, shape), jnp.int32)
+  return lm.random_tokens(seed, shape, V)
 
 
 def test_tiny_config_variant():

@@ -16,6 +16,7 @@ import pytest
 from configs import rwkv as rwkv_configs
 from configs import rwkv_tiny
 from configs.base import DEFAULT_LOGICAL_AXIS_RULES
+from helpers import lm_properties as lm
 from helpers.kernels import FAST_COMPILE
 from models.rwkv import Rwkv, RwkvConfig, init_cache
 from train import sampling
@@ -62,26 +63,16 @@ def random_params(cfg: RwkvConfig, seed: int = 0):
   return treedef.unflatten([jnp.asarray(x, jnp.float32) for x in leaves])
 
 
-@functools.lru_cache
 def forward_fn(cfg: RwkvConfig):
-  model = Rwkv(cfg)
-  return jax.jit(lambda p, tokens, segment_ids: model.apply(
-      {"params": p}, tokens, segment_ids=segment_ids))
+  return lm.forward_fn(Rwkv(cfg))
 
 
-@functools.lru_cache
 def decode_fn(cfg: RwkvConfig):
-  model = Rwkv(cfg)
-
-  def run(params, cache, tokens, segment_ids):
-    logits, updated = model.apply({"params": params, "cache": cache}, tokens,
-                                  segment_ids=segment_ids, decode=True, mutable=["cache"])
-    return logits, updated["cache"]
-  return jax.jit(run)
+  return lm.decode_fn(Rwkv(cfg))
 
 
 def random_tokens(seed, shape=(B, T)):
-  return jnp.asarray(np.random.default_rng(seed).integers(0, V, shape), jnp.int32)
+  return lm.random_tokens(seed, shape, V)
 
 
 ONES = jnp.ones((B, T), jnp.int32)
@@ -187,31 +178,14 @@ def test_causality():
 def test_packed_documents_equal_separate_ones():
   """A document's logits are the same packed beside others or alone (shift and state reset)."""
   cfg = make_config()
-  params, forward = random_params(cfg), forward_fn(cfg)
-  tokens = random_tokens(1)
-  lengths = (5, 3, 5)
-  seg = jnp.asarray(np.repeat(np.arange(1, 4), lengths)[None].repeat(B, 0), jnp.int32)
-  packed = forward(params, tokens, seg)
-  start = 0
-  for length in lengths:
-    alone = forward(params, tokens[:, start:start + length], jnp.ones((B, length), jnp.int32))
-    np.testing.assert_allclose(packed[:, start:start + length], alone, atol=2e-5, rtol=2e-5)
-    start += length
+  lm.assert_packed_equals_separate(Rwkv(cfg), random_params(cfg), random_tokens(1), (5, 3, 5))
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_prefill_then_decode_equals_full_forward(scan_layers):
   cfg = make_config(scan_layers=scan_layers)
-  params = random_params(cfg)
-  tokens = random_tokens(2)
-  full = forward_fn(cfg)(params, tokens, ONES)
-  run = decode_fn(cfg)
-  logits, cache = run(params, init_cache(cfg, B, T), tokens[:, :6], ONES[:, :6])
-  pieces = [logits]
-  for i in range(6, T):
-    logits, cache = run(params, cache, tokens[:, i:i + 1], ONES[:, :1])
-    pieces.append(logits)
-  np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=2e-5, rtol=2e-5)
+  lm.assert_prefill_then_decode_equals_forward(Rwkv(cfg), random_params(cfg),
+                                               init_cache(cfg, B, T), random_tokens(2), 6)
 
 
 def test_packed_row_prefilled_in_pieces_equals_full_forward():
