@@ -277,13 +277,23 @@ class Runner:
 
 
 def read_rows(path: pathlib.Path) -> list[dict]:
-  """The JSON lines a step wrote; a line cut short by a kill is dropped."""
+  """The rows a step wrote: one JSON document {"rows": [...], ...} (the benchmarks that
+  write at the end), or JSON lines (a line cut short by a kill is dropped)."""
+  text = path.read_text() if path.exists() else ""
+  try:
+    whole = json.loads(text)
+  except json.JSONDecodeError:
+    whole = None
+  if isinstance(whole, dict) and isinstance(whole.get("rows"), list):
+    return [row for row in whole["rows"] if isinstance(row, dict)]
   rows = []
-  for line in (path.read_text().splitlines() if path.exists() else []):
+  for line in text.splitlines():
     try:
-      rows.append(json.loads(line))
+      row = json.loads(line)
     except json.JSONDecodeError:
-      pass
+      continue
+    if isinstance(row, dict):
+      rows.append(row)
   return rows
 
 

@@ -104,7 +104,8 @@ def main(argv):
         f"jax {jax.__version__}")
   print(f"model       {config.model.num_layers} layers, embed {config.model.embed_dim}, "
         f"{run.model.config.matmul_params() / 1e6:.2f}M matmul params, "
-        f"dtype {config.model.dtype}, attention {config.model.attention_impl}")
+        f"dtype {config.model.dtype}, "
+        + ", ".join(f"{name} {value}" for name, value in kernel_choices(config.model).items()))
   print(f"batch       {d.global_batch_size} x {d.seq_len} tokens")
   print(f"step        {step_s * 1e3:.1f} ms median of {len(times)} "
         f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})")
@@ -115,13 +116,21 @@ def main(argv):
   print(f"baseline    {size}x{size} {config.model.dtype} matmul: {baseline / 1e12:.3f} TFLOP/s; "
         f"train step reaches {achieved / baseline:.1%} of it")
   if _JSON.value:
-    row = dict(family=config.model.family, attention=config.model.attention,
-               attention_impl=config.model.attention_impl, layers=config.model.num_layers,
+    row = dict(family=config.model.family, **kernel_choices(config.model),
+               layers=config.model.num_layers,
                batch=d.global_batch_size, seq_len=d.seq_len, step_ms=step_s * 1e3,
                tokens_per_s=tokens_per_s, tflops_per_device=achieved / 1e12,
                mfu=achieved / peak if peak else None, matmul_tflops=baseline / 1e12)
     with open(_JSON.value, "a", encoding="utf-8") as f:
       f.write(json.dumps(row) + "\n")
+
+
+def kernel_choices(model_config) -> dict:
+  """The model's attention kind and kernel switches, those its family has (llama:
+  attention, attention_impl; mamba: ssm_impl, attention_impl; rwkv: rwkv_impl)."""
+  names = ("attention", "attention_impl", "ssm_impl", "rwkv_impl")
+  return {name: model_config[name] for name in names
+          if name in model_config and isinstance(model_config[name], (str, int, float, bool))}
 
 
 if __name__ == "__main__":

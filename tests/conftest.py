@@ -25,8 +25,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   # directory; xdist workers and launched binaries inherit it with the environment.
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="treadle-test-xla-cache-")
   os.environ[_CACHE_OWNER] = str(os.getpid())
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  # Only programs that took a while to compile: writing every small one costs more
+  # (file writes, the lock) than it saves.
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
   os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 

@@ -58,10 +58,12 @@ def test_smoke_runs_every_stage(tmp_path):
     by_stage.setdefault(stage, []).append(step)
   assert sorted(by_stage) == ["benchmarks", "kernels", "probe", "train"]
 
-  # Stage 1: the hardware test files (flash, block-sparse, NSA at least) collected and
+  # Stage 1: the hardware test files (flash, block-sparse, NSA, SSD, WKV-7) collected and
   # skipped here; the layer checks really ran the interpreted kernels.
   pytest_steps = [s for s in by_stage["kernels"] if "pytest" in s["argv"]]
-  assert len(pytest_steps) >= 3
+  assert {s["name"] for s in pytest_steps} >= {
+      "test_flash_attention", "test_block_sparse_attention", "test_nsa_selection",
+      "test_ssd_kernel", "test_wkv7_pallas"}
   assert all(s["rows"][0]["skipped"] > 0 and s["rows"][0]["failed"] == 0 for s in pytest_steps)
   for case in ("attention_d64", "nsa_d64"):
     (row,) = steps[("kernels", f"layers {case}")]["rows"]
@@ -71,12 +73,15 @@ def test_smoke_runs_every_stage(tmp_path):
   for name in ("attention", "sparse_attention", "moe"):
     rows = steps[("benchmarks", name)]["rows"]
     assert rows and all(r.get("fwd_bwd_ms", r.get("ms")) > 0 for r in rows), (name, rows)
+  for name in ("diffusion", "ssm", "rwkv7"):  # One JSON document each, rows under "rows".
+    assert steps[("benchmarks", name)]["rows"], name
   impls = {r["impl"] for r in steps[("benchmarks", "sparse_attention")]["rows"]}
   assert {"sparse causal window 64", "nsa core xla"} <= impls
 
-  # Stage 3: tokens/s from each tiny run, both attention impls and the MoE.
+  # Stage 3: tokens/s from each tiny run: both attention impls, the MoE, the recurrent ones.
   train = {s["name"]: s["rows"] for s in by_stage["train"]}
-  assert set(train) == {"llama_tiny xla", "llama_tiny pallas", "moe_tiny"}
+  assert set(train) == {"llama_tiny xla", "llama_tiny pallas", "moe_tiny", "mamba_tiny",
+                        "rwkv_tiny"}
   assert all(rows[0]["tokens_per_s"] > 0 for rows in train.values())
 
   summary = (tmp_path / "summary.md").read_text()

@@ -162,7 +162,7 @@ def test_convert_lists_every_format():
   formats = convert.converters()
   assert {name: family for name, (family, _) in formats.items()} == {
       "llama": "llama", "qwen2": "llama", "qwen3": "llama", "mistral": "llama",
-      "gemma3": "llama", "mixtral": "moe", "qwen2_moe": "moe", "mamba2": "mamba",
+      "gemma3": "llama", "mixtral": "moe", "qwen2_moe": "moe", "mamba": "mamba", "mamba2": "mamba",
       "rwkv7": "rwkv", "unet2d": "unet"}
   assert "LlamaForCausalLM" in formats["llama"][1].description
   with pytest.raises(ValueError, match="--model='gpt2' is not a known format"):
