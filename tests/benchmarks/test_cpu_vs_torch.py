@@ -13,6 +13,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 
+@pytest.mark.slow  # As the other benchmark smokes: minutes of CPU for a script check.
 def test_smoke_times_both_sides_and_prints_the_ratio():
   env = {**os.environ, "XLA_FLAGS": ""}  # One CPU device, as a user runs it.
   result = subprocess.run(

@@ -36,16 +36,39 @@ def test_the_check_runs_every_layer_case():
   assert set(hc.SMOKE_LAYER_CASES) <= set(layer_check.CASES)
 
 
-def test_smoke_runs_every_stage(tmp_path):
+def _run_smoke(out: pathlib.Path, *extra: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   # One CPU device, as on a developer's machine (conftest.py fakes eight for the tests).
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.pop("XLA_FLAGS", ""))
   if flags.strip():
     env["XLA_FLAGS"] = flags.strip()
   proc = subprocess.run([sys.executable, "benchmarks/hardware_check.py", "--smoke",
-                         f"--out={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=1200, check=False)
+                         f"--out={out}", *extra], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=1200, check=False)
   assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+  return proc
+
+
+def test_smoke_runs_a_step_of_each_stage(tmp_path):
+  """The default suite's check: one step of each stage (the whole plan runs with -m slow)."""
+  proc = _run_smoke(tmp_path, "--only=jax devices,test_ssd_kernel,layers attention_d64,"
+                    "benchmarks/rwkv7,train/rwkv_tiny")
+  results = json.loads((tmp_path / "results.json").read_text())
+  steps = {(s["stage"], s["name"]): s for s in results["steps"]}
+  assert sorted(steps) == [("benchmarks", "rwkv7"), ("kernels", "layers attention_d64"),
+                           ("kernels", "test_ssd_kernel"), ("probe", "jax devices"),
+                           ("train", "rwkv_tiny")]
+  assert {s["status"] for s in steps.values()} == {"ok"}, steps
+  assert steps[("kernels", "test_ssd_kernel")]["rows"][0]["skipped"] > 0
+  assert steps[("kernels", "layers attention_d64")]["rows"][0]["ok"]
+  assert steps[("benchmarks", "rwkv7")]["rows"]
+  assert steps[("train", "rwkv_tiny")]["rows"][0]["tokens_per_s"] > 0
+  assert "5/5 steps ok" in proc.stdout
+
+
+@pytest.mark.slow
+def test_smoke_runs_every_stage(tmp_path):
+  proc = _run_smoke(tmp_path)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "results.json", "summary.md"]
 
   results = json.loads((tmp_path / "results.json").read_text())

@@ -16,6 +16,7 @@ NSA = {"model.attention": "nsa", "model.nsa.compress_block": 8, "model.nsa.compr
        "model.nsa.select_block": 8, "model.nsa.select_top_n": 3, "model.nsa.window": 16}
 
 
+@pytest.mark.slow  # The NSA kernel's numerics and the NSA model's sampling stay in the default suite.
 def test_tiny_nsa_model_trains_with_the_kernel_and_samples(tmp_path):
   config = tiny_config(str(tmp_path / "tfds"), **NSA, **{
       "model.attention_impl": "pallas", "train.num_steps": 8, "opt.lr": 1e-2,

@@ -32,7 +32,9 @@ def _bias(workdir) -> np.ndarray:
   return np.asarray(moe.stack_moe_layers(variables["balance"])["bias"])
 
 
-@pytest.mark.parametrize("impl", ["dropless", pytest.param("capacity", marks=pytest.mark.slow)])
+# Slow: tests/layers/moe/test_moe_layers.py checks expert parallelism = one device per layer.
+@pytest.mark.parametrize("impl", [pytest.param("dropless", marks=pytest.mark.slow),
+                                  pytest.param("capacity", marks=pytest.mark.slow)])
 def test_expert_parallel_matches_one_device(data_dir, tmp_path, impl):
   """Experts over mesh.expert=4 (tokens over data=2 x expert=4) equal one device."""
   overrides = {"train.num_steps": 3, "model.moe.impl": impl}

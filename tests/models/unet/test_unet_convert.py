@@ -82,6 +82,7 @@ def test_unsupported_scheduler_settings_are_refused():
     diffusers_scheduler.run_settings({"thresholding": True, "variance_type": "learned_range"})
 
 
+@pytest.mark.slow  # Import, parity and export stay in the default suite; training: test_diffusion_task.
 def test_finetune_and_sample_the_import(imported, tmp_path):
   _, workdir = imported
   config = finetune.get_config(f"workdir={workdir}")
