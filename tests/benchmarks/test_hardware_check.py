@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from helpers import REPO_ROOT
 
 REPO = pathlib.Path(REPO_ROOT)

@@ -17,15 +17,17 @@ def data_dir(tmp_path_factory):
 
 
 # configs/mamba_tiny.py:hybrid's layout at tiny_config's sizes: attention at depth 1 of 2.
-# Slow (-m slow): tests/models/mamba/test_mamba_hybrid.py checks the hybrid's 8-device loss,
-# decoding and sampler at the model level within the default suite's time budget.
 HYBRID = {"model.attention_layers": (1,), "model.attention.head_dim": 8,
           "model.attention.mlp_dim": 64}
 
 
+# All slow (-m slow) for the default suite's 15 minutes: there, the model tests check the
+# 8-device losses (test_mamba1, test_mamba_hybrid, the RWKV kernel's per-shard run) and the
+# colab tests train, checkpoint and sample each family through the trainer on one device.
+@pytest.mark.slow
 @pytest.mark.parametrize("family,model_fields", [
     pytest.param("mamba", {}, id="mamba"), pytest.param("rwkv", {}, id="rwkv"),
-    pytest.param("mamba", HYBRID, id="mamba_hybrid", marks=pytest.mark.slow)])
+    pytest.param("mamba", HYBRID, id="mamba_hybrid")])
 def test_trains_samples_and_reloads(data_dir, tmp_path, family, model_fields):
   workdir = str(tmp_path / "run")
   config = tiny_config(data_dir, family=family, **{
