@@ -13,6 +13,16 @@ from pallas_kernels.common import config as config_lib
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
+def hardware_chip(platform: str) -> str:
+  """This machine's kernel chip of `platform` ('gpu' | 'tpu'); skips the test elsewhere."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  device = jax.devices()[0]
+  chip = config_lib.chip_of_device(device)
+  if chip is None or config_lib.CHIPS[chip][0] != platform:
+    pytest.skip(f"needs a {platform.upper()} kernel target; have {device.device_kind}")
+  return chip
+
+
 def packed_ids(key, b: int, n: int, num_docs: int):
   """int32 [b, n]: num_docs contiguous documents of random lengths per row."""
   cuts = jnp.sort(jax.random.randint(key, (b, num_docs - 1), 1, n), axis=1)

@@ -22,7 +22,7 @@ from pallas_kernels.common import config as config_lib
 from pallas_kernels.flash_attention import (FlashAttentionConfig, attention_reference,
                                             flash_attention)
 
-from helpers.kernels import random_attention_inputs, value_and_grads
+from helpers.kernels import hardware_chip, random_attention_inputs, value_and_grads
 
 # Several tiles per sequence at test lengths (interpret mode has no alignment rule).
 SMALL_TPU = FlashAttentionConfig("tpu_v5e", block_q=32, block_kv=16, block_q_dq=16,
@@ -241,20 +241,13 @@ def test_config_tables_and_errors():
   hash(config_lib.default_config("tpu_v6e"))
 
 
-def _hardware_chip(platform: str):
-  device = jax.devices()[0]
-  chip = config_lib.chip_of_device(device)
-  if chip is None or config_lib.CHIPS[chip][0] != platform:
-    pytest.skip(f"needs a {platform.upper()} kernel target; have {device.device_kind}")
-  return chip
-
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["gqa2_causal", "everything", "segments_cross",
                                   "head_dim_128", "head_dim_256", "mqa_window"])
 def test_gpu_kernel_on_hardware(name):
   """The real Mosaic GPU kernel on a Hopper GPU (bf16), default tuned config."""
-  chip = _hardware_chip("gpu")
+  chip = hardware_chip("gpu")
   case = dataclasses.replace(TPU_CASES[name], dtype=jnp.bfloat16)
   check(case, config=config_lib.default_config(chip), interpret=False)
   long_case = dataclasses.replace(case, t=1500, s=1700 if not case.segments else 1500)
@@ -265,7 +258,7 @@ def test_gpu_kernel_on_hardware(name):
 @pytest.mark.parametrize("name", sorted(TPU_CASES))
 def test_tpu_kernel_on_hardware(name):
   """The real Mosaic TPU kernel on a TPU, default tuned config."""
-  chip = _hardware_chip("tpu")
+  chip = hardware_chip("tpu")
   case = TPU_CASES[name]
   tol = 1e-2  # The MXU may run f32 matmuls in bf16 passes; tighten once measured.
   check(case, config=config_lib.default_config(chip), interpret=False, tol=tol)

@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 
 from layers.ssm.ssd import resolve_impl
-from pallas_kernels.common.config import CHIPS, chip_of_device
 from pallas_kernels.ssd import SsdConfig, ssd, ssd_reference
 
-from helpers.kernels import FAST_COMPILE
+from helpers.kernels import FAST_COMPILE, hardware_chip
 from helpers.ssd_reference import ssd_sequential
 
 # Max |kernel - reference| / max(1, max |reference|), per dtype.
@@ -131,12 +130,6 @@ def test_tpu_short_row():
   check(CASES["one_group_short"], TPU)
 
 
-def _hardware_chip(platform: str) -> str:
-  chip = chip_of_device(jax.devices()[0])
-  if chip is None or CHIPS[chip][0] != platform:
-    pytest.skip(f"needs a {platform.upper()} kernel target; have {jax.devices()[0].device_kind}")
-  return chip
-
 
 # The shipped shapes on hardware: the tiny model's and Mamba-2's published (d 64, N 128,
 # chunk 256), with documents, an initial state and a length that is not a chunk multiple.
@@ -153,7 +146,7 @@ HARDWARE_CASES = {
 def test_gpu_kernel_on_hardware(name, dtype):
   """The compiled Triton kernels on a Hopper GPU, forward and backward, default config."""
   check(dataclasses.replace(HARDWARE_CASES[name], dtype=dtype),
-        SsdConfig(_hardware_chip("gpu")), interpret=False)
+        SsdConfig(hardware_chip("gpu")), interpret=False)
 
 
 @pytest.mark.tpu
@@ -163,7 +156,7 @@ def test_tpu_kernel_on_hardware(name, dtype):
   """The compiled Mosaic TPU kernels, forward and backward (the MXU may take f32 in bf16
   passes: bf16 tolerance for both until measured)."""
   case = dataclasses.replace(HARDWARE_CASES[name], dtype=dtype)
-  check(case, SsdConfig(_hardware_chip("tpu")), interpret=False, tol=_TOL[jnp.bfloat16])
+  check(case, SsdConfig(hardware_chip("tpu")), interpret=False, tol=_TOL[jnp.bfloat16])
 
 
 @pytest.mark.parametrize("config", [TPU, GPU], ids=["tpu", "gpu"])

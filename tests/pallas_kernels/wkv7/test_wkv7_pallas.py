@@ -15,10 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers.kernels import FAST_COMPILE
+from helpers.kernels import FAST_COMPILE, hardware_chip
 from helpers.wkv7_reference import wkv7_reference
 from layers.ssm import document_index
-from pallas_kernels.common.config import CHIPS, chip_of_device
 from pallas_kernels.wkv7 import Wkv7Config, wkv7, wkv7_pallas
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -102,18 +101,12 @@ def check_gradients(chip, chunk, interpret=True, tol=2e-4, **shape):
                                err_msg=name)
 
 
-def _hardware_chip(platform: str) -> str:
-  chip = chip_of_device(jax.devices()[0])
-  if chip is None or CHIPS[chip][0] != platform:
-    pytest.skip(f"needs a {platform.upper()} kernel target; have {jax.devices()[0].device_kind}")
-  return chip
-
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("chunk, d", [(16, 32), (16, 64), (32, 64)])
 def test_gpu_kernel_on_hardware(chunk, d):
   """The compiled Triton kernels on a Hopper GPU: forward (f32, bf16) and gradients."""
-  chip = _hardware_chip("gpu")
+  chip = hardware_chip("gpu")
   check_forward(chip, chunk, t=301, h=3, d=d, b=2, interpret=False)
   check_forward(chip, chunk, dtype=jnp.bfloat16, tol=1e-2, t=301, h=3, d=d, b=2,
                 interpret=False)
@@ -125,7 +118,7 @@ def test_gpu_kernel_on_hardware(chunk, d):
 def test_tpu_kernel_on_hardware(chunk, d):
   """The compiled Mosaic TPU kernels (f32 matmuls may run in bf16 passes: 1e-2 until
   measured): forward and gradients."""
-  chip = _hardware_chip("tpu")
+  chip = hardware_chip("tpu")
   check_forward(chip, chunk, tol=1e-2, t=301, h=3, d=d, b=2, interpret=False)
   check_gradients(chip, chunk, interpret=False, tol=1e-2, t=301, d=d)
 
