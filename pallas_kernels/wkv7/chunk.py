@@ -13,8 +13,8 @@ triangular solve). The maths is reference.py's `_chunk_step`, per head:
 
 with f_t = 1 where token t continues the state S from before the chunk (same
 document), A_k[t, j] = Σ_c a_tc Γ_{t-1,c}/Γ_jc k_jc for j < t in t's document
-(A_b with b; R_k, R_b with r and Γ_t, j <= t). (I − A_b)⁻¹ is the product
-(I + A)(I + A²)(I + A⁴)... (A nilpotent), by matmuls.
+(A_b with b; R_k, R_b with r and Γ_t, j <= t). (I − A_b)⁻¹ is built by block
+doubling, by matmuls (`_unit_lower_inverse`).
 
 The pairwise decays Γ_t/Γ_j are factored as exp(log Γ_t − m)·exp(m − log Γ_j)
 around m = log Γ at the chunk's middle (reference.py forms them from masked log
@@ -57,13 +57,24 @@ def _row(x, index: int):
 
 
 def _unit_lower_inverse(lower, eye):
-  """(I − A)⁻¹ for strictly lower-triangular A [B, B] (B a power of two), by matmuls."""
+  """(I − A)⁻¹ for strictly lower-triangular A [B, B] (B a power of two), by matmuls.
+
+  reference.unit_lower_inverse's block doubling (stable where the Neumann
+  product of powers of A is not): X ← X + X M X, M the lower-left quarter of
+  every 2s-block of A, for s = 1, 2, 4, ...; block positions from iota shifts.
+  """
   length = lower.shape[0]
-  inverse, power, covered = eye + lower, lower, 2
-  while covered < length:
-    power = _dot(power, power)
-    inverse = inverse + _dot(inverse, power)
-    covered *= 2
+  rows = lax.broadcasted_iota(jnp.int32, lower.shape, 0)
+  cols = lax.broadcasted_iota(jnp.int32, lower.shape, 1)
+  inverse, shift = eye, 0
+  while (1 << shift) < length:
+    half, pair = jnp.int32(shift), jnp.int32(shift + 1)
+    same_pair = lax.shift_right_logical(rows, pair) == lax.shift_right_logical(cols, pair)
+    row_second = (lax.shift_right_logical(rows, half) & 1) == 1
+    col_first = (lax.shift_right_logical(cols, half) & 1) == 0
+    crossing = jnp.where(same_pair & row_second & col_first, lower, 0.0)
+    inverse = inverse + _dot(_dot(inverse, crossing), inverse)
+    shift += 1
   return inverse
 
 

@@ -97,7 +97,7 @@ def test_config_from_base_configs():
     ("dtype", "bfloat17", r"model\.dtype='bfloat17'"),
     ("rwkv_impl", "triton", r"model\.rwkv_impl='triton'"),
     ("rwkv_impl", "pallas", r"model\.rwkv_impl='pallas'.*model\.chunk_size=0.*'xla'"),
-    ("chunk_size", 64, r"model\.chunk_size=64.*precision.*use 16"),
+    ("chunk_size", -1, r"model\.chunk_size=-1 must be >= 0"),
 ])
 def test_bad_config_names_the_field(field, value, pattern):
   model_cfg = rwkv_tiny.get_config().model
