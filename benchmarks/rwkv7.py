@@ -199,7 +199,7 @@ class TreadleSide:
     def prefill(params, tokens):
       cache = init_cache(cfg, tokens.shape[0], 0)
       logits, updated = model.apply({"params": params, "cache": cache}, tokens, decode=True,
-                                    mutable=["cache"])
+                                    last_logits_only=True, mutable=["cache"])  # as the sampler
       return logits[:, -1], updated["cache"]
 
     def decode(params, cache, tokens):

@@ -60,7 +60,8 @@ def generate_tokens(model, init_cache: Callable, variables: Any, tokens: jax.Arr
   """Generates `max_new_tokens` after left-padded prompts.
 
   Args:
-    model: a decoder whose `__call__` supports `decode=True` with a 'cache'.
+    model: a decoder whose `__call__` supports `decode=True` with a 'cache' and
+      `last_logits_only=True` (the prefill needs the last position's logits only).
     init_cache: (model.config, batch, max_length) -> empty cache.
     variables: {'params': ..., **model_state} (no 'cache').
     tokens, positions, segment_ids: int32 [b, p] from `left_pad`.
@@ -71,7 +72,7 @@ def generate_tokens(model, init_cache: Callable, variables: Any, tokens: jax.Arr
   cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
   logits, updated = model.apply({**variables, "cache": cache}, tokens,
                                 positions=positions, segment_ids=segment_ids,
-                                decode=True, mutable=["cache"])
+                                decode=True, last_logits_only=True, mutable=["cache"])
   pick = functools.partial(choose_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
   rng, first_rng = jax.random.split(rng)
   first = pick(logits[:, -1], first_rng)

@@ -133,8 +133,9 @@ class Llama(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
-    """tokens int [b, t] -> float32 logits [b, t, v].
+               segment_ids: jax.Array | None = None, decode: bool = False,
+               last_logits_only: bool = False) -> jax.Array:
+    """tokens int [b, t] -> float32 logits [b, t, v] ([b, 1, v] with last_logits_only).
 
     Args:
       tokens: int token ids [b, t].
@@ -143,6 +144,8 @@ class Llama(nn.Module):
       segment_ids: int [b, t]; tokens attend causally within the same nonzero
         segment, 0 marks padding. None means one segment per row.
       decode: read and write the 'cache' collection (see `init_cache`).
+      last_logits_only: logits of the last position only, [b, 1, v] (a sampler's
+        prefill: the [e, v] head runs on one token per row instead of t).
     """
     cfg = self.config
     kw = _dtypes(cfg)
@@ -155,6 +158,8 @@ class Llama(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
 
     x = self.decoder_layers(x, positions, segment_ids, decode)
+    if last_logits_only:
+      x = x[:, -1:]
     x = RMSNorm(cfg.norm_eps, scale_plus_one=cfg.norm_plus_one, name="final_norm", **kw)(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x)

@@ -72,8 +72,9 @@ class Mamba(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
-    """tokens int [b, t] -> float32 logits [b, t, v].
+               segment_ids: jax.Array | None = None, decode: bool = False,
+               last_logits_only: bool = False) -> jax.Array:
+    """tokens int [b, t] -> float32 logits [b, t, v] ([b, 1, v] with last_logits_only).
 
     Args:
       tokens: int token ids [b, t].
@@ -83,6 +84,8 @@ class Mamba(nn.Module):
       segment_ids: int [b, t]; the state restarts where the id changes (packed
         documents; 0 on left padding). None means one document per row.
       decode: continue from and update the 'cache' collection (see `init_cache`).
+      last_logits_only: logits of the last position only, [b, 1, v] (a sampler's
+        prefill: the [e, v] head runs on one token per row instead of t).
     """
     cfg = self.config
     kw = _dtypes(cfg)
@@ -93,6 +96,8 @@ class Mamba(nn.Module):
     else:
       x = stack_blocks(Block, cfg, decode, x, positions, segment_ids, count=cfg.num_layers,
                        first_index=0, scan_name="layers")
+    if last_logits_only:
+      x = x[:, -1:]
     x = RMSNorm(cfg.norm_eps, name="final_norm", **kw)(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x)

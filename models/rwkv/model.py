@@ -122,8 +122,9 @@ class Rwkv(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
-    """tokens int [b, t] -> float32 logits [b, t, v].
+               segment_ids: jax.Array | None = None, decode: bool = False,
+               last_logits_only: bool = False) -> jax.Array:
+    """tokens int [b, t] -> float32 logits [b, t, v] ([b, 1, v] with last_logits_only).
 
     Args:
       tokens: int token ids [b, t].
@@ -131,6 +132,8 @@ class Rwkv(nn.Module):
       segment_ids: int [b, t]; the state and the token shift restart where the id
         changes (packed documents; 0 on left padding). None: one document per row.
       decode: continue from and update the 'cache' collection (see `init_cache`).
+      last_logits_only: logits of the last position only, [b, 1, v] (a sampler's
+        prefill: the [e, v] head runs on one token per row instead of t).
     """
     cfg = self.config
     kw = _dtypes(cfg)
@@ -145,7 +148,8 @@ class Rwkv(nn.Module):
     if cfg.num_layers > 1:
       carry = stack_blocks(Block, cfg, decode, carry, positions, segment_ids,
                            count=cfg.num_layers - 1, first_index=1, scan_name="layers")
-    x = LayerNorm(cfg.norm_eps, name="ln_out", **kw)(carry[0])
+    x = carry[0][:, -1:] if last_logits_only else carry[0]
+    x = LayerNorm(cfg.norm_eps, name="ln_out", **kw)(x)
     logits = Einsum((cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), "bte,ev->btv",
                     name="head", kernel_init=rwkv_init.orthogonal(
                         rwkv_init.head_gain(cfg.vocab_size, cfg.embed_dim)), **kw)(x)

@@ -24,12 +24,13 @@ def forward_fn(model: nn.Module):
 
 
 @functools.lru_cache
-def decode_fn(model: nn.Module):
+def decode_fn(model: nn.Module, last_logits_only: bool = False):
   """jit (params, cache, tokens, segment_ids) -> (logits, updated cache)."""
 
   def run(params, cache, tokens, segment_ids):
     logits, updated = model.apply({"params": params, "cache": cache}, tokens,
-                                  segment_ids=segment_ids, decode=True, mutable=["cache"])
+                                  segment_ids=segment_ids, decode=True,
+                                  last_logits_only=last_logits_only, mutable=["cache"])
     return logits, updated["cache"]
   return jax.jit(run)
 
@@ -56,12 +57,19 @@ def assert_prefill_then_decode_equals_forward(model: nn.Module, params, cache,
                                               tokens: jax.Array, prefill: int,
                                               tol: float = 2e-5) -> None:
   """One prefill call of `prefill` tokens, then one token per call, from the empty `cache`:
-  the logits equal the full forward's (one document per row)."""
+  the logits equal the full forward's (one document per row). A prefill asking for the
+  last position's logits only (as the sampler does) gives that row and the same cache."""
   batch, length = tokens.shape
   ones = jnp.ones((batch, length), jnp.int32)
   full = forward_fn(model)(params, tokens, ones)
+  last, last_cache = decode_fn(model, last_logits_only=True)(
+      params, cache, tokens[:, :prefill], ones[:, :prefill])
   run = decode_fn(model)
   logits, cache = run(params, cache, tokens[:, :prefill], ones[:, :prefill])
+  assert last.shape == (batch, 1, full.shape[-1])
+  np.testing.assert_allclose(last, logits[:, -1:], atol=tol, rtol=tol)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=tol, rtol=tol),
+               last_cache, cache)
   pieces = [logits]
   for i in range(prefill, length):
     logits, cache = run(params, cache, tokens[:, i:i + 1], ones[:, :1])
