@@ -17,9 +17,9 @@ saves the state before each chunk ([b, h, nb, d, d] float32, nb·d² per head:
 the memory a chunk scan's backward needs); the backward kernel (tpu_bwd.py /
 gpu_bwd.py) scans the chunks in reverse, carrying the state's cotangent, and runs
 the VJP of the chunk's matrix form (chunk.chunk_step_vjp) inside the kernel.
-On GPU both `gpu_kernel` values share the Triton backward (gpu_bwd.py): the
-Mosaic GPU forward saves the same states, so its VJP runs the Mosaic forward
-then the Triton backward (a Mosaic GPU backward is not written yet).
+On GPU with gpu_kernel='mosaic' the backward is gpu_mosaic_bwd.py: the chunk
+VJP runs in XLA over all chunks at once, around a Mosaic GPU kernel that scans
+the state's cotangent in reverse (its module doc says why that split).
 """
 
 import dataclasses
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import config as chip_config
-from pallas_kernels.wkv7 import gpu, gpu_bwd, gpu_mosaic, tpu, tpu_bwd
+from pallas_kernels.wkv7 import gpu, gpu_bwd, gpu_mosaic, gpu_mosaic_bwd, tpu, tpu_bwd
 
 HEAD_SIZES = (32, 64)  # d served on both platforms (tiny models, published RWKV-7).
 CHUNK_SIZES = (16, 32, 64)  # B: powers of two (Triton), multiples of 16 (bf16 TPU tiles).
@@ -160,6 +160,12 @@ def _forward_kernel(config: Wkv7Config):
   return gpu_mosaic.forward if config.gpu_kernel == "mosaic" else gpu.forward
 
 
+def _backward_kernel(config: Wkv7Config):
+  if config.platform == "tpu":
+    return tpu_bwd.backward
+  return gpu_mosaic_bwd.backward if config.gpu_kernel == "mosaic" else gpu_bwd.backward
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
 def _core(r, w, k, v, a, b, doc, initial_state, config, interpret):
   return _forward(r, w, k, v, a, b, doc, initial_state, config, interpret, False)
@@ -175,7 +181,7 @@ def _core_bwd(config, interpret, residuals, cotangents):
   t = w.shape[1]
   pad = operands[0].shape[2] - t
   dy = jnp.pad(jnp.swapaxes(dy, 1, 2), ((0, 0), (0, 0), (0, pad), (0, 0)))
-  kernel = tpu_bwd.backward if config.platform == "tpu" else gpu_bwd.backward
+  kernel = _backward_kernel(config)
   *grads, d_initial = kernel(*operands, starts, dy, d_final.astype(jnp.float32),
                              chunk=config.chunk_size, interpret=interpret)
   dr, dlogw, dk, dv, da, db = (jnp.swapaxes(g[:, :, :t], 1, 2) for g in grads)

@@ -9,7 +9,7 @@ Compilation to PTX / TPU binaries happens on hardware and is not covered.
 
 Default set: h100 (both GPU kernels) and tpu_v5e at both head sizes (32 tiny,
 64 published), forward+VJP (two kernels: forward and backward), bf16 and
-float32 at chunk 16, and the Mosaic GPU forward at chunk 32; every other chip
+float32 at chunk 16, and the Mosaic GPU kernels at chunk 32; every other chip
 once. The slow sweep: every chip x head size x
 dtype x chunk length (x GPU kernel), forward alone and forward+VJP.
 """
@@ -68,12 +68,12 @@ DEFAULT = ([(chip, d, dtype) for chip in ("h100", "tpu_v5e") for d in HEAD_SIZES
 
 @pytest.mark.parametrize("chip, head_size, dtype", DEFAULT)
 def test_lowers_forward_and_vjp(chip, head_size, dtype):
-  """Forward and backward kernels; on GPU the default Mosaic forward (its VJP runs the
-  Triton backward kernel: api.py)."""
+  """Forward and backward kernels (on GPU the default, Mosaic GPU: the forward and the
+  backward's reverse state scan)."""
   exported = export(chip, head_size, dtype, 16, backward=True)
   assert kernel_calls(exported) == 2  # fwd, bwd
   if chip_config.CHIPS[chip][0] == "gpu":
-    assert kernel_calls(exported, MOSAIC_GPU_CUSTOM_CALL) == 1
+    assert kernel_calls(exported, MOSAIC_GPU_CUSTOM_CALL) == 2
 
 
 @pytest.mark.parametrize("head_size, dtype", [(32, jnp.float32), (64, jnp.bfloat16)])
@@ -86,9 +86,10 @@ def test_triton_kernel_still_lowers(head_size, dtype):
     ("h100", d, dtype, 32) for d in HEAD_SIZES for dtype in (jnp.bfloat16, jnp.float32)]
     + [("h200", 64, jnp.float32, 32)])
 def test_mosaic_gpu_forward_lowers_shipped_shapes(chip, head_size, dtype, chunk):
-  """The shipped 32-token chunks through the Mosaic GPU lowering (16: test_lowers_forward_and_vjp)."""
-  exported = export(chip, head_size, dtype, chunk, backward=False)
-  assert kernel_calls(exported, MOSAIC_GPU_CUSTOM_CALL) == 1
+  """The shipped 32-token chunks through the Mosaic GPU lowering, forward and backward
+  (16: test_lowers_forward_and_vjp)."""
+  exported = export(chip, head_size, dtype, chunk, backward=True)
+  assert kernel_calls(exported, MOSAIC_GPU_CUSTOM_CALL) == 2
 
 
 @pytest.mark.slow
