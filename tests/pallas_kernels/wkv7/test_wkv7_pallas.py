@@ -216,3 +216,24 @@ def test_tpu_strict_interpreter_forward_and_backward():
   np.testing.assert_allclose(y, y_ref, atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(state, state_ref, atol=1e-4, rtol=1e-4)
   assert all(np.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.slow
+def test_mosaic_gpu_interpreter_races_forward_and_backward():
+  """jax's Mosaic GPU interpreter with race detection (NaN-filled SMEM, out-of-bounds
+  reads raising: its defaults): the TMA copies, barrier waits and SMEM reuse of the
+  forward kernel and the backward's state scan order every access."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as gpu_interpreter  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.common.gpu import interpret_params  # pylint: disable=g-import-not-at-top
+  args, seg, init = inputs(13, b=1, t=20, h=1, d=32)
+  params = dataclasses.replace(interpret_params(), detect_races=True)
+  fn = lambda *xs: wkv7_pallas(*xs[:6], initial_state=xs[6],  # noqa: E731
+                               config=Wkv7Config("h100", 16), interpret=params)
+  (y, state), vjp = jax.vjp(fn, *args, init)
+  grads = vjp((jnp.ones_like(y), jnp.ones_like(state)))
+  assert not gpu_interpreter.get_races().races_found
+  y_ref, state_ref = wkv7(*args, initial_state=init)
+  np.testing.assert_allclose(y, y_ref, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(state, state_ref, atol=1e-4, rtol=1e-4)
+  assert all(np.isfinite(g).all() for g in grads)
