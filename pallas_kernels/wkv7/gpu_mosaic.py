@@ -45,8 +45,9 @@ SMEM: 7 input tiles, S, 4 temporaries (float32 64 x 64, 16 KiB each: 192 KiB)
 and the per-chunk vectors, within Hopper's 227 KiB. Copies are synchronous
 (TMA, then wait): no pipelining across chunks yet.
 
-The backward is gpu_bwd.py's Triton kernel (the VJP of the same chunk form)
-reading this kernel's saved states: see api.py.
+With save_states the kernel also writes the state before each chunk (float32
+[b, h, nb, d, d]), which the backward (gpu_mosaic_bwd.py, or the Triton
+gpu_bwd.py: both take the same residuals) reads.
 """
 
 import functools
@@ -199,7 +200,7 @@ def _fwd_kernel(tiles_ref, vectors_ref, init_ref, y_ref, final_ref, *rest, chunk
     io.store(tmp.at[0], masked(strict, io.mm(tile[A_REL], tile[K_REL])))  # A_k
     io.store(tmp.at[1], io.load(tile[A_REL]) * middle * f_row)  # a_state
     io.fence()
-    rhs_t = io.mm(state_smem, tmp.at[1]) + io.mm(tile[V_T], tmp.at[0])  # [i, t]
+    io.store(tmp.at[3], io.mm(state_smem, tmp.at[1]) + io.mm(tile[V_T], tmp.at[0]))  # rhsᵀ
     inverse = jnp.where(rows == cols, 1.0, 0.0) + a_b
     io.store(tmp.at[0], a_b)  # power
     io.store(tmp.at[1], masked(strict_t, io.mm(tile[B_REL], tile[A_REL])))  # powerᵀ
@@ -215,9 +216,7 @@ def _fwd_kernel(tiles_ref, vectors_ref, init_ref, y_ref, final_ref, *rest, chunk
       io.store(tmp.at[2], inverse)
       io.fence()
       covered *= 2
-    io.store(tmp.at[3], rhs_t)
-    io.fence()
-    u_t = io.mm(tmp.at[3], tmp.at[2])  # Uᵀ [i, t]
+    u_t = io.mm(tmp.at[3], tmp.at[2])  # Uᵀ [i, t] = rhsᵀ (I − A_b)⁻ᵀ
     io.store(tmp.at[0], u_t)
     io.store(tmp.at[1], masked(incl, io.mm(tile[R_REL], tile[K_REL])))  # R_k
     io.store(tmp.at[2], masked(incl, io.mm(tile[R_REL], tile[B_REL])))  # R_b

@@ -122,11 +122,12 @@ def check_gradients(chip, chunk, interpret=True, tol=2e-4, gpu_kernel="mosaic", 
 def test_gpu_kernel_on_hardware(chunk, d, gpu_kernel):
   """The compiled GPU kernels on a Hopper GPU: forward (f32, bf16) and gradients.
 
-  Triton: float32 IEEE dots (2e-4). Mosaic: TF32 wgmmas (10-bit mantissa; the
-  decays are formed in float32 by XLA), so float32 gets 2e-3 until measured.
+  Triton: float32 IEEE dots (2e-4). Mosaic: TF32 wgmmas (10-bit mantissa) in the
+  forward and the backward's state scan (the decays and the chunk VJP are float32
+  XLA), so float32 gets 5e-3 until measured.
   """
   chip = hardware_chip("gpu")
-  tol = 2e-3 if gpu_kernel == "mosaic" else 2e-4
+  tol = 5e-3 if gpu_kernel == "mosaic" else 2e-4
   check_forward(chip, chunk, tol=tol, t=301, h=3, d=d, b=2, interpret=False,
                 gpu_kernel=gpu_kernel)
   check_forward(chip, chunk, dtype=jnp.bfloat16, tol=1e-2, t=301, h=3, d=d, b=2,
