@@ -17,5 +17,5 @@ from pallas_kernels.wkv7.api import (CHUNK_SIZES, GPU_KERNELS, HEAD_SIZES, Wkv7C
                                      unsupported_reason, wkv7_pallas)
 from pallas_kernels.wkv7.reference import unit_lower_inverse, wkv7, wkv7_chunked
 
-__all__ = ["CHUNK_SIZES", "GPU_KERNELS", "HEAD_SIZES", "Wkv7Config", "unit_lower_inverse", "unsupported_reason",
-           "wkv7", "wkv7_chunked", "wkv7_pallas"]
+__all__ = ["CHUNK_SIZES", "GPU_KERNELS", "HEAD_SIZES", "Wkv7Config", "unit_lower_inverse",
+           "unsupported_reason", "wkv7", "wkv7_chunked", "wkv7_pallas"]

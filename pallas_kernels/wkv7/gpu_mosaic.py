@@ -83,7 +83,7 @@ def unsupported_reason(head_size: int, chunk_size: int) -> str | None:
   return None
 
 
-def _pad_tile(x):
+def pad_tile(x):
   """[..., rows, cols] zero-padded to [..., TILE, TILE]."""
   pads = [(0, 0)] * (x.ndim - 2) + [(0, TILE - x.shape[-2]), (0, TILE - x.shape[-1])]
   return jnp.pad(x, pads)
@@ -117,7 +117,7 @@ def chunk_operands(r, logw, k, v, a, b, same, from_state, to_end, *, chunk: int)
   tiles = [a_rel, k * key_scale, b * key_scale, r * jnp.exp(incl - middle),
            jnp.swapaxes(v, -1, -2), jnp.swapaxes(k * to_last, -1, -2),
            jnp.swapaxes(b * to_last, -1, -2)]
-  tiles = jnp.stack([_pad_tile(x) for x in tiles], axis=3)
+  tiles = jnp.stack([pad_tile(x) for x in tiles], axis=3)
   # Documents inside a chunk are runs: label a token by its run's first token.
   first = jnp.argmax(same.astype(bool), axis=-1).astype(jnp.float32)  # [b, nb, B]
   keep = f_tok[..., -1:, :]  # [b, 1, nb, 1, 1] the last token continues the state
@@ -128,7 +128,7 @@ def chunk_operands(r, logw, k, v, a, b, same, from_state, to_end, *, chunk: int)
   return tiles, jnp.stack(vectors, axis=3)
 
 
-class _Tiles:
+class TileOps:
   """Register <-> SMEM moves and the NT matmul, on hardware or interpreted."""
 
   def __init__(self, interpret: bool):
@@ -168,7 +168,7 @@ def _fwd_kernel(tiles_ref, vectors_ref, init_ref, y_ref, final_ref, *rest, chunk
   if save_states:
     starts_ref, *rest = rest
   inputs, state_smem, tmp, vec, bars = rest
-  io = _Tiles(interpret)
+  io = TileOps(interpret)
   ops = io.ops
   b, h = lax.axis_index("batch"), lax.axis_index("heads")
   shape = (TILE, TILE)
@@ -246,14 +246,15 @@ def forward(r, logw, k, v, a, b, same, from_state, to_end, initial_state, *, chu
   batch, heads, length, d = r.shape
   num_chunks = length // chunk
   tiles, vectors = chunk_operands(r, logw, k, v, a, b, same, from_state, to_end, chunk=chunk)
-  init = _pad_tile(initial_state.astype(jnp.float32))
+  init = pad_tile(initial_state.astype(jnp.float32))
   tile = jax.ShapeDtypeStruct((batch, heads, num_chunks, TILE, TILE), jnp.float32)
   out_type = [tile, jax.ShapeDtypeStruct((batch, heads, TILE, TILE), jnp.float32)]
   if save_states:
     out_type.append(tile)
   f32_smem = lambda *s: plgpu.SMEM(s, jnp.float32, transforms=F32_TRANSFORMS)  # noqa: E731
   scratch = [f32_smem(NUM_TILES, TILE, TILE), f32_smem(TILE, TILE), f32_smem(4, TILE, TILE),
-             plgpu.SMEM((NUM_VECTORS, TILE), jnp.float32), plgpu.Barrier(num_barriers=NUM_TILES + 1)]
+             plgpu.SMEM((NUM_VECTORS, TILE), jnp.float32),
+             plgpu.Barrier(num_barriers=NUM_TILES + 1)]
   if interpret is True:
     from pallas_kernels.common.gpu import interpret_params  # pylint: disable=g-import-not-at-top
     interpret = interpret_params()

@@ -40,7 +40,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from pallas_kernels.wkv7.chunk import chunk_step_vjp
-from pallas_kernels.wkv7.gpu_mosaic import F32_TRANSFORMS, TILE, _pad_tile, _Tiles
+from pallas_kernels.wkv7.gpu_mosaic import F32_TRANSFORMS, TILE, TileOps, pad_tile
 from pallas_kernels.wkv7.reference import unit_lower_inverse
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -89,7 +89,7 @@ def state_maps(r, logw, k, a, b, same, from_state, to_end, dy, *, chunk: int):
 
 def _scan_kernel(w_ref, g_ref, delta_ref, d_final_ref, d_after_ref, d_init_ref, w_smem,
                  g_smem, state_smem, delta_smem, bars, *, num_chunks: int, interpret: bool):
-  io = _Tiles(interpret)
+  io = TileOps(interpret)
   b, h = lax.axis_index("batch"), lax.axis_index("heads")
   shape = (TILE, TILE)
   plgpu.copy_gmem_to_smem(d_final_ref.at[b, h], state_smem, bars.at[0])
@@ -131,7 +131,7 @@ def _scan(w, g, delta, d_final, *, interpret):
                      plgpu.SMEM((TILE,), jnp.float32), plgpu.Barrier(num_barriers=3)],
       grid=(batch, heads), grid_names=("batch", "heads"), interpret=interpret or None)
   pad_vector = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, TILE - x.shape[-1])])  # noqa: E731
-  return kernel(_pad_tile(w), _pad_tile(g), pad_vector(delta), _pad_tile(d_final))
+  return kernel(pad_tile(w), pad_tile(g), pad_vector(delta), pad_tile(d_final))
 
 
 def backward(r, logw, k, v, a, b, same, from_state, to_end, starts, dy, d_final, *, chunk: int,

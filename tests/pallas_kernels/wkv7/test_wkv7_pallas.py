@@ -19,7 +19,7 @@ import pytest
 from helpers.kernels import FAST_COMPILE, hardware_chip
 from helpers.wkv7_reference import wkv7_reference
 from layers.ssm import document_index
-from pallas_kernels.wkv7 import Wkv7Config, wkv7, wkv7_pallas
+from pallas_kernels.wkv7 import Wkv7Config, gpu_mosaic, unsupported_reason, wkv7, wkv7_pallas
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -178,15 +178,24 @@ def test_config_errors():
   with pytest.raises(ValueError, match="config.gpu_kernel='cuda'"):
     Wkv7Config("h100", 16, "cuda")
   assert Wkv7Config("h200").gpu_kernel == "mosaic"
+  assert "gpu_kernel='mosaic'" in gpu_mosaic.unsupported_reason(128, 16)
+  assert unsupported_reason(64, jnp.bfloat16, 32, "mosaic") is None
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernel, chunk, d, dtype", list(itertools.product(
-    KERNELS, [16, 32, 64], [32, 64], [jnp.float32, jnp.bfloat16])))
-def test_forward_sweep(kernel, chunk, d, dtype):
+@pytest.mark.parametrize("gpu_kernel", ["mosaic", "triton"])
+def test_gpu_gradients_chunk32_head64(gpu_kernel):
+  check_gradients("h100", 32, t=45, d=64, gpu_kernel=gpu_kernel)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk, d, dtype", list(itertools.product(
+    [16, 32, 64], [32, 64], [jnp.float32, jnp.bfloat16])))
+@pytest.mark.parametrize("chip, gpu_kernel", KERNELS, ids=KERNEL_IDS)
+def test_forward_sweep(chip, gpu_kernel, chunk, d, dtype):
   tol = 1e-2 if dtype == jnp.bfloat16 else 2e-4
-  check_forward(kernel[0], chunk, dtype=dtype, tol=tol, t=2 * chunk + 7, h=3, d=d,
-                gpu_kernel=kernel[1])
+  check_forward(chip, chunk, dtype=dtype, tol=tol, t=2 * chunk + 7, h=3, d=d,
+                gpu_kernel=gpu_kernel)
 
 
 @pytest.mark.slow
@@ -225,7 +234,8 @@ def test_mosaic_gpu_interpreter_races_forward_and_backward():
   reads raising: its defaults): the TMA copies, barrier waits and SMEM reuse of the
   forward kernel and the backward's state scan order every access."""
   import dataclasses  # pylint: disable=g-import-not-at-top
-  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as gpu_interpreter  # pylint: disable=g-import-not-at-top
+  from jax._src.pallas.mosaic_gpu.interpret import (  # pylint: disable=g-import-not-at-top
+      interpret_pallas_call as gpu_interpreter)
   from pallas_kernels.common.gpu import interpret_params  # pylint: disable=g-import-not-at-top
   args, seg, init = inputs(13, b=1, t=20, h=1, d=32)
   params = dataclasses.replace(interpret_params(), detect_races=True)
