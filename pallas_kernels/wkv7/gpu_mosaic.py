@@ -20,9 +20,12 @@ Why this shape of kernel (the wgmma rules, and how the chunk meets them):
   heads are zero-padded to 64 channels (the padded state rows and columns stay
   zero, so the maths is exact). So every matmul is one 64 x 64 x 64 wgmma. We
   chose this over packing 64/B chunks into one tile: the chunks of a tile would
-  still need the state of the chunk before, one after another, and forming the
-  decays across 64 tokens is the float32 drift that keeps models at B <= 32.
-  The cost: 4x (B = 16) or 2x (B = 32) the matmul work, 4x more for d = 32.
+  still need the state of the chunk before, one after another (M = B rows
+  again), and one 64-token matrix form would not be the B-token chunk the
+  model asked for (models refuse B > 32 while the chunked form's float32 drift
+  there is investigated). The cost: 4x (B = 16) or 2x (B = 32) the matmul
+  work, 4x more for d = 32, and XLA materialises the 7 padded operand tiles
+  (7 x 16 KiB per chunk and head) that the kernel streams.
 - Operands are float32 in SMEM, so the tensor cores run TF32 (10-bit
   mantissa; hardware tolerances say so; the interpreter computes in float32).
   TF32 wgmma takes no transposed operand: every matmul here is C = X Yᵀ with
@@ -54,7 +57,6 @@ import functools
 
 import jax
 from jax import lax
-import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
