@@ -130,8 +130,19 @@ def chunk_operands(r, logw, k, v, a, b, same, from_state, to_end, *, chunk: int)
   return tiles, jnp.stack(vectors, axis=3)
 
 
+def tf32(x):
+  """x float32 with the 13 low mantissa bits cleared: what a TF32 tensor core reads."""
+  bits = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFFE000)
+  return lax.bitcast_convert_type(bits, jnp.float32)
+
+
 class TileOps:
-  """Register <-> SMEM moves and the NT matmul, on hardware or interpreted."""
+  """Register <-> SMEM moves and the NT matmul, on hardware or interpreted.
+
+  emulate_tf32 (tests set it): the interpreted matmul truncates its operands to
+  TF32 as the hardware does, so the interpreter shows the hardware's rounding.
+  """
+  emulate_tf32 = False
 
   def __init__(self, interpret: bool):
     self.interpret = interpret
@@ -153,7 +164,10 @@ class TileOps:
   def mm(self, x_smem, y_smem):
     """x yᵀ, float32 [P, P]: both operands row-major float32 in SMEM (TF32 wgmma)."""
     if self.interpret:
-      return lax.dot_general(x_smem[...], y_smem[...], _NT, precision=lax.Precision.HIGHEST,
+      x, y = x_smem[...], y_smem[...]
+      if self.emulate_tf32:
+        x, y = tf32(x), tf32(y)
+      return lax.dot_general(x, y, _NT, precision=lax.Precision.HIGHEST,
                              preferred_element_type=jnp.float32)
     return self.ops.matmul_nt(x_smem, y_smem, (TILE, TILE))
 

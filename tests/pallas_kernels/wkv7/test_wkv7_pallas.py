@@ -182,6 +182,18 @@ def test_config_errors():
   assert unsupported_reason(64, jnp.bfloat16, 32, "mosaic") is None
 
 
+@pytest.mark.parametrize("chunk, d, t", [
+    (16, 32, 60), pytest.param(16, 64, 301, marks=pytest.mark.slow),
+    pytest.param(32, 32, 301, marks=pytest.mark.slow)])
+def test_mosaic_gpu_with_tf32_rounding_stays_within_1e3(monkeypatch, chunk, d, t):
+  """The Mosaic GPU kernels' wgmmas read TF32 on hardware: with the interpreter
+  truncating every matmul operand to TF32, forward and gradients stay within 1e-3
+  (relative to the largest value) of the oracle; the hardware test allows 5e-3."""
+  monkeypatch.setattr(gpu_mosaic.TileOps, "emulate_tf32", True)
+  check_forward("h100", chunk, tol=1e-3, t=t - chunk, h=1, d=d, b=1)
+  check_gradients("h100", chunk, tol=1e-3, t=t, d=d, h=1)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("gpu_kernel", ["mosaic", "triton"])
 def test_gpu_gradients_chunk32_head64(gpu_kernel):
