@@ -83,8 +83,7 @@ def test_triton_kernel_still_lowers(head_size, dtype):
 
 
 @pytest.mark.parametrize("chip, head_size, dtype, chunk", [
-    ("h100", d, dtype, 32) for d in HEAD_SIZES for dtype in (jnp.bfloat16, jnp.float32)]
-    + [("h200", 64, jnp.float32, 32)])
+    ("h100", 32, jnp.float32, 32), ("h100", 64, jnp.bfloat16, 32), ("h200", 64, jnp.float32, 32)])
 def test_mosaic_gpu_forward_lowers_shipped_shapes(chip, head_size, dtype, chunk):
   """The shipped 32-token chunks through the Mosaic GPU lowering, forward and backward
   (16: test_lowers_forward_and_vjp)."""

@@ -147,7 +147,8 @@ def test_tpu_kernel_on_hardware(chunk, d):
 
 def test_no_initial_state_no_doc_and_empty():
   args, _, _ = inputs(7, b=1, t=5, h=1, d=32)
-  y, state = wkv7_pallas(*args, config=Wkv7Config("h100", 16), interpret=True)
+  # Triton: an eager (unjitted) call, which the Mosaic GPU interpreter runs slowly.
+  y, state = wkv7_pallas(*args, config=Wkv7Config("h100", 16, "triton"), interpret=True)
   y_ref, state_ref = wkv7_reference(*args)
   np.testing.assert_allclose(y, y_ref, atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(state, state_ref, atol=1e-4, rtol=1e-4)
@@ -183,14 +184,14 @@ def test_config_errors():
 
 
 @pytest.mark.parametrize("chunk, d, t", [
-    (16, 32, 60), pytest.param(16, 64, 301, marks=pytest.mark.slow),
+    (16, 32, 40), pytest.param(16, 64, 301, marks=pytest.mark.slow),
     pytest.param(32, 32, 301, marks=pytest.mark.slow)])
 def test_mosaic_gpu_with_tf32_rounding_stays_within_1e3(monkeypatch, chunk, d, t):
   """The Mosaic GPU kernels' wgmmas read TF32 on hardware: with the interpreter
-  truncating every matmul operand to TF32, forward and gradients stay within 1e-3
-  (relative to the largest value) of the oracle; the hardware test allows 5e-3."""
+  truncating every matmul operand to TF32, y, the final state and the gradients
+  stay within 1e-3 (relative to the largest value) of the oracle; the hardware
+  test allows 5e-3."""
   monkeypatch.setattr(gpu_mosaic.TileOps, "emulate_tf32", True)
-  check_forward("h100", chunk, tol=1e-3, t=t - chunk, h=1, d=d, b=1)
   check_gradients("h100", chunk, tol=1e-3, t=t, d=d, h=1)
 
 
