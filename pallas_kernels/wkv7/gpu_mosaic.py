@@ -24,8 +24,10 @@ Why this shape of kernel (the wgmma rules, and how the chunk meets them):
   again), and one 64-token matrix form would not be the B-token chunk the
   model asked for (models refuse B > 32 while the chunked form's float32 drift
   there is investigated). The cost: 4x (B = 16) or 2x (B = 32) the matmul
-  work, 4x more for d = 32, and XLA materialises the 7 padded operand tiles
-  (7 x 16 KiB per chunk and head) that the kernel streams.
+  work, 4x more for d = 32, and XLA materialises the padded operands the
+  kernel streams: 4 token-major [B, 64] and 3 channel-major [64, 64] float32
+  tiles per chunk and head (the token-major ones are copied into the top B
+  rows of SMEM tiles zeroed once; y leaves as [B, 64]).
 - Operands are float32 in SMEM, so the tensor cores run TF32 (10-bit
   mantissa; hardware tolerances say so; the interpreter computes in float32).
   TF32 wgmma takes no transposed operand: every matmul here is C = X Yᵀ with
@@ -57,6 +59,7 @@ import functools
 
 import jax
 from jax import lax
+import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
@@ -71,6 +74,7 @@ _NT = (((1,), (1,)), ((), ()))
 # Tiles of the stacked per-chunk input (XLA-side names).
 A_REL, K_REL, B_REL, R_REL, V_T, KDEC_T, BDEC_T = range(7)
 NUM_TILES = 7
+NUM_TOKEN_TILES = 4  # A_REL .. R_REL: token rows (the rest: channel rows)
 # Rows of the per-chunk vectors.
 FROM_STATE, DOC, MIDDLE_DECAY, STATE_DECAY = range(4)
 NUM_VECTORS = 4
@@ -100,7 +104,9 @@ def chunk_operands(r, logw, k, v, a, b, same, from_state, to_end, *, chunk: int)
 
   Args: as gpu.forward's first nine (head-major [b, h, t, d], t % chunk == 0).
   Returns:
-    tiles float32 [b, h, nb, 7, P, P] (A_REL ... BDEC_T, zero-padded);
+    token_tiles float32 [b, h, nb, 4, B, P] (A_REL ... R_REL: token rows, channels
+      zero-padded to P) and channel_tiles float32 [b, h, nb, 3, P, P] (V_T, KDEC_T,
+      BDEC_T: channel rows, token columns, zero-padded);
     vectors float32 [b, h, nb, 4, P]: per token f and a document label, per
     channel Γ_m and the state decay Γ_B·keep.
   """
@@ -116,10 +122,11 @@ def chunk_operands(r, logw, k, v, a, b, same, from_state, to_end, *, chunk: int)
   a_rel = a * jnp.exp(excl - middle)
   key_scale = jnp.exp(middle - incl)
   to_last = jnp.exp(last - incl) * to_end
-  tiles = [a_rel, k * key_scale, b * key_scale, r * jnp.exp(incl - middle),
-           jnp.swapaxes(v, -1, -2), jnp.swapaxes(k * to_last, -1, -2),
-           jnp.swapaxes(b * to_last, -1, -2)]
-  tiles = jnp.stack([pad_tile(x) for x in tiles], axis=3)
+  pad_channels = lambda x: jnp.pad(x, [(0, 0)] * 4 + [(0, TILE - d)])  # noqa: E731
+  token_tiles = jnp.stack([pad_channels(x) for x in (
+      a_rel, k * key_scale, b * key_scale, r * jnp.exp(incl - middle))], axis=3)
+  channel_tiles = jnp.stack([pad_tile(jnp.swapaxes(x, -1, -2)) for x in (
+      v, k * to_last, b * to_last)], axis=3)
   # Documents inside a chunk are runs: label a token by its run's first token.
   first = jnp.argmax(same.astype(bool), axis=-1).astype(jnp.float32)  # [b, nb, B]
   keep = f_tok[..., -1:, :]  # [b, 1, nb, 1, 1] the last token continues the state
@@ -127,7 +134,7 @@ def chunk_operands(r, logw, k, v, a, b, same, from_state, to_end, *, chunk: int)
              jnp.broadcast_to(_pad_vector(first[:, None], -1.0), (batch, heads, nb, TILE)),
              _pad_vector(jnp.exp(middle[..., 0, :]), 1.0),
              _pad_vector((jnp.exp(last) * keep)[..., 0, :])]
-  return tiles, jnp.stack(vectors, axis=3)
+  return token_tiles, channel_tiles, jnp.stack(vectors, axis=3)
 
 
 def tf32(x):
@@ -179,7 +186,8 @@ class TileOps:
     return self.ops.load_vector(ref, axis=0)
 
 
-def _fwd_kernel(tiles_ref, vectors_ref, init_ref, y_ref, final_ref, *rest, chunk: int,
+def _fwd_kernel(token_ref, channel_ref, vectors_ref, init_ref, y_ref, final_ref, *rest,
+                chunk: int,
                 num_chunks: int, save_states: bool, interpret: bool):
   if save_states:
     starts_ref, *rest = rest
@@ -191,13 +199,21 @@ def _fwd_kernel(tiles_ref, vectors_ref, init_ref, y_ref, final_ref, *rest, chunk
   rows, cols = ops.iota(shape, 0), ops.iota(shape, 1)
 
   plgpu.copy_gmem_to_smem(init_ref.at[b, h], state_smem, bars.at[0])
+  if chunk < TILE:  # token tiles: rows B.. are never copied to, and must read as zero
+    for i in range(NUM_TOKEN_TILES):
+      io.store(inputs.at[i], ops.full(shape, 0.0))
+    io.fence()
   plgpu.barrier_wait(bars.at[0])
 
   def step(c, state):
     if save_states:  # the state before the chunk (state_smem holds it)
       plgpu.copy_smem_to_gmem(state_smem, starts_ref.at[b, h, c])
     for i in range(NUM_TILES):  # one TMA per tile (a copy strides at most 5 dims)
-      plgpu.copy_gmem_to_smem(tiles_ref.at[b, h, c, i], inputs.at[i], bars.at[i])
+      if i < NUM_TOKEN_TILES:  # the chunk's B rows; the rows below stay zero
+        src, dst = token_ref.at[b, h, c, i], inputs.at[i].at[pl.ds(0, chunk)]
+      else:
+        src, dst = channel_ref.at[b, h, c, i - NUM_TOKEN_TILES], inputs.at[i]
+      plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
     plgpu.copy_gmem_to_smem(vectors_ref.at[b, h, c], vec, bars.at[NUM_TILES])
     for i in range(NUM_TILES + 1):
       plgpu.barrier_wait(bars.at[i])
@@ -245,7 +261,7 @@ def _fwd_kernel(tiles_ref, vectors_ref, init_ref, y_ref, final_ref, *rest, chunk
     io.store(state_smem, state)
     io.store(tmp.at[1], y)
     io.fence()
-    plgpu.copy_smem_to_gmem(tmp.at[1], y_ref.at[b, h, c])
+    plgpu.copy_smem_to_gmem(tmp.at[1].at[pl.ds(0, chunk)], y_ref.at[b, h, c])
     plgpu.wait_smem_to_gmem(0)
     return state
 
@@ -261,12 +277,12 @@ def forward(r, logw, k, v, a, b, same, from_state, to_end, initial_state, *, chu
   Mosaic GPU interpreter's params)."""
   batch, heads, length, d = r.shape
   num_chunks = length // chunk
-  tiles, vectors = chunk_operands(r, logw, k, v, a, b, same, from_state, to_end, chunk=chunk)
+  operands = chunk_operands(r, logw, k, v, a, b, same, from_state, to_end, chunk=chunk)
   init = pad_tile(initial_state.astype(jnp.float32))
-  tile = jax.ShapeDtypeStruct((batch, heads, num_chunks, TILE, TILE), jnp.float32)
-  out_type = [tile, jax.ShapeDtypeStruct((batch, heads, TILE, TILE), jnp.float32)]
+  state = jax.ShapeDtypeStruct((batch, heads, TILE, TILE), jnp.float32)
+  out_type = [jax.ShapeDtypeStruct((batch, heads, num_chunks, chunk, TILE), jnp.float32), state]
   if save_states:
-    out_type.append(tile)
+    out_type.append(jax.ShapeDtypeStruct((batch, heads, num_chunks, TILE, TILE), jnp.float32))
   f32_smem = lambda *s: plgpu.SMEM(s, jnp.float32, transforms=F32_TRANSFORMS)  # noqa: E731
   scratch = [f32_smem(NUM_TILES, TILE, TILE), f32_smem(TILE, TILE), f32_smem(4, TILE, TILE),
              plgpu.SMEM((NUM_VECTORS, TILE), jnp.float32),
@@ -279,7 +295,7 @@ def forward(r, logw, k, v, a, b, same, from_state, to_end, initial_state, *, chu
                         save_states=save_states, interpret=bool(interpret)),
       out_type=out_type, scratch_types=scratch, grid=(batch, heads),
       grid_names=("batch", "heads"), interpret=interpret or None)
-  y, final, *starts = kernel(tiles, vectors, init)
-  y = y[:, :, :, :chunk, :d].reshape(batch, heads, length, d).astype(r.dtype)
+  y, final, *starts = kernel(*operands, init)
+  y = y[..., :d].reshape(batch, heads, length, d).astype(r.dtype)
   out = (y, final[:, :, :d, :d])
   return (*out, starts[0][..., :d, :d]) if save_states else out
