@@ -47,8 +47,11 @@ Why this shape of kernel (the wgmma rules, and how the chunk meets them):
   as the reference CUDA kernels cast their state to the input dtype for dots.
 
 SMEM: 7 input tiles, S, 4 temporaries (float32 64 x 64, 16 KiB each: 192 KiB)
-and the per-chunk vectors, within Hopper's 227 KiB. Copies are synchronous
-(TMA, then wait): no pipelining across chunks yet.
+and the per-chunk vectors, within Hopper's 227 KiB: no room for a second set
+of input buffers, so the next chunk's copies start as soon as this chunk's
+last read of each buffer is done (the pairwise terms free A_REL, the read-out
+K_REL, B_REL and R_REL, the state update the channel-major tiles) and overlap
+the rest of the chunk's wgmmas.
 
 With save_states the kernel also writes the state before each chunk (float32
 [b, h, nb, d, d]), which the backward (gpu_mosaic_bwd.py, or the Triton
@@ -198,23 +201,37 @@ def _fwd_kernel(token_ref, channel_ref, vectors_ref, init_ref, y_ref, final_ref,
   shape = (TILE, TILE)
   rows, cols = ops.iota(shape, 0), ops.iota(shape, 1)
 
-  plgpu.copy_gmem_to_smem(init_ref.at[b, h], state_smem, bars.at[0])
+  def fetch(i, c):
+    """TMA of chunk c's tile i (one copy per tile: a copy strides at most 5 dims), or
+    of its vectors (i = NUM_TILES), completing on barrier i."""
+    if i == NUM_TILES:
+      src, dst = vectors_ref.at[b, h, c], vec
+    elif i < NUM_TOKEN_TILES:  # the chunk's B rows; the rows below stay zero
+      src, dst = token_ref.at[b, h, c, i], inputs.at[i].at[pl.ds(0, chunk)]
+    else:
+      src, dst = channel_ref.at[b, h, c, i - NUM_TOKEN_TILES], inputs.at[i]
+    plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+
+  def prefetch(c, indices):
+    """The next chunk's copies into buffers this chunk has finished reading (its
+    wgmmas have completed, its register loads are behind a fence)."""
+    @pl.when(c + 1 < num_chunks)
+    def _next():
+      for i in indices:
+        fetch(i, c + 1)
+
+  plgpu.copy_gmem_to_smem(init_ref.at[b, h], state_smem, bars.at[NUM_TILES + 1])
   if chunk < TILE:  # token tiles: rows B.. are never copied to, and must read as zero
     for i in range(NUM_TOKEN_TILES):
       io.store(inputs.at[i], ops.full(shape, 0.0))
     io.fence()
-  plgpu.barrier_wait(bars.at[0])
+  for i in range(NUM_TILES + 1):
+    fetch(i, 0)
+  plgpu.barrier_wait(bars.at[NUM_TILES + 1])
 
   def step(c, state):
     if save_states:  # the state before the chunk (state_smem holds it)
       plgpu.copy_smem_to_gmem(state_smem, starts_ref.at[b, h, c])
-    for i in range(NUM_TILES):  # one TMA per tile (a copy strides at most 5 dims)
-      if i < NUM_TOKEN_TILES:  # the chunk's B rows; the rows below stay zero
-        src, dst = token_ref.at[b, h, c, i], inputs.at[i].at[pl.ds(0, chunk)]
-      else:
-        src, dst = channel_ref.at[b, h, c, i - NUM_TOKEN_TILES], inputs.at[i]
-      plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
-    plgpu.copy_gmem_to_smem(vectors_ref.at[b, h, c], vec, bars.at[NUM_TILES])
     for i in range(NUM_TILES + 1):
       plgpu.barrier_wait(bars.at[i])
     f_row = bcast(io.row_vector(vec.at[FROM_STATE]), shape, 0)
@@ -238,6 +255,7 @@ def _fwd_kernel(token_ref, channel_ref, vectors_ref, init_ref, y_ref, final_ref,
     io.store(tmp.at[1], masked(strict_t, io.mm(tile[B_REL], tile[A_REL])))  # powerᵀ
     io.store(tmp.at[2], inverse)
     io.fence()
+    prefetch(c, (A_REL, NUM_TILES))
     covered = 2
     while covered < chunk:  # inverse = (I + A)(I + A²)...: terms A^0 .. A^(covered−1)
       square, square_t = io.mm(tmp.at[0], tmp.at[1]), io.mm(tmp.at[1], tmp.at[0])
@@ -254,8 +272,10 @@ def _fwd_kernel(token_ref, channel_ref, vectors_ref, init_ref, y_ref, final_ref,
     io.store(tmp.at[2], masked(incl, io.mm(tile[R_REL], tile[B_REL])))  # R_b
     io.store(tmp.at[3], io.load(tile[R_REL]) * middle * f_row)  # r_state
     io.fence()
+    prefetch(c, (K_REL, B_REL, R_REL))
     y = io.mm(tmp.at[3], state_smem) + io.mm(tmp.at[1], tile[V_T]) + io.mm(tmp.at[2], tmp.at[0])
     state = state * decay + io.mm(tile[V_T], tile[KDEC_T]) + io.mm(tmp.at[0], tile[BDEC_T])
+    prefetch(c, (V_T, KDEC_T, BDEC_T))
     if save_states:
       plgpu.wait_smem_to_gmem(0)  # the saved state has left state_smem
     io.store(state_smem, state)
@@ -286,7 +306,7 @@ def forward(r, logw, k, v, a, b, same, from_state, to_end, initial_state, *, chu
   f32_smem = lambda *s: plgpu.SMEM(s, jnp.float32, transforms=F32_TRANSFORMS)  # noqa: E731
   scratch = [f32_smem(NUM_TILES, TILE, TILE), f32_smem(TILE, TILE), f32_smem(4, TILE, TILE),
              plgpu.SMEM((NUM_VECTORS, TILE), jnp.float32),
-             plgpu.Barrier(num_barriers=NUM_TILES + 1)]
+             plgpu.Barrier(num_barriers=NUM_TILES + 2)]
   if interpret is True:
     from pallas_kernels.common.gpu import interpret_params  # pylint: disable=g-import-not-at-top
     interpret = interpret_params()
