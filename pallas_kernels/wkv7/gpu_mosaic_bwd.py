@@ -19,9 +19,10 @@ The backward runs in three steps:
 1. XLA, all chunks at once (float32, full-precision einsums): W and G per chunk.
 2. The Mosaic GPU kernel (`_scan_kernel`): one CTA per (batch, head) walks the
    chunks last to first, carrying dS in float32 registers; per chunk one TF32
-   wgmma dS'·Wᵀ on a 64 x 64 tile (d = 32 zero-padded, as the forward), TMA in
-   and out; it saves dS' (the cotangent of the state after each chunk) and
-   returns the initial state's cotangent.
+   wgmma dS'·Wᵀ on a 64 x 64 tile (d = 32 zero-padded, as the forward), W, G
+   and δ streamed by TMA through two SMEM slots (the next chunk's copy overlaps
+   this one's step); it saves dS' (the cotangent of the state after each
+   chunk) and returns the initial state's cotangent.
 3. XLA, all chunks at once: chunk.py's `chunk_step_vjp` vmapped over (b, h,
    chunk), from the forward's saved state before each chunk and the dS' of
    step 2: the cotangents of r, log w, k, v, a and b.
@@ -36,6 +37,7 @@ import functools
 
 import jax
 from jax import lax
+import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
@@ -89,23 +91,36 @@ def state_maps(r, logw, k, a, b, same, from_state, to_end, dy, *, chunk: int):
 
 def _scan_kernel(w_ref, g_ref, delta_ref, d_final_ref, d_after_ref, d_init_ref, w_smem,
                  g_smem, state_smem, delta_smem, bars, *, num_chunks: int, interpret: bool):
+  """Per (batch, head): dS from the last chunk to the first. W, G and δ stream through
+  two SMEM slots (chunk c + 1's copy, in reverse order, runs during chunk c's step);
+  barrier 3·slot + j completes slot's copy j (W, G, δ)."""
   io = TileOps(interpret)
   b, h = lax.axis_index("batch"), lax.axis_index("heads")
   shape = (TILE, TILE)
-  plgpu.copy_gmem_to_smem(d_final_ref.at[b, h], state_smem, bars.at[0])
-  plgpu.barrier_wait(bars.at[0])
+
+  def fetch(i):  # the copies of step i (chunk nb − 1 − i) into slot i % 2
+    c, slot = num_chunks - 1 - i, lax.rem(i, 2)
+    for j, (src, dst) in enumerate(((w_ref, w_smem), (g_ref, g_smem),
+                                    (delta_ref, delta_smem))):
+      plgpu.copy_gmem_to_smem(src.at[b, h, c], dst.at[slot], bars.at[3 * slot + j])
+
+  plgpu.copy_gmem_to_smem(d_final_ref.at[b, h], state_smem, bars.at[6])
+  fetch(jnp.int32(0))
+  plgpu.barrier_wait(bars.at[6])
 
   def step(i, d_state):
-    c = num_chunks - 1 - i
+    c, slot = num_chunks - 1 - i, lax.rem(i, 2)
     plgpu.copy_smem_to_gmem(state_smem, d_after_ref.at[b, h, c])  # dS' of chunk c
-    plgpu.copy_gmem_to_smem(w_ref.at[b, h, c], w_smem, bars.at[0])
-    plgpu.copy_gmem_to_smem(g_ref.at[b, h, c], g_smem, bars.at[1])
-    plgpu.copy_gmem_to_smem(delta_ref.at[b, h, c], delta_smem, bars.at[2])
+
+    @pl.when(i + 1 < num_chunks)
+    def _next():  # the other slot: step i − 1 finished reading it (fenced)
+      fetch(i + 1)
+
     for j in range(3):
-      plgpu.barrier_wait(bars.at[j])
-    delta = lax.broadcast_in_dim(io.col_vector(delta_smem), shape, [1])
-    # dS' Wᵀ = X Yᵀ with X = dS' (state_smem) and Y = W (w_smem).
-    d_state = d_state * delta + io.mm(state_smem, w_smem) + io.load(g_smem)
+      plgpu.barrier_wait(bars.at[3 * slot + j])
+    delta = lax.broadcast_in_dim(io.col_vector(delta_smem.at[slot]), shape, [1])
+    # dS' Wᵀ = X Yᵀ with X = dS' (state_smem) and Y = W.
+    d_state = d_state * delta + io.mm(state_smem, w_smem.at[slot]) + io.load(g_smem.at[slot])
     plgpu.wait_smem_to_gmem(0)  # dS' has left state_smem
     io.store(state_smem, d_state)
     io.fence()
@@ -127,8 +142,8 @@ def _scan(w, g, delta, d_final, *, interpret):
       functools.partial(_scan_kernel, num_chunks=nb, interpret=bool(interpret)),
       out_type=[jax.ShapeDtypeStruct((batch, heads, nb, TILE, TILE), jnp.float32),
                 jax.ShapeDtypeStruct((batch, heads, TILE, TILE), jnp.float32)],
-      scratch_types=[f32_smem(TILE, TILE), f32_smem(TILE, TILE), f32_smem(TILE, TILE),
-                     plgpu.SMEM((TILE,), jnp.float32), plgpu.Barrier(num_barriers=3)],
+      scratch_types=[f32_smem(2, TILE, TILE), f32_smem(2, TILE, TILE), f32_smem(TILE, TILE),
+                     plgpu.SMEM((2, TILE), jnp.float32), plgpu.Barrier(num_barriers=7)],
       grid=(batch, heads), grid_names=("batch", "heads"), interpret=interpret or None)
   pad_vector = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, TILE - x.shape[-1])])  # noqa: E731
   return kernel(pad_tile(w), pad_tile(g), pad_vector(delta), pad_tile(d_final))
