@@ -17,7 +17,9 @@ against the `rwkv` package, in one run on the current device.
    float32 whatever it is given). Attention above --attention_max_len tokens is
    skipped (its [t, t] scores). A row that fails (out of memory) prints n/a.
    One row also checks max |chunked − sequential| of the forward at the first length.
-   More implementations (a Pallas WKV kernel) are one entry of `wkv_implementations`.
+   On a kernel chip, the Pallas kernel at each chunk size too (on a GPU one row per
+   `Wkv7Config.gpu_kernel`: 'mosaic' and 'triton'); more implementations are one
+   entry of `wkv_implementations`.
 2. On CPU (or with --model_bench=on): prefill and decode tokens/s of a small RWKV-7
    (--model: the published 0.1b shape with --layers blocks, or configs/rwkv_tiny.py's
    model) in float32 against the `rwkv` package (RWKV_V7_ON=1, RWKV_CUDA_ON=0,
@@ -63,7 +65,7 @@ from layers.rwkv import wkv7, wkv7_chunked
 from models.rwkv import Rwkv, RwkvConfig, init_cache
 from models.rwkv import pth
 from pallas_kernels.common.config import chip_of_device
-from pallas_kernels.wkv7 import Wkv7Config, wkv7_pallas
+from pallas_kernels.wkv7 import GPU_KERNELS, Wkv7Config, wkv7_pallas
 
 WkvFn = Callable[..., jax.Array]  # (r, w, k, v, a, b [b, t, h, d]) -> y [b, t, h, d]
 
@@ -75,10 +77,15 @@ def wkv_implementations(chunk_sizes: list[int]) -> dict[str, WkvFn]:
     impls[f"wkv7 chunked {size} (xla)"] = lambda *x, size=size: wkv7_chunked(
         *x, chunk_size=size)[0]
   chip = chip_of_device(jax.devices()[0])
-  if chip is not None:  # The kernel targets this chip (on CPU it would only be interpreted).
-    for size in chunk_sizes:
-      config = Wkv7Config(chip=chip, chunk_size=size)
-      impls[f"wkv7 pallas {size}"] = lambda *x, config=config: wkv7_pallas(*x, config=config)[0]
+  if chip is None:  # The kernel targets no chip here (on CPU it would only be interpreted).
+    return impls
+  # A GPU times both of its kernels (Mosaic GPU, the default, and Pallas Triton).
+  kernels = GPU_KERNELS if Wkv7Config(chip).platform == "gpu" else (None,)
+  for size in chunk_sizes:
+    for kernel in kernels:
+      config = Wkv7Config(chip=chip, chunk_size=size, gpu_kernel=kernel or "mosaic")
+      name = f"wkv7 pallas {size}" + (f" ({kernel})" if kernel else "")
+      impls[name] = lambda *x, config=config: wkv7_pallas(*x, config=config)[0]
   return impls
 
 

@@ -1,5 +1,5 @@
 """Pallas kernels for Mosaic GPU (Hopper) and Mosaic TPU, each with a plain-jnp reference
-(wkv7/ runs on GPUs through the Pallas Triton lowering instead: see its gpu.py).
+(wkv7/ also keeps a Pallas Triton GPU forward, and its GPU backward is Triton: see wkv7/api.py).
 
 One subpackage per operation, whose `__init__` is its public API:
 

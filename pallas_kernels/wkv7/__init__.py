@@ -7,13 +7,15 @@
 api: wkv7_pallas (checks, padding, the custom VJP), Wkv7Config; reference: the
 plain-jnp forms `wkv7` (sequential scan) and `wkv7_chunked` (matrix form per
 chunk), which the model's 'xla' path uses too; chunk: the in-chunk matrix form
-and its VJP, which every kernel body runs; tpu / tpu_bwd: the Mosaic TPU forward
-and backward (reverse chunk scan); gpu / gpu_bwd: the GPU ones (Pallas Triton).
+and its VJP, which the TPU and Triton kernel bodies run; tpu / tpu_bwd: the Mosaic
+TPU forward and backward (reverse chunk scan); gpu_mosaic: the Mosaic GPU forward
+(Hopper wgmma, the GPU default); gpu / gpu_bwd: the Pallas Triton forward
+(`Wkv7Config(gpu_kernel='triton')`) and the GPU backward.
 """
 
-from pallas_kernels.wkv7.api import (CHUNK_SIZES, HEAD_SIZES, Wkv7Config, unsupported_reason,
-                                     wkv7_pallas)
+from pallas_kernels.wkv7.api import (CHUNK_SIZES, GPU_KERNELS, HEAD_SIZES, Wkv7Config,
+                                     unsupported_reason, wkv7_pallas)
 from pallas_kernels.wkv7.reference import unit_lower_inverse, wkv7, wkv7_chunked
 
-__all__ = ["CHUNK_SIZES", "HEAD_SIZES", "Wkv7Config", "unit_lower_inverse", "unsupported_reason",
-           "wkv7", "wkv7_chunked", "wkv7_pallas"]
+__all__ = ["CHUNK_SIZES", "GPU_KERNELS", "HEAD_SIZES", "Wkv7Config", "unit_lower_inverse",
+           "unsupported_reason", "wkv7", "wkv7_chunked", "wkv7_pallas"]

@@ -5,8 +5,9 @@
 
 Legend: layers/__init__.py (b batch, t sequence, h heads, d head size, B chunk
 length, nb chunks). The kernel is picked from `config.chip` (static data; the
-device is never queried while tracing): 'h100'/'h200' run gpu.py (Pallas
-Triton), 'tpu_*' run tpu.py (Mosaic TPU). The wrapper transposes to head-major
+device is never queried while tracing): 'tpu_*' run tpu.py (Mosaic TPU);
+'h100'/'h200' run gpu_mosaic.py (Mosaic GPU: wgmma, TMA) or, with
+`gpu_kernel='triton'`, gpu.py (Pallas Triton). The wrapper transposes to head-major
 [b, h, t, d], pads t to whole chunks (w = 1 and zero inputs on padded tokens,
 which leave the state as it is) and turns the document index into the per-chunk
 masks the kernels read (`doc_masks`).
@@ -16,6 +17,9 @@ saves the state before each chunk ([b, h, nb, d, d] float32, nb·d² per head:
 the memory a chunk scan's backward needs); the backward kernel (tpu_bwd.py /
 gpu_bwd.py) scans the chunks in reverse, carrying the state's cotangent, and runs
 the VJP of the chunk's matrix form (chunk.chunk_step_vjp) inside the kernel.
+On GPU with gpu_kernel='mosaic' the backward is gpu_mosaic_bwd.py: the chunk
+VJP runs in XLA over all chunks at once, around a Mosaic GPU kernel that scans
+the state's cotangent in reverse (its module doc says why that split).
 """
 
 import dataclasses
@@ -25,11 +29,12 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import config as chip_config
-from pallas_kernels.wkv7 import gpu, gpu_bwd, tpu, tpu_bwd
+from pallas_kernels.wkv7 import gpu, gpu_bwd, gpu_mosaic, gpu_mosaic_bwd, tpu, tpu_bwd
 
 HEAD_SIZES = (32, 64)  # d served on both platforms (tiny models, published RWKV-7).
 CHUNK_SIZES = (16, 32, 64)  # B: powers of two (Triton), multiples of 16 (bf16 TPU tiles).
 DTYPES = (jnp.float32, jnp.bfloat16)
+GPU_KERNELS = ("mosaic", "triton")  # Wkv7Config.gpu_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +47,13 @@ class Wkv7Config:
     chunk_size: tokens per chunk B, one of CHUNK_SIZES. The in-chunk decays are
       factored around the chunk's middle (chunk.py): B · max(−log w) / 2 must
       stay well below 88 (float32's exp range); RWKV-7's w >= 0.545 gives 19 at B = 64.
+    gpu_kernel: the GPU kernel on 'h100'/'h200': 'mosaic' (Mosaic GPU, gpu_mosaic.py:
+      TF32 wgmmas, the state in float32) or 'triton' (Pallas Triton, gpu.py: float32
+      IEEE dots). Ignored on TPU chips.
   """
   chip: str
   chunk_size: int = 16
+  gpu_kernel: str = "mosaic"
 
   def __post_init__(self):
     if self.chip not in chip_config.CHIPS:
@@ -52,6 +61,8 @@ class Wkv7Config:
     if self.chunk_size not in CHUNK_SIZES:
       raise ValueError(f"config.chunk_size={self.chunk_size}; the WKV-7 kernels take one of "
                        f"{CHUNK_SIZES}.")
+    if self.gpu_kernel not in GPU_KERNELS:
+      raise ValueError(f"config.gpu_kernel={self.gpu_kernel!r}; choose one of {GPU_KERNELS}.")
 
   @property
   def platform(self) -> str:
@@ -64,14 +75,20 @@ class Wkv7Config:
     return chip_config.CHIPS[self.chip][2]
 
 
-def unsupported_reason(head_size: int, dtype, chunk_size: int) -> str | None:
-  """Why the kernels cannot serve these static properties, or None when they can."""
+def unsupported_reason(head_size: int, dtype, chunk_size: int,
+                       gpu_kernel: str | None = None) -> str | None:
+  """Why the kernels cannot serve these static properties, or None when they can.
+
+  gpu_kernel: also check that GPU kernel ('mosaic' | 'triton'); None: the common set.
+  """
   if head_size not in HEAD_SIZES:
     return f"head size d={head_size} (the kernels serve {HEAD_SIZES})"
   if jnp.dtype(dtype) not in [jnp.dtype(x) for x in DTYPES]:
     return f"dtype {jnp.dtype(dtype).name} (the kernels take float32 or bfloat16)"
   if chunk_size not in CHUNK_SIZES:
     return f"chunk length {chunk_size} (the kernels take {CHUNK_SIZES})"
+  if gpu_kernel == "mosaic":
+    return gpu_mosaic.unsupported_reason(head_size, chunk_size)
   return None
 
 
@@ -86,7 +103,8 @@ def _check(r, w, k, v, a, b, doc, initial_state, config):
     if x.dtype != r.dtype:
       raise ValueError(f"{name} is {x.dtype}, r is {r.dtype}: pass one dtype.")
   batch, t, h, d = r.shape
-  reason = unsupported_reason(d, r.dtype, config.chunk_size)
+  reason = unsupported_reason(d, r.dtype, config.chunk_size,
+                              config.gpu_kernel if config.platform == "gpu" else None)
   if reason:
     raise ValueError(f"The WKV-7 kernels cannot serve {reason}.")
   if doc is not None and (doc.shape != (batch, t) or not jnp.issubdtype(doc.dtype, jnp.integer)):
@@ -129,11 +147,23 @@ def _forward(r, w, k, v, a, b, doc, initial_state, config: Wkv7Config, interpret
              save_states: bool):
   """(y [b, t, h, d], final state), and the backward's residuals when save_states."""
   operands = _kernel_inputs(r, w, k, v, a, b, doc, config.chunk_size)
-  kernel = tpu.forward if config.platform == "tpu" else gpu.forward
+  kernel = _forward_kernel(config)
   y, state, *starts = kernel(*operands, initial_state, chunk=config.chunk_size,
                              interpret=interpret, save_states=save_states)
   out = (jnp.swapaxes(y[:, :, :r.shape[1]], 1, 2), state)
   return (out, (operands, starts[0], w)) if save_states else out
+
+
+def _forward_kernel(config: Wkv7Config):
+  if config.platform == "tpu":
+    return tpu.forward
+  return gpu_mosaic.forward if config.gpu_kernel == "mosaic" else gpu.forward
+
+
+def _backward_kernel(config: Wkv7Config):
+  if config.platform == "tpu":
+    return tpu_bwd.backward
+  return gpu_mosaic_bwd.backward if config.gpu_kernel == "mosaic" else gpu_bwd.backward
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
@@ -151,7 +181,7 @@ def _core_bwd(config, interpret, residuals, cotangents):
   t = w.shape[1]
   pad = operands[0].shape[2] - t
   dy = jnp.pad(jnp.swapaxes(dy, 1, 2), ((0, 0), (0, 0), (0, pad), (0, 0)))
-  kernel = tpu_bwd.backward if config.platform == "tpu" else gpu_bwd.backward
+  kernel = _backward_kernel(config)
   *grads, d_initial = kernel(*operands, starts, dy, d_final.astype(jnp.float32),
                              chunk=config.chunk_size, interpret=interpret)
   dr, dlogw, dk, dv, da, db = (jnp.swapaxes(g[:, :, :t], 1, 2) for g in grads)
@@ -176,7 +206,7 @@ def wkv7_pallas(r, w, k, v, a, b, *, doc=None, initial_state=None, config: Wkv7C
     initial_state: float32 [b, h, d, d] (prefill from a saved state); None: zeros.
     config: Wkv7Config (chip and chunk length).
     interpret: False; True (or the platform's interpret params) runs the kernel
-      body on CPU.
+      body on CPU (gpu_kernel='mosaic': jax's Mosaic GPU interpreter).
   Returns:
     (y [b, t, h, d] in r.dtype, the float32 state after the last token [b, h, d, d]).
     Differentiable in r, w, k, v, a, b and initial_state (backward: see the module doc).

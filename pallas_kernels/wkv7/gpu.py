@@ -7,15 +7,14 @@ with `lax.fori_loop`, carrying the [d, d] float32 state in registers; each step
 loads the chunk's [B, d] tiles, runs chunk.py's matrix form (float32 `tl.dot`s
 at IEEE precision, so no TF32 rounding enters the recurrence) and stores y.
 
-Why Triton and not Mosaic GPU (the flash-attention kernels' backend): the
-chunk's matmuls are [B, d] x [d, B] with B = 16..64 rows and float32 operands,
-while a Hopper wgmma needs 64-row warpgroup tiles, SMEM operands in the swizzled
-layout and takes float32 only as TF32; the Mosaic GPU interpreter of jax 0.10
-also cannot run wgmmas on transposed operands. Triton's `tl.dot` takes these
-shapes directly (every dim >= 16, powers of two). The Triton backend is
-deprecated upstream in jax 0.11 (still present there); the kernel is a single
-function to port when it goes. Exporting it from a CPU host needs
-`jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")`.
+This is the `Wkv7Config(gpu_kernel='triton')` kernel; the GPU default is the
+Mosaic GPU one (gpu_mosaic.py), and the first hardware run times both. Why keep
+Triton: the chunk's matmuls are [B, d] x [d, B] with B = 16..64 rows and
+float32 operands, which `tl.dot` takes directly at IEEE float32 precision,
+while a Hopper wgmma needs 64-row warpgroup tiles, swizzled SMEM operands and
+takes float32 only as TF32 (without transposed operands). The Triton backend
+is deprecated upstream in jax 0.11 (still present there). Exporting it from a
+CPU host needs `jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")`.
 """
 
 import functools

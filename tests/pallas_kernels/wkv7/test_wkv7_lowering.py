@@ -1,14 +1,17 @@
 """Every shipped WKV-7 kernel configuration lowers for its platform, from CPU.
 
-`jax.export` for platforms=['cuda'] runs the Pallas Triton lowering (the custom
-call has no compatibility guarantee, hence the disabled check); for ['tpu'] the
-Mosaic TPU lowering, inside an abstract mesh whose AbstractDevice names the
-chip. Compilation to PTX / TPU binaries happens on hardware and is not covered.
+`jax.export` for platforms=['cuda'] runs the Mosaic GPU lowering (gpu_kernel
+'mosaic': custom call mosaic_gpu_v2; it also checks shared memory against
+Hopper's 227 KiB) or the Pallas Triton one ('triton': the custom call has no
+compatibility guarantee, hence the disabled check); for ['tpu'] the Mosaic TPU
+lowering, inside an abstract mesh whose AbstractDevice names the chip.
+Compilation to PTX / TPU binaries happens on hardware and is not covered.
 
-Default set: h100 and tpu_v5e at both head sizes (32 tiny, 64 published),
-forward+VJP (two kernels: forward and backward), bf16 and float32; every other
-chip once. The slow sweep: every chip x
-head size x dtype x chunk length, forward alone and forward+VJP.
+Default set: h100 (both GPU kernels) and tpu_v5e at both head sizes (32 tiny,
+64 published), forward+VJP (two kernels: forward and backward), bf16 and
+float32 at chunk 16, and the Mosaic GPU kernels at chunk 32; every other chip
+once. The slow sweep: every chip x head size x
+dtype x chunk length (x GPU kernel), forward alone and forward+VJP.
 """
 
 import itertools
@@ -22,10 +25,12 @@ from pallas_kernels.common import config as chip_config
 from pallas_kernels.wkv7 import CHUNK_SIZES, HEAD_SIZES, Wkv7Config, wkv7_pallas
 from pallas_kernels.wkv7.gpu import TRITON_CUSTOM_CALL
 
+MOSAIC_GPU_CUSTOM_CALL = "mosaic_gpu_v2"
 
-def export(chip, head_size, dtype, chunk, backward: bool):
+
+def export(chip, head_size, dtype, chunk, backward: bool, gpu_kernel="mosaic"):
   """jax.export of wkv7_pallas (and its VJP in all seven inputs) for chip's platform."""
-  config = Wkv7Config(chip, chunk)
+  config = Wkv7Config(chip, chunk, gpu_kernel)
   platform = "cuda" if config.platform == "gpu" else "tpu"
   b, t, h = 2, 100, 3
   sd = jax.ShapeDtypeStruct
@@ -47,10 +52,12 @@ def export(chip, head_size, dtype, chunk, backward: bool):
     return jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args)
 
 
-def kernel_calls(exported) -> int:
-  """Pallas kernel custom calls (Mosaic TPU or Triton) in an export."""
+def kernel_calls(exported, name=None) -> int:
+  """Pallas kernel custom calls (Mosaic TPU, Mosaic GPU or Triton) in an export, or
+  those named `name`."""
   text = exported.mlir_module()
-  return text.count("@tpu_custom_call") + text.count(f"@{TRITON_CUSTOM_CALL}")
+  names = [name] if name else ["tpu_custom_call", MOSAIC_GPU_CUSTOM_CALL, TRITON_CUSTOM_CALL]
+  return sum(text.count(f"@{n}") for n in names)
 
 
 DEFAULT = ([(chip, d, dtype) for chip in ("h100", "tpu_v5e") for d in HEAD_SIZES
@@ -61,12 +68,35 @@ DEFAULT = ([(chip, d, dtype) for chip in ("h100", "tpu_v5e") for d in HEAD_SIZES
 
 @pytest.mark.parametrize("chip, head_size, dtype", DEFAULT)
 def test_lowers_forward_and_vjp(chip, head_size, dtype):
-  assert kernel_calls(export(chip, head_size, dtype, 16, backward=True)) == 2  # fwd, bwd
+  """Forward and backward kernels (on GPU the default, Mosaic GPU: the forward and the
+  backward's reverse state scan)."""
+  exported = export(chip, head_size, dtype, 16, backward=True)
+  assert kernel_calls(exported) == 2  # fwd, bwd
+  if chip_config.CHIPS[chip][0] == "gpu":
+    assert kernel_calls(exported, MOSAIC_GPU_CUSTOM_CALL) == 2
+
+
+@pytest.mark.parametrize("head_size, dtype", [(32, jnp.float32), (64, jnp.bfloat16)])
+def test_triton_kernel_still_lowers(head_size, dtype):
+  exported = export("h100", head_size, dtype, 16, backward=True, gpu_kernel="triton")
+  assert kernel_calls(exported, TRITON_CUSTOM_CALL) == 2
+
+
+@pytest.mark.parametrize("chip, head_size, dtype, chunk", [
+    ("h100", 32, jnp.float32, 32), ("h100", 64, jnp.bfloat16, 32), ("h200", 64, jnp.float32, 32)])
+def test_mosaic_gpu_forward_lowers_shipped_shapes(chip, head_size, dtype, chunk):
+  """The shipped 32-token chunks through the Mosaic GPU lowering, forward and backward
+  (16: test_lowers_forward_and_vjp)."""
+  exported = export(chip, head_size, dtype, chunk, backward=True)
+  assert kernel_calls(exported, MOSAIC_GPU_CUSTOM_CALL) == 2
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("chip, head_size, dtype, chunk", list(itertools.product(
-    chip_config.CHIPS, HEAD_SIZES, (jnp.bfloat16, jnp.float32), CHUNK_SIZES)))
-def test_lowers_sweep(chip, head_size, dtype, chunk):
-  assert kernel_calls(export(chip, head_size, dtype, chunk, backward=False)) == 1
-  assert kernel_calls(export(chip, head_size, dtype, chunk, backward=True)) == 2
+@pytest.mark.parametrize("chip, head_size, dtype, chunk, gpu_kernel", [
+    (chip, d, dtype, chunk, kernel) for chip, d, dtype, chunk, kernel in itertools.product(
+        chip_config.CHIPS, HEAD_SIZES, (jnp.bfloat16, jnp.float32), CHUNK_SIZES,
+        ("mosaic", "triton"))
+    if kernel == "mosaic" or chip_config.CHIPS[chip][0] == "gpu"])
+def test_lowers_sweep(chip, head_size, dtype, chunk, gpu_kernel):
+  assert kernel_calls(export(chip, head_size, dtype, chunk, False, gpu_kernel)) == 1
+  assert kernel_calls(export(chip, head_size, dtype, chunk, True, gpu_kernel)) == 2
