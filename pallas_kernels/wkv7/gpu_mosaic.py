@@ -10,7 +10,7 @@ operand its matmuls read). Each chunk runs chunk.py's matrix form with every
 matmul a Hopper wgmma:
 
     A_k = (a_rel k_relᵀ)⊙strict   A_b = (a_rel b_relᵀ)⊙strict   (and A_bᵀ)
-    Uᵀ  = (S a_stateᵀ + Vᵀ A_kᵀ) (I − A_b)⁻ᵀ      (I − A_b)⁻¹ by doubling: (I + A)(I + A²)...
+    Uᵀ  = (S a_stateᵀ + Vᵀ A_kᵀ) (I − A_b)⁻ᵀ      (I − A_b)⁻¹ by block doubling (chunk.py)
     y   = r_state Sᵀ + (R_k)V + (R_b)U           R_k, R_b = (r_rel k_relᵀ / b_relᵀ)⊙incl
     S'  = S⊙decay + Vᵀ kdec + Uᵀ bdec
 
@@ -21,10 +21,10 @@ Why this shape of kernel (the wgmma rules, and how the chunk meets them):
   zero, so the maths is exact). So every matmul is one 64 x 64 x 64 wgmma. We
   chose this over packing 64/B chunks into one tile: the chunks of a tile would
   still need the state of the chunk before, one after another (M = B rows
-  again), and one 64-token matrix form would not be the B-token chunk the
-  model asked for (models refuse B > 32 while the chunked form's float32 drift
-  there is investigated). The cost: 4x (B = 16) or 2x (B = 32) the matmul
-  work, 4x more for d = 32, and XLA materialises the padded operands the
+  again). The cost: 4x (B = 16) or 2x (B = 32) the matmul
+  work, 4x more for d = 32 (since the in-chunk inverse became block doubling,
+  the chunked form is exact at any B, so running every call as B = 64 chunks
+  would remove the first factor: not done yet), and XLA materialises the padded operands the
   kernel streams: 4 token-major [B, 64] and 3 channel-major [64, 64] float32
   tiles per chunk and head (the token-major ones are copied into the top B
   rows of SMEM tiles zeroed once; y leaves as [B, 64]).
@@ -33,7 +33,7 @@ Why this shape of kernel (the wgmma rules, and how the chunk meets them):
   TF32 wgmma takes no transposed operand: every matmul here is C = X Yᵀ with
   both X and Y row-major (K contiguous). Where the maths needs the other
   orientation, the kernel forms the transpose by a matmul (A_bᵀ = b_rel a_relᵀ,
-  powers of A_b in both orientations, Uᵀ instead of U), and XLA supplies Vᵀ and
+  the block inverse in both orientations, Uᵀ instead of U), and XLA supplies Vᵀ and
   the channel-major write operands kdec, bdec.
 - The in-chunk decays (cumulative sums of log w and their exponentials) are
   formed by XLA before the kernel, in float32, per chunk: a_rel = a Γ_{t-1}/Γ_m,
@@ -138,6 +138,15 @@ def chunk_operands(r, logw, k, v, a, b, same, from_state, to_end, *, chunk: int)
              _pad_vector(jnp.exp(middle[..., 0, :]), 1.0),
              _pad_vector((jnp.exp(last) * keep)[..., 0, :])]
   return token_tiles, channel_tiles, jnp.stack(vectors, axis=3)
+
+
+def crossing(rows, cols, size: int):
+  """bool tile: row in the second and column in the first half of the same 2·size block
+  (size a power of two; swap rows and cols for the transposed pattern)."""
+  half = size.bit_length() - 1
+  same_pair = lax.shift_right_logical(rows, half + 1) == lax.shift_right_logical(cols, half + 1)
+  return same_pair & ((lax.shift_right_logical(rows, half) & 1) == 1) & (
+      (lax.shift_right_logical(cols, half) & 1) == 0)
 
 
 def tf32(x):
@@ -250,22 +259,30 @@ def _fwd_kernel(token_ref, channel_ref, vectors_ref, init_ref, y_ref, final_ref,
     io.store(tmp.at[1], io.load(tile[A_REL]) * middle * f_row)  # a_state
     io.fence()
     io.store(tmp.at[3], io.mm(state_smem, tmp.at[1]) + io.mm(tile[V_T], tmp.at[0]))  # rhsᵀ
-    inverse = jnp.where(rows == cols, 1.0, 0.0) + a_b
-    io.store(tmp.at[0], a_b)  # power
-    io.store(tmp.at[1], masked(strict_t, io.mm(tile[B_REL], tile[A_REL])))  # powerᵀ
-    io.store(tmp.at[2], inverse)
+    # (I − A_b)⁻¹ by block doubling (chunk.py): X ← X + P X with P = X M, M the lower-left
+    # quarter of every 2s-block of A_b. The NT matmul wants Xᵀ beside X, kept by
+    # Xᵀ ← Xᵀ + Xᵀ Pᵀ; Mᵀ comes from A_bᵀ. A_REL's tile is read for the last time
+    # above, so it holds P until the next chunk's copy (P's rows >= B are exactly zero,
+    # as the token tiles' padding rows must be: M's rows there are zero).
+    a_b_t = masked(strict_t, io.mm(tile[B_REL], tile[A_REL]))
+    eye = jnp.where(rows == cols, 1.0, 0.0)
+    x = eye + masked(crossing(rows, cols, 1), a_b)
+    x_t = eye + masked(crossing(cols, rows, 1), a_b_t)
+    prefetch(c, (NUM_TILES,))
+    size = 2
+    while size < chunk:
+      io.store(tmp.at[0], x)
+      io.store(tmp.at[1], x_t)
+      io.store(tmp.at[2], masked(crossing(cols, rows, size), a_b_t))  # Mᵀ
+      io.fence()
+      io.store(tile[A_REL], io.mm(tmp.at[0], tmp.at[2]))  # P = X M
+      io.fence()
+      x = x + io.mm(tile[A_REL], tmp.at[1])  # P X
+      x_t = x_t + io.mm(tmp.at[1], tile[A_REL])  # Xᵀ Pᵀ
+      size *= 2
+    io.store(tmp.at[2], x)
     io.fence()
-    prefetch(c, (A_REL, NUM_TILES))
-    covered = 2
-    while covered < chunk:  # inverse = (I + A)(I + A²)...: terms A^0 .. A^(covered−1)
-      square, square_t = io.mm(tmp.at[0], tmp.at[1]), io.mm(tmp.at[1], tmp.at[0])
-      io.store(tmp.at[0], square)
-      io.store(tmp.at[1], square_t)
-      io.fence()
-      inverse = inverse + io.mm(tmp.at[2], tmp.at[1])
-      io.store(tmp.at[2], inverse)
-      io.fence()
-      covered *= 2
+    prefetch(c, (A_REL,))
     u_t = io.mm(tmp.at[3], tmp.at[2])  # Uᵀ [i, t] = rhsᵀ (I − A_b)⁻ᵀ
     io.store(tmp.at[0], u_t)
     io.store(tmp.at[1], masked(incl, io.mm(tile[R_REL], tile[K_REL])))  # R_k

@@ -1,8 +1,8 @@
 """The WKV-7 kernels' in-chunk inverse on trained-like inputs (keys nearly parallel, in-context
 learning rate near 1), where (I − A_b) has entries near 1 below the diagonal.
 
-Both kernels (TPU and Triton) run chunk.py's `chunk_step`; its inverse is built by block
-doubling. The earlier Neumann product of A_b's powers lost every float32 digit at 64 tokens
+The TPU and Triton kernels run chunk.py's `chunk_step`, the Mosaic GPU kernel its own
+wgmma loop; all build the inverse by block doubling. The earlier Neumann product of A_b's powers lost every float32 digit at 64 tokens
 on such inputs (random keys, as in test_wkv7_pallas.py, are nearly orthogonal and hide it).
 """
 
@@ -36,9 +36,13 @@ def test_kernel_inverse_with_entries_near_one(length):
   np.testing.assert_allclose(inverse, np.linalg.inv(np.eye(length) - a), atol=1e-5)
 
 
-def test_tpu_kernel_chunk_64_matches_the_oracle():
+@pytest.mark.parametrize("chip,gpu_kernel", [("tpu_v5e", "mosaic"), ("h100", "mosaic"),
+                                             ("h100", "triton")])
+def test_kernel_chunk_64_matches_the_oracle(chip, gpu_kernel):
+  """Mosaic TPU, Mosaic GPU (its own block-doubling loop) and Triton (chunk.py), interpreted."""
   args = correlated_inputs(0, t=70)
-  fn = jax.jit(lambda *xs: wkv7_pallas(*xs, config=Wkv7Config("tpu_v5e", 64), interpret=True))
+  config = Wkv7Config(chip, 64, gpu_kernel=gpu_kernel)
+  fn = jax.jit(lambda *xs: wkv7_pallas(*xs, config=config, interpret=True))
   y, state = fn.lower(*args).compile(FAST_COMPILE)(*args)
   y_ref, state_ref = wkv7_reference(*args)
   np.testing.assert_allclose(y, y_ref, atol=1e-4 * np.abs(y_ref).max(), rtol=1e-4)
