@@ -35,12 +35,14 @@ import jax.numpy as jnp
 from pallas_kernels.common.config import CHIPS, chip_of_device
 from pallas_kernels.ssd import gpu as gpu_fwd
 from pallas_kernels.ssd import gpu_bwd
+from pallas_kernels.ssd import gpu_mosaic
 from pallas_kernels.ssd import tpu as tpu_fwd
 from pallas_kernels.ssd import tpu_bwd
 from pallas_kernels.ssd.reference import document_index
 
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _GPU_SIZES = (16, 32, 64, 128, 256)  # Triton tiles: powers of two, >= 16 for a dot.
+GPU_KERNELS = ("mosaic", "triton")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +51,17 @@ class SsdConfig:
 
   Attributes:
     chip: a key of common.config.CHIPS; picks the TPU or the GPU kernel.
-    gpu_block: GPU only: tokens per loop step (a power of two >= 16). The TPU
-      kernel's block is the call's chunk_size.
+    gpu_kernel: GPU only: 'mosaic' (Mosaic GPU forward, gpu_mosaic.py; its
+      backward is still the Triton kernel) or 'triton' (gpu.py, gpu_bwd.py).
+    gpu_block: Triton only: tokens per loop step (a power of two >= 16); the
+      Mosaic kernel's block is gpu_mosaic.BLOCK (64), and the TPU kernel's the
+      call's chunk_size.
     gpu_num_warps: GPU only: warps per (batch, head) program of the forward.
     gpu_num_warps_bwd: GPU only: the same for the backward, which holds about
       twice as many [B, B] float32 tiles at once.
   """
   chip: str
+  gpu_kernel: str = "mosaic"
   gpu_block: int = 64
   gpu_num_warps: int = 4
   gpu_num_warps_bwd: int = 8
@@ -63,6 +69,8 @@ class SsdConfig:
   def __post_init__(self):
     if self.chip not in CHIPS:
       raise ValueError(f"config.chip={self.chip!r}; choose one of {sorted(CHIPS)}.")
+    if self.gpu_kernel not in GPU_KERNELS:
+      raise ValueError(f"config.gpu_kernel={self.gpu_kernel!r}; choose one of {GPU_KERNELS}.")
     if self.gpu_block not in _GPU_SIZES:
       raise ValueError(f"config.gpu_block={self.gpu_block}; choose one of {_GPU_SIZES}.")
     for name in ("gpu_num_warps", "gpu_num_warps_bwd"):
@@ -84,8 +92,13 @@ def default_config(chip: str | None = None) -> SsdConfig:
 
 
 def unsupported(platform: str, *, head_dim: int, state_size: int, chunk_size: int,
-                dtype) -> str | None:
-  """Why the `platform` ('tpu' | 'gpu') kernel cannot serve these shapes, or None."""
+                dtype, gpu_kernel: str = "mosaic") -> str | None:
+  """Why the `platform` ('tpu' | 'gpu') kernel cannot serve these shapes, or None.
+
+  On GPU, `gpu_kernel` ('mosaic' | 'triton', SsdConfig.gpu_kernel) names the
+  kernel; the Mosaic one also runs the Triton backward, so it serves the
+  Triton sizes that fit its shared memory.
+  """
   dtypes = _DTYPES if platform == "gpu" else _DTYPES[:2]  # No float16 on the TPU MXU.
   if jnp.dtype(dtype) not in [jnp.dtype(d) for d in dtypes]:
     names = ", ".join(jnp.dtype(d).name for d in dtypes)
@@ -102,6 +115,7 @@ def unsupported(platform: str, *, head_dim: int, state_size: int, chunk_size: in
 @dataclasses.dataclass(frozen=True)
 class _Plan:
   platform: str
+  gpu_kernel: str
   block: int
   num_warps: int
   num_warps_bwd: int
@@ -157,16 +171,18 @@ def ssd(x, dt, a, bmat, cmat, d_skip, *, chunk_size: int, segment_ids=None,
   b, t, h, d = x.shape
   n = bmat.shape[3]
   reason = unsupported(config.platform, head_dim=d, state_size=n, chunk_size=chunk_size,
-                       dtype=x.dtype)
+                       dtype=x.dtype, gpu_kernel=config.gpu_kernel)
   if reason:
     raise ValueError(f"The {config.chip} SSD kernel cannot serve this call: {reason}.")
   if config.platform == "tpu":
     block = min(chunk_size, -(-t // 8) * 8)
+  elif config.gpu_kernel == "mosaic":
+    block = gpu_mosaic.BLOCK
   else:
     block = min(config.gpu_block, max(16, 1 << (t - 1).bit_length()))
   # GPU: save a state per chunk (at most every 4 blocks: the backward recomputes the rest).
   save_every = min(4, chunk_size // block) if chunk_size % block == 0 else 1
-  plan = _Plan(config.platform, block, config.gpu_num_warps, config.gpu_num_warps_bwd,
+  plan = _Plan(config.platform, config.gpu_kernel, block, config.gpu_num_warps, config.gpu_num_warps_bwd,
                max(1, save_every), interpret)
   state0 = (jnp.zeros((b, h, d, n), jnp.float32) if initial_state is None
             else initial_state.astype(jnp.float32))
@@ -255,6 +271,11 @@ def _forward(x, dt, a, bmat, cmat, state0, segment_ids, initial_segment_ids, pla
                           ops["bmat_t"], ops["cmat_h"], state0, chunk=plan.block,
                           interpret=plan.interpret, save_states=save_states)
     y = _heads_first(out[0])
+  elif plan.gpu_kernel == "mosaic":
+    out = gpu_mosaic.forward(ops["x_dt"], ops["cs"], ops["doc"], ops["keep"], ops["to_end"],
+                             ops["bmat"], ops["cmat"], state0, interpret=plan.interpret,
+                             save_states=save_states, save_every=plan.save_every)
+    y = out[0]
   else:
     out = gpu_fwd.forward(ops["x_dt"], ops["cs"], ops["doc"], ops["keep"], ops["to_end"],
                           ops["bmat"], ops["cmat"], state0, block=plan.block,

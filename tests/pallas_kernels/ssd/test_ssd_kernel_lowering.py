@@ -30,16 +30,16 @@ SHIPPED = {"tiny": (8, 32, 32, 1, 64), "mamba2": (24, 64, 128, 1, 256)}
 _TRITON = "__gpu$xla.gpu.triton"
 
 
-def export(chip: str, shape: str, backward: bool):
+def export(chip: str, shape: str, backward: bool, dtype=jnp.bfloat16, gpu_kernel="mosaic"):
   """jax.export of the SSD kernel (and its VJP) for chip's platform."""
   h, d, n, ng, chunk = SHIPPED[shape]
   b, t = 2, 1000
   sd = jax.ShapeDtypeStruct
-  args = [sd((b, t, h, d), jnp.bfloat16), sd((b, t, h), jnp.float32), sd((h,), jnp.float32),
-          sd((b, t, ng, n), jnp.bfloat16), sd((b, t, ng, n), jnp.bfloat16),
+  args = [sd((b, t, h, d), dtype), sd((b, t, h), jnp.float32), sd((h,), jnp.float32),
+          sd((b, t, ng, n), dtype), sd((b, t, ng, n), dtype),
           sd((h,), jnp.float32), sd((b, h, d, n), jnp.float32)]
   ids = sd((b, t), jnp.int32)
-  config = SsdConfig(chip)
+  config = SsdConfig(chip, gpu_kernel=gpu_kernel)
 
   def scan(x, dt, a, bmat, cmat, d_skip, state0, segment_ids):
     return ssd(x, dt, a, bmat, cmat, d_skip, chunk_size=chunk, segment_ids=segment_ids,
