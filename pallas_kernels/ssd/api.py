@@ -36,6 +36,7 @@ from pallas_kernels.common.config import CHIPS, chip_of_device
 from pallas_kernels.ssd import gpu as gpu_fwd
 from pallas_kernels.ssd import gpu_bwd
 from pallas_kernels.ssd import gpu_mosaic
+from pallas_kernels.ssd import gpu_mosaic_bwd
 from pallas_kernels.ssd import tpu as tpu_fwd
 from pallas_kernels.ssd import tpu_bwd
 from pallas_kernels.ssd.reference import document_index
@@ -121,6 +122,7 @@ class _Plan:
   num_warps_bwd: int
   save_every: int  # GPU: the forward saves the state entering every save_every-th block.
   interpret: object
+  mosaic_backward: bool = False  # GPU: the Mosaic GPU backward (16-bit inputs), not Triton's.
 
 
 def _check(x, dt, a, bmat, cmat, d_skip, initial_state):
@@ -180,10 +182,14 @@ def ssd(x, dt, a, bmat, cmat, d_skip, *, chunk_size: int, segment_ids=None,
     block = gpu_mosaic.BLOCK
   else:
     block = min(config.gpu_block, max(16, 1 << (t - 1).bit_length()))
-  # GPU: save a state per chunk (at most every 4 blocks: the backward recomputes the rest).
+  # Triton: save a state per chunk (at most every 4 blocks: the backward recomputes the
+  # rest); the Mosaic GPU backward (16-bit inputs) reads the state entering every block.
   save_every = min(4, chunk_size // block) if chunk_size % block == 0 else 1
-  plan = _Plan(config.platform, config.gpu_kernel, block, config.gpu_num_warps, config.gpu_num_warps_bwd,
-               max(1, save_every), interpret)
+  mosaic_backward = (config.platform == "gpu" and config.gpu_kernel == "mosaic"
+                     and gpu_mosaic_bwd.slots_for(d, n, x.dtype) > 0)
+  plan = _Plan(config.platform, config.gpu_kernel, block, config.gpu_num_warps,
+               config.gpu_num_warps_bwd, 1 if mosaic_backward else max(1, save_every),
+               interpret, mosaic_backward)
   state0 = (jnp.zeros((b, h, d, n), jnp.float32) if initial_state is None
             else initial_state.astype(jnp.float32))
   cast = lambda z: z.astype(x.dtype)  # noqa: E731
@@ -317,6 +323,10 @@ def _core_bwd(plan, residuals, cotangents):
     dx_dt, db, dc, dcs, dinitial = grads
     dx_dt, db, dc = _heads_first(dx_dt), _heads_first(db), _heads_first(dc)
     dcs = jnp.transpose(dcs[:, :, :, 0, :], (0, 2, 3, 1)).reshape(b, padded, h)
+  elif plan.mosaic_backward:
+    dx_dt, db, dc, dcs, dinitial = gpu_mosaic_bwd.backward(
+        ops["x_dt"], ops["cs"], ops["doc"], ops["keep"], ops["to_end"], ops["bmat"],
+        ops["cmat"], states, dy, dfinal, interpret=plan.interpret)
   else:
     dx_dt, db, dc, dcs, dinitial = gpu_bwd.backward(
         ops["x_dt"], ops["cs"], ops["doc"], ops["keep"], ops["to_end"], ops["bmat"],

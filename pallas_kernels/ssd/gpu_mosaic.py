@@ -55,6 +55,7 @@ BLOCK = 64  # Tokens per step: one wgmma M tile.
 ROWS = 5  # Per-token float32 rows: cs, doc, e, w, gate.
 SMEM_LIMIT = 227 * 1024  # Hopper's shared memory per CTA (what the lowering checks).
 _NT = (((1,), (1,)), ((), ()))
+_NN = (((1,), (0,)), ((), ()))
 _BARRIER_BYTES = 1024  # Headroom for barriers and alignment.
 
 
@@ -98,18 +99,31 @@ class MosaicOps:
 
   def nt(self, a_smem, b_smem, acc=None):
     """float32 a · bᵀ (+ acc): a [m, k], b [n, k] in SMEM, both K-major (TF32-safe)."""
+    return self.mm(a_smem, b_smem, transpose_b=True, acc=acc)
+
+  def mm(self, a, b_smem, *, transpose_b: bool, acc=None, a_in_registers: bool = False):
+    """float32 a · b, or a · bᵀ with transpose_b (+ acc).
+
+    a: an SMEM ref [m, k], or with a_in_registers a 16-bit register tile;
+    b_smem: [k, n], or [n, k] with transpose_b. Only the K-major form (SMEM
+    a, transpose_b) serves float32 (TF32) operands.
+    """
     if self.interpret:
-      out = lax.dot_general(a_smem[...], b_smem[...], _NT, preferred_element_type=jnp.float32)
+      a_val = a if a_in_registers else a[...]
+      b_val = b_smem[...]
+      dims = _NT if transpose_b else _NN
+      out = lax.dot_general(a_val, b_val, dims, preferred_element_type=jnp.float32)
       return out if acc is None else acc + out
-    shape = (a_smem.shape[0], b_smem.shape[0])
+    b_op = plgpu.transpose_ref(b_smem, (1, 0)) if transpose_b else b_smem
+    shape = (a.shape[0], b_smem.shape[0] if transpose_b else b_smem.shape[1])
     if acc is None:
       def fresh(acc_ref):
-        plgpu.wgmma(acc_ref, a_smem, plgpu.transpose_ref(b_smem, (1, 0)))
+        plgpu.wgmma(acc_ref, a, b_op)
         return acc_ref[...]
       return pl.run_scoped(fresh, plgpu.ACC(shape, jnp.float32))
 
     def accumulate(acc_ref):
-      plgpu.wgmma(acc_ref, a_smem, plgpu.transpose_ref(b_smem, (1, 0)))
+      plgpu.wgmma(acc_ref, a, b_op)
     return pl.run_state(accumulate)(plgpu.ACC.init(acc))
 
   def vector(self, smem_ref, axis: int):
