@@ -10,16 +10,19 @@ Same signature and result as the chunked jnp form (reference.ssd), plus
 The kernel is picked from `config.chip` (static data; the runtime is never
 asked while tracing): 'tpu_*' run the Mosaic TPU kernel (tpu.py: one grid step
 per (batch, head, chunk), state in VMEM across the "arbitrary" chunk axis),
-'h100'/'h200' the Triton GPU kernel (gpu.py: one program per (batch, head),
-blocks in a loop). This wrapper pads t to whole blocks (padding: dt = 0, no
-input, no decay, the last document continues), computes what is cheap per
-token in XLA (x·dt, the in-block cumulative log decay, the document flags) and
-adds the D·x skip after the kernel.
+'h100'/'h200' a GPU kernel chosen by `config.gpu_kernel`: 'mosaic' (default;
+gpu_mosaic.py: Mosaic GPU, one CTA per (batch, head), blocks of 64 tokens
+streamed by TMA, wgmma products) or 'triton' (gpu.py: one program per
+(batch, head), blocks in a loop). This wrapper pads t to whole blocks
+(padding: dt = 0, no input, no decay, the last document continues), computes
+what is cheap per token in XLA (x·dt, the in-block cumulative log decay, the
+document flags) and adds the D·x skip after the kernel.
 
-Backward: Pallas kernels too (tpu_bwd.py, gpu_bwd.py; the per-chunk maths in
-bwd_step.py). The custom VJP's forward also saves the float32 state entering
-each chunk ([b, h, nb, N, d]; on GPU, at each chunk start or every 4 blocks,
-and the backward recomputes the blocks between); the backward kernel walks the
+Backward: Pallas kernels too (tpu_bwd.py, gpu_bwd.py, gpu_mosaic_bwd.py; the
+per-chunk maths in bwd_step.py). The custom VJP's forward also saves the
+float32 state entering each chunk ([b, h, nb, N, d]; for the Triton backward,
+at each chunk start or every 4 blocks, and the backward recomputes the blocks
+between; for the Mosaic GPU backward, every block of 64); the backward kernel walks the
 chunks in reverse with the state gradient in VMEM / registers and returns the gradients of x·dt,
 B and C per head, the in-chunk cumulative log decay and the initial state;
 this wrapper finishes the chain rule in XLA (x and dt from x·dt, dt and a from
@@ -52,8 +55,9 @@ class SsdConfig:
 
   Attributes:
     chip: a key of common.config.CHIPS; picks the TPU or the GPU kernel.
-    gpu_kernel: GPU only: 'mosaic' (Mosaic GPU forward, gpu_mosaic.py; its
-      backward is still the Triton kernel) or 'triton' (gpu.py, gpu_bwd.py).
+    gpu_kernel: GPU only: 'mosaic' (Mosaic GPU: gpu_mosaic.py, and for 16-bit
+      inputs gpu_mosaic_bwd.py; float32 inputs take the Triton backward after
+      the Mosaic forward) or 'triton' (gpu.py, gpu_bwd.py).
     gpu_block: Triton only: tokens per loop step (a power of two >= 16); the
       Mosaic kernel's block is gpu_mosaic.BLOCK (64), and the TPU kernel's the
       call's chunk_size.
@@ -97,8 +101,9 @@ def unsupported(platform: str, *, head_dim: int, state_size: int, chunk_size: in
   """Why the `platform` ('tpu' | 'gpu') kernel cannot serve these shapes, or None.
 
   On GPU, `gpu_kernel` ('mosaic' | 'triton', SsdConfig.gpu_kernel) names the
-  kernel; the Mosaic one also runs the Triton backward, so it serves the
-  Triton sizes that fit its shared memory.
+  kernel; the Mosaic one serves the Triton sizes whose forward fits its shared
+  memory (its backward is the Mosaic one for 16-bit inputs where that fits,
+  else the Triton one).
   """
   dtypes = _DTYPES if platform == "gpu" else _DTYPES[:2]  # No float16 on the TPU MXU.
   if jnp.dtype(dtype) not in [jnp.dtype(d) for d in dtypes]:
@@ -110,6 +115,11 @@ def unsupported(platform: str, *, head_dim: int, state_size: int, chunk_size: in
     for name, size in (("head_dim", head_dim), ("state_size", state_size)):
       if size not in _GPU_SIZES:
         return f"{name}={size} is not one of {_GPU_SIZES} (Triton tile sizes)"
+    if gpu_kernel == "mosaic" and not gpu_mosaic.slots_for(head_dim, state_size, dtype):
+      need = gpu_mosaic.smem_bytes(head_dim, state_size, dtype, 1) // 1024
+      return (f"head_dim={head_dim}, state_size={state_size} in {jnp.dtype(dtype).name} need "
+              f"{need} KiB of shared memory in the Mosaic GPU kernel (227 available; "
+              "gpu_kernel='triton' serves them)")
   return None
 
 

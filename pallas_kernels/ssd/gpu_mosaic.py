@@ -1,5 +1,8 @@
 """GPU SSD forward kernel on Mosaic GPU (Hopper): TMA ring, wgmma, one CTA per (batch, head).
 
+The backward is gpu_mosaic_bwd.py for 16-bit inputs, the Triton gpu_bwd.py for
+float32 (see there why); api.py picks, and saves the states either reads.
+
 Legend: layers/__init__.py; T = BLOCK = 64 tokens per loop step (one wgmma M
 tile), dp / Np the head dim and state size rounded up to a multiple of 64.
 
@@ -70,7 +73,8 @@ def transforms(dtype):
           plgpu.SwizzleTransform(128))
 
 
-def _tiled(shape, dtype):
+def tiled_smem(shape, dtype):
+  """An SMEM scratch type in wgmma operand tiles for `dtype`."""
   return plgpu.SMEM(shape, dtype, transforms=transforms(dtype))
 
 
@@ -273,7 +277,8 @@ def block_rows(cs, doc, keep, to_end):
   return rows.reshape(b, h, ROWS, t)
 
 
-def _pad_last(z, size: int):
+def pad_last(z, size: int):
+  """z zero-padded to `size` along its last axis (d or N to whole 64-element tiles)."""
   return jnp.pad(z, [(0, 0)] * (z.ndim - 1) + [(0, size - z.shape[-1])])
 
 
@@ -304,8 +309,8 @@ def forward(x_dt, cs, doc, keep, to_end, bmat, cmat, initial_state, *, interpret
                      f"of shared memory for head_dim={d}, state_size={n}; set "
                      "config.gpu_kernel='triton'.")
   nb = t // BLOCK
-  xt = jnp.transpose(_pad_last(x_dt, dp), (0, 2, 3, 1))  # [b, h, dp, t]
-  bmat, cmat = _pad_last(bmat, np_), _pad_last(cmat, np_)
+  xt = jnp.transpose(pad_last(x_dt, dp), (0, 2, 3, 1))  # [b, h, dp, t]
+  bmat, cmat = pad_last(bmat, np_), pad_last(cmat, np_)
   bt = jnp.transpose(bmat, (0, 2, 3, 1))  # [b, ng, Np, t]
   rows = block_rows(cs, doc, keep, to_end)
   state0 = jnp.swapaxes(initial_state, -1, -2)  # [b, h, d, N]
@@ -316,13 +321,13 @@ def forward(x_dt, cs, doc, keep, to_end, bmat, cmat, initial_state, *, interpret
   saved = -(-nb // save_every)
   if save_states:
     out_type.append(jax.ShapeDtypeStruct((b, h, saved, dp, np_), f32))
-  s_smem = _tiled((dp, np_), dtype)
-  stage = [] if dtype == f32 else [_tiled((dp, np_), f32)]
-  scratch = [_tiled((slots, dp, BLOCK), dtype), _tiled((slots, BLOCK, np_), dtype),
-             _tiled((slots, np_, BLOCK), dtype), _tiled((slots, BLOCK, np_), dtype),
+  s_smem = tiled_smem((dp, np_), dtype)
+  stage = [] if dtype == f32 else [tiled_smem((dp, np_), f32)]
+  scratch = [tiled_smem((slots, dp, BLOCK), dtype), tiled_smem((slots, BLOCK, np_), dtype),
+             tiled_smem((slots, np_, BLOCK), dtype), tiled_smem((slots, BLOCK, np_), dtype),
              plgpu.SMEM((slots, ROWS, BLOCK), f32),
-             _tiled((BLOCK, BLOCK), dtype), s_smem, _tiled((np_, BLOCK), dtype),
-             _tiled((BLOCK, dp), f32), *stage,
+             tiled_smem((BLOCK, BLOCK), dtype), s_smem, tiled_smem((np_, BLOCK), dtype),
+             tiled_smem((BLOCK, dp), f32), *stage,
              *[plgpu.Barrier(num_barriers=slots) for _ in range(5)],
              plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=1)]
   ops = MosaicOps(interpret=bool(interpret))

@@ -37,8 +37,8 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from pallas_kernels.common.gpu import Stream, bcast, interpret_params, produce_ring
-from pallas_kernels.ssd.gpu_mosaic import (BLOCK, ROWS, SMEM_LIMIT, MosaicOps, _pad_last,
-                                           _tiled, block_rows, padded)
+from pallas_kernels.ssd.gpu_mosaic import (BLOCK, ROWS, SMEM_LIMIT, MosaicOps, block_rows,
+                                           pad_last, padded, tiled_smem)
 
 _STREAMS = 7  # x, b, c, dy, dyt, s, rows.
 _BARRIER_BYTES = 1024
@@ -196,9 +196,9 @@ def backward(x_dt, cs, doc, keep, to_end, bmat, cmat, states, dy, dfinal, *, int
     raise ValueError(f"The Mosaic GPU SSD backward cannot serve head_dim={d}, state_size={n} "
                      f"in {jnp.dtype(dtype).name}; set config.gpu_kernel='triton'.")
   f32 = jnp.float32
-  x = _pad_last(x_dt, dp)
-  bmat, cmat = _pad_last(bmat, np_), _pad_last(cmat, np_)
-  dy_c = _pad_last(dy, dp).astype(dtype)
+  x = pad_last(x_dt, dp)
+  bmat, cmat = pad_last(bmat, np_), pad_last(cmat, np_)
+  dy_c = pad_last(dy, dp).astype(dtype)
   dyt = jnp.transpose(dy_c, (0, 2, 3, 1))  # [b, h, dp, t]
   unpadded_t = lambda z: jnp.swapaxes(z, -1, -2)  # noqa: E731
   pad_state = lambda z: jnp.pad(unpadded_t(z), [(0, 0)] * (z.ndim - 2)  # noqa: E731
@@ -211,12 +211,13 @@ def backward(x_dt, cs, doc, keep, to_end, bmat, cmat, states, dy, dfinal, *, int
               jax.ShapeDtypeStruct((b, h, t), f32), jax.ShapeDtypeStruct((b, h, t), f32),
               jax.ShapeDtypeStruct((b, h, nb, dp), f32),
               jax.ShapeDtypeStruct((b, h, dp, np_), f32)]
-  scratch = [_tiled((slots, BLOCK, dp), dtype), _tiled((slots, BLOCK, np_), dtype),
-             _tiled((slots, BLOCK, np_), dtype), _tiled((slots, BLOCK, dp), dtype),
-             _tiled((slots, dp, BLOCK), dtype), _tiled((slots, dp, np_), dtype),
+  scratch = [tiled_smem((slots, BLOCK, dp), dtype), tiled_smem((slots, BLOCK, np_), dtype),
+             tiled_smem((slots, BLOCK, np_), dtype), tiled_smem((slots, BLOCK, dp), dtype),
+             tiled_smem((slots, dp, BLOCK), dtype), tiled_smem((slots, dp, np_), dtype),
              plgpu.SMEM((slots, ROWS, BLOCK), f32),
-             _tiled((dp, np_), dtype), _tiled((BLOCK, np_), dtype),
-             _tiled((BLOCK, dp), f32), _tiled((BLOCK, np_), f32), _tiled((dp, np_), f32),
+             tiled_smem((dp, np_), dtype), tiled_smem((BLOCK, np_), dtype),
+             tiled_smem((BLOCK, dp), f32), tiled_smem((BLOCK, np_), f32),
+             tiled_smem((dp, np_), f32),
              plgpu.SMEM((2, BLOCK), f32), plgpu.SMEM((dp,), f32),
              *[plgpu.Barrier(num_barriers=slots) for _ in range(_STREAMS)],
              plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=1)]

@@ -130,10 +130,12 @@ def test_kernel_interpret(config, name):
 
 
 MOSAIC_CASES = {
-    # 3 blocks of 64, two ring slots, a state saved every 2 blocks (chunk 128), 2 groups.
+    # float32: the Mosaic forward (3 blocks of 64, two ring slots, 2 groups), then the
+    # Triton backward from a state saved every 2 blocks (chunk 128).
     "documents_and_state": Case(b=2, t=150, h=2, ng=2, chunk=128, documents=3,
                                 initial_state=True, initial_segments=True),
-    # Mamba-2's published head (d 64, N 128) in bfloat16, one padded block.
+    # Mamba-2's published head (d 64, N 128) in bfloat16: Mosaic forward and backward
+    # (one ring slot), 2 blocks, the second padded.
     "mamba2_bf16": Case(b=1, t=70, h=2, ng=1, d=64, n=128, chunk=256, dtype=jnp.bfloat16,
                         documents=2, initial_state=True),
 }
@@ -141,8 +143,15 @@ MOSAIC_CASES = {
 
 @pytest.mark.parametrize("name", sorted(MOSAIC_CASES))
 def test_mosaic_gpu_kernel_interpret(name):
-  """The Mosaic GPU forward (and the Triton backward after it), interpreted."""
+  """The Mosaic GPU forward and (16-bit) backward, interpreted."""
   check(MOSAIC_CASES[name], MOSAIC)
+
+
+@pytest.mark.slow
+def test_mosaic_gpu_backward_interpret_documents():
+  """The Mosaic backward in bfloat16 with two ring slots, 3 blocks, packed documents,
+  2 groups, an initial state and initial segment ids."""
+  check(dataclasses.replace(MOSAIC_CASES["documents_and_state"], dtype=jnp.bfloat16), MOSAIC)
 
 
 @pytest.mark.slow
@@ -259,6 +268,10 @@ def test_resolve_impl():
   assert resolve_impl("auto", backend="cuda", chip="", **kw) == "xla"  # A100: no kernel.
   assert resolve_impl("auto", backend="cuda", chip="h100", **dict(kw, head_dim=48)) == "xla"
   assert resolve_impl("xla", backend="tpu", chip="tpu_v5e", **kw) == "xla"
+  # Too large for the Mosaic GPU kernel's shared memory, not for Triton's.
+  big = dict(kw, head_dim=256, state_size=256, dtype=jnp.float32)
+  assert resolve_impl("auto", backend="cuda", chip="h100", **big) == "xla"
+  assert resolve_impl("auto", backend="cuda", chip="h100", gpu_kernel="triton", **big) == "pallas"
   with pytest.raises(ValueError, match=r"model.ssm_impl='pallas'.*head_dim=48.*'xla'"):
     resolve_impl("pallas", backend="cuda", chip="h100", **dict(kw, head_dim=48))
   with pytest.raises(ValueError, match="model.ssm_impl='fast'"):
