@@ -155,6 +155,16 @@ def test_mosaic_gpu_backward_interpret_documents():
 
 
 @pytest.mark.slow
+def test_mosaic_gpu_backward_maths_is_exact(monkeypatch):
+  """The Mosaic backward's maths at float32 tolerance: interpreted, its wgmmas are float32
+  dots, so letting float32 inputs in (on hardware they take the Triton backward) checks
+  it beyond bfloat16 rounding."""
+  from pallas_kernels.ssd import gpu_mosaic_bwd  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(gpu_mosaic_bwd, "slots_for", lambda *_: 2)
+  check(MOSAIC_CASES["documents_and_state"], MOSAIC)
+
+
+@pytest.mark.slow
 def test_tpu_short_row():
   check(CASES["one_group_short"], TPU)
 
