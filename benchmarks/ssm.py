@@ -12,6 +12,9 @@ r"""Mamba-2's SSD against a sequential scan and against causal attention, one de
    - `scan`: the same recurrence token by token, a `lax.scan` written here
      (S_t = exp(dt_t·A)·S_{t-1} + dt_t·x_t ⊗ B_t, y_t = S_t·C_t + D·x_t), skipped
      above `--scan_max_length` (its backward keeps a state per token);
+   - `ssd_pallas` (on a chip a kernel targets): the Pallas SSD kernels; on a
+     Hopper GPU the Mosaic GPU forward (Triton backward), and `ssd_pallas_triton`
+     the Triton kernels both ways, so one run times both GPU kernels;
    - `attention`: causal multi-head attention through layers/attention's
      implementation switch (`--attention_impl`, default auto: the query-blocked
      XLA path on CPU, cuDNN flash attention on a GPU, the Pallas kernel on a TPU).
@@ -57,7 +60,7 @@ from absl import flags
 from layers.attention import implementations as attention_lib
 from layers.ssm import Mamba2Mixer
 from layers.ssm import ssd
-from pallas_kernels.common.config import chip_of_device
+from pallas_kernels.common.config import CHIPS, chip_of_device
 
 _LENGTHS = flags.DEFINE_list("lengths", [], "Sequence lengths (default: 256-8192 on CPU, "
                              "512-65536 elsewhere).")
@@ -69,7 +72,8 @@ _STATE = flags.DEFINE_integer("state_size", 0, "N (default: 64 on CPU, 128 elsew
 _CHUNK = flags.DEFINE_integer("chunk_size", 0, "SSD chunk length (default: 128 on CPU, 256 "
                               "elsewhere).")
 _IMPLS = flags.DEFINE_list("impls", [], "Rows to time (keys of IMPLS); empty: ssd, scan and "
-                           "attention, and ssd_pallas on a GPU/TPU the kernel targets.")
+                           "attention, and ssd_pallas on a GPU/TPU the kernel targets (on a "
+                           "GPU also ssd_pallas_triton: ssd_pallas is the Mosaic GPU forward).")
 _ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "auto", list(attention_lib.IMPLEMENTATIONS),
                                     "layers/attention implementation of the attention row.")
 _PASSES = flags.DEFINE_list("passes", ["fwd", "fwd+bwd"], "fwd and/or fwd+bwd.")
@@ -151,16 +155,22 @@ def _attention_row(p: Problem) -> Callable[..., jax.Array]:
   return functools.partial(attention_lib.dot_product_attention, impl=attention_impl(p))
 
 
-def pallas_ssd(*inputs, chunk_size: int):
-  """The Pallas SSD kernel for this machine's chip (interpreted on CPU: slow)."""
+def pallas_ssd(*inputs, chunk_size: int, gpu_kernel: str = "mosaic"):
+  """The Pallas SSD kernel for this machine's chip (interpreted on CPU: slow).
+
+  On a GPU, gpu_kernel picks the forward: 'mosaic' (Mosaic GPU; Triton
+  backward) or 'triton' (Triton both ways); TPUs ignore it.
+  """
   chip = chip_of_device(jax.devices()[0]) or ""
-  return ssd(*inputs, chunk_size=chunk_size, impl="pallas", chip=chip)
+  return ssd(*inputs, chunk_size=chunk_size, impl="pallas", chip=chip, gpu_kernel=gpu_kernel)
 
 
 # Name -> row; an SSD implementation is one more 'ssm' entry.
 IMPLS = {
     "ssd": Impl("ssm", _ssm_row(ssd)),
     "ssd_pallas": Impl("ssm", _ssm_row(pallas_ssd)),
+    "ssd_pallas_triton": Impl("ssm", _ssm_row(functools.partial(pallas_ssd,
+                                                                gpu_kernel="triton"))),
     "scan": Impl("ssm", _ssm_row(sequential_scan), max_length=lambda: _SCAN_MAX.value),
     "attention": Impl("attention", _attention_row),
 }
@@ -394,6 +404,13 @@ def pin_cpu_threads(threads: int) -> str:
   return f"pinned to cores {cores}"
 
 
+def pallas_rows(chip: str | None) -> list[str]:
+  """The Pallas SSD rows for `chip`: none off-target, one per GPU kernel on a GPU."""
+  if chip is None:
+    return []
+  return ["ssd_pallas", "ssd_pallas_triton"] if CHIPS[chip][0] == "gpu" else ["ssd_pallas"]
+
+
 def run_args(backend: str) -> dict:
   """The flags, with the per-device defaults and --smoke's settings applied."""
   cpu = backend == "cpu"
@@ -404,8 +421,7 @@ def run_args(backend: str) -> dict:
       head_dim=_HEAD_DIM.value, state=_STATE.value or (64 if cpu else 128),
       chunk=_CHUNK.value or (128 if cpu else 256),
       dtype=_DTYPE.value or ("float32" if cpu else "bfloat16"), impls=list(_IMPLS.value) or (
-          ["ssd", "scan", "attention"] + ([] if chip_of_device(jax.devices()[0]) is None
-                                          else ["ssd_pallas"])),
+          ["ssd", "scan", "attention"] + pallas_rows(chip_of_device(jax.devices()[0]))),
       passes=list(_PASSES.value), iters=_ITERS.value, warmup=_WARMUP.value,
       mixer=_MIXER.value and cpu, mixer_tokens=_MIXER_TOKENS.value, repeats=_REPEATS.value)
   if _SMOKE.value:

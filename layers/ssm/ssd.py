@@ -1,8 +1,9 @@
 """The SSD scan (Mamba-2) and its implementation switch: 'xla' | 'pallas' | 'auto'.
 
 'xla' is the chunked jnp form (pallas_kernels/ssd/reference.py, where the maths
-is described); 'pallas' the kernels of pallas_kernels/ssd (Mosaic TPU, Triton
-on Hopper; forward and backward). Both return the same (y, final state) and
+is described); 'pallas' the kernels of pallas_kernels/ssd (Mosaic TPU; on
+Hopper a Mosaic GPU forward with the Triton backward, or `gpu_kernel='triton'`
+for Triton both ways). Both return the same (y, final state) and
 gradients up to rounding.
 
 Shapes (layers/__init__.py): b batch, t sequence, h heads, d head dim, N state
@@ -24,13 +25,13 @@ __all__ = ["IMPLEMENTATIONS", "document_index", "resolve_impl", "ssd", "ssd_xla"
 
 
 def resolve_impl(impl: str, *, backend: str, chip: str, head_dim: int, state_size: int,
-                 chunk_size: int, dtype) -> str:
+                 chunk_size: int, dtype, gpu_kernel: str = "mosaic") -> str:
   """'xla' or 'pallas' for `impl` on `backend` ('cpu', 'tpu', 'cuda', ...) and `chip`.
 
   'auto' is 'pallas' where a kernel targets the chip (a TPU or a Hopper GPU,
   named by `chip`) and serves these shapes, else 'xla' (CPU runs the jnp form:
   a Pallas kernel there would be interpreted). 'pallas' on CPU runs the kernel
-  in interpret mode (tests).
+  in interpret mode (tests). gpu_kernel: pallas_kernels.ssd.SsdConfig.gpu_kernel.
 
   Raises:
     ValueError: naming model.ssm_impl, for an unknown name, or 'pallas' with
@@ -41,7 +42,7 @@ def resolve_impl(impl: str, *, backend: str, chip: str, head_dim: int, state_siz
   on_chip = backend in ("tpu", "cuda", "gpu") and chip in CHIPS
   platform = CHIPS[chip][0] if chip in CHIPS else "tpu"  # CPU interprets the TPU kernel.
   reason = ssd_kernels.unsupported(platform, head_dim=head_dim, state_size=state_size,
-                                   chunk_size=chunk_size, dtype=dtype)
+                                   chunk_size=chunk_size, dtype=dtype, gpu_kernel=gpu_kernel)
   if impl == "auto":
     return "pallas" if on_chip and reason is None else "xla"
   if impl == "pallas" and reason:
@@ -55,7 +56,7 @@ def ssd(x: jax.Array, dt: jax.Array, a: jax.Array, bmat: jax.Array, cmat: jax.Ar
         d_skip: jax.Array, *, chunk_size: int, segment_ids: jax.Array | None = None,
         initial_state: jax.Array | None = None,
         initial_segment_ids: jax.Array | None = None, impl: str = "xla",
-        chip: str = "") -> tuple[jax.Array, jax.Array]:
+        chip: str = "", gpu_kernel: str = "mosaic") -> tuple[jax.Array, jax.Array]:
   """The SSD scan of a whole sequence: (y [b, t, h, d] in x.dtype, final state f32 [b, h, d, N]).
 
   Args: as pallas_kernels.ssd.reference.ssd (x [b, t, h, d], dt [b, t, h], a [h],
@@ -64,6 +65,7 @@ def ssd(x: jax.Array, dt: jax.Array, a: jax.Array, bmat: jax.Array, cmat: jax.Ar
     impl: 'xla' or 'pallas' (resolve 'auto' with `resolve_impl` first).
     chip: the kernel's target (common.config.CHIPS); '' runs the TPU kernel
       in interpret mode (CPU).
+    gpu_kernel: on a GPU chip, 'mosaic' or 'triton' (SsdConfig.gpu_kernel).
   """
   kw = dict(chunk_size=chunk_size, segment_ids=segment_ids, initial_state=initial_state,
             initial_segment_ids=initial_segment_ids)
@@ -71,7 +73,7 @@ def ssd(x: jax.Array, dt: jax.Array, a: jax.Array, bmat: jax.Array, cmat: jax.Ar
     return ssd_xla(x, dt, a, bmat, cmat, d_skip, **kw)
   if impl != "pallas":
     raise ValueError(f"ssd impl={impl!r}; resolve it to 'xla' or 'pallas' first.")
-  config = ssd_kernels.SsdConfig(chip or "tpu_v5e")
+  config = ssd_kernels.SsdConfig(chip or "tpu_v5e", gpu_kernel=gpu_kernel)
 
   def scan(x, dt, a, bmat, cmat, d_skip, initial_state, segment_ids, initial_segment_ids):
     return ssd_kernels.ssd(x, dt, a, bmat, cmat, d_skip, chunk_size=chunk_size,

@@ -10,16 +10,19 @@ Same signature and result as the chunked jnp form (reference.ssd), plus
 The kernel is picked from `config.chip` (static data; the runtime is never
 asked while tracing): 'tpu_*' run the Mosaic TPU kernel (tpu.py: one grid step
 per (batch, head, chunk), state in VMEM across the "arbitrary" chunk axis),
-'h100'/'h200' the Triton GPU kernel (gpu.py: one program per (batch, head),
-blocks in a loop). This wrapper pads t to whole blocks (padding: dt = 0, no
-input, no decay, the last document continues), computes what is cheap per
-token in XLA (x·dt, the in-block cumulative log decay, the document flags) and
-adds the D·x skip after the kernel.
+'h100'/'h200' a GPU kernel chosen by `config.gpu_kernel`: 'mosaic' (default;
+gpu_mosaic.py: Mosaic GPU, one CTA per (batch, head), blocks of 64 tokens
+streamed by TMA, wgmma products) or 'triton' (gpu.py: one program per
+(batch, head), blocks in a loop). This wrapper pads t to whole blocks
+(padding: dt = 0, no input, no decay, the last document continues), computes
+what is cheap per token in XLA (x·dt, the in-block cumulative log decay, the
+document flags) and adds the D·x skip after the kernel.
 
-Backward: Pallas kernels too (tpu_bwd.py, gpu_bwd.py; the per-chunk maths in
-bwd_step.py). The custom VJP's forward also saves the float32 state entering
-each chunk ([b, h, nb, N, d]; on GPU, at each chunk start or every 4 blocks,
-and the backward recomputes the blocks between); the backward kernel walks the
+Backward: Pallas kernels too (tpu_bwd.py, gpu_bwd.py, gpu_mosaic_bwd.py; the
+per-chunk maths in bwd_step.py). The custom VJP's forward also saves the
+float32 state entering each chunk ([b, h, nb, N, d]; for the Triton backward,
+at each chunk start or every 4 blocks, and the backward recomputes the blocks
+between; for the Mosaic GPU backward, every block of 64); the backward kernel walks the
 chunks in reverse with the state gradient in VMEM / registers and returns the gradients of x·dt,
 B and C per head, the in-chunk cumulative log decay and the initial state;
 this wrapper finishes the chain rule in XLA (x and dt from x·dt, dt and a from
@@ -35,12 +38,15 @@ import jax.numpy as jnp
 from pallas_kernels.common.config import CHIPS, chip_of_device
 from pallas_kernels.ssd import gpu as gpu_fwd
 from pallas_kernels.ssd import gpu_bwd
+from pallas_kernels.ssd import gpu_mosaic
+from pallas_kernels.ssd import gpu_mosaic_bwd
 from pallas_kernels.ssd import tpu as tpu_fwd
 from pallas_kernels.ssd import tpu_bwd
 from pallas_kernels.ssd.reference import document_index
 
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _GPU_SIZES = (16, 32, 64, 128, 256)  # Triton tiles: powers of two, >= 16 for a dot.
+GPU_KERNELS = ("mosaic", "triton")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +55,18 @@ class SsdConfig:
 
   Attributes:
     chip: a key of common.config.CHIPS; picks the TPU or the GPU kernel.
-    gpu_block: GPU only: tokens per loop step (a power of two >= 16). The TPU
-      kernel's block is the call's chunk_size.
+    gpu_kernel: GPU only: 'mosaic' (Mosaic GPU: gpu_mosaic.py, and for 16-bit
+      inputs gpu_mosaic_bwd.py; float32 inputs take the Triton backward after
+      the Mosaic forward) or 'triton' (gpu.py, gpu_bwd.py).
+    gpu_block: Triton only: tokens per loop step (a power of two >= 16); the
+      Mosaic kernel's block is gpu_mosaic.BLOCK (64), and the TPU kernel's the
+      call's chunk_size.
     gpu_num_warps: GPU only: warps per (batch, head) program of the forward.
     gpu_num_warps_bwd: GPU only: the same for the backward, which holds about
       twice as many [B, B] float32 tiles at once.
   """
   chip: str
+  gpu_kernel: str = "mosaic"
   gpu_block: int = 64
   gpu_num_warps: int = 4
   gpu_num_warps_bwd: int = 8
@@ -63,6 +74,8 @@ class SsdConfig:
   def __post_init__(self):
     if self.chip not in CHIPS:
       raise ValueError(f"config.chip={self.chip!r}; choose one of {sorted(CHIPS)}.")
+    if self.gpu_kernel not in GPU_KERNELS:
+      raise ValueError(f"config.gpu_kernel={self.gpu_kernel!r}; choose one of {GPU_KERNELS}.")
     if self.gpu_block not in _GPU_SIZES:
       raise ValueError(f"config.gpu_block={self.gpu_block}; choose one of {_GPU_SIZES}.")
     for name in ("gpu_num_warps", "gpu_num_warps_bwd"):
@@ -84,8 +97,14 @@ def default_config(chip: str | None = None) -> SsdConfig:
 
 
 def unsupported(platform: str, *, head_dim: int, state_size: int, chunk_size: int,
-                dtype) -> str | None:
-  """Why the `platform` ('tpu' | 'gpu') kernel cannot serve these shapes, or None."""
+                dtype, gpu_kernel: str = "mosaic") -> str | None:
+  """Why the `platform` ('tpu' | 'gpu') kernel cannot serve these shapes, or None.
+
+  On GPU, `gpu_kernel` ('mosaic' | 'triton', SsdConfig.gpu_kernel) names the
+  kernel; the Mosaic one serves the Triton sizes whose forward fits its shared
+  memory (its backward is the Mosaic one for 16-bit inputs where that fits,
+  else the Triton one).
+  """
   dtypes = _DTYPES if platform == "gpu" else _DTYPES[:2]  # No float16 on the TPU MXU.
   if jnp.dtype(dtype) not in [jnp.dtype(d) for d in dtypes]:
     names = ", ".join(jnp.dtype(d).name for d in dtypes)
@@ -96,17 +115,24 @@ def unsupported(platform: str, *, head_dim: int, state_size: int, chunk_size: in
     for name, size in (("head_dim", head_dim), ("state_size", state_size)):
       if size not in _GPU_SIZES:
         return f"{name}={size} is not one of {_GPU_SIZES} (Triton tile sizes)"
+    if gpu_kernel == "mosaic" and not gpu_mosaic.slots_for(head_dim, state_size, dtype):
+      need = gpu_mosaic.smem_bytes(head_dim, state_size, dtype, 1) // 1024
+      return (f"head_dim={head_dim}, state_size={state_size} in {jnp.dtype(dtype).name} need "
+              f"{need} KiB of shared memory in the Mosaic GPU kernel (227 available; "
+              "gpu_kernel='triton' serves them)")
   return None
 
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
   platform: str
+  gpu_kernel: str
   block: int
   num_warps: int
   num_warps_bwd: int
   save_every: int  # GPU: the forward saves the state entering every save_every-th block.
   interpret: object
+  mosaic_backward: bool = False  # GPU: the Mosaic GPU backward (16-bit inputs), not Triton's.
 
 
 def _check(x, dt, a, bmat, cmat, d_skip, initial_state):
@@ -157,17 +183,23 @@ def ssd(x, dt, a, bmat, cmat, d_skip, *, chunk_size: int, segment_ids=None,
   b, t, h, d = x.shape
   n = bmat.shape[3]
   reason = unsupported(config.platform, head_dim=d, state_size=n, chunk_size=chunk_size,
-                       dtype=x.dtype)
+                       dtype=x.dtype, gpu_kernel=config.gpu_kernel)
   if reason:
     raise ValueError(f"The {config.chip} SSD kernel cannot serve this call: {reason}.")
   if config.platform == "tpu":
     block = min(chunk_size, -(-t // 8) * 8)
+  elif config.gpu_kernel == "mosaic":
+    block = gpu_mosaic.BLOCK
   else:
     block = min(config.gpu_block, max(16, 1 << (t - 1).bit_length()))
-  # GPU: save a state per chunk (at most every 4 blocks: the backward recomputes the rest).
+  # Triton: save a state per chunk (at most every 4 blocks: the backward recomputes the
+  # rest); the Mosaic GPU backward (16-bit inputs) reads the state entering every block.
   save_every = min(4, chunk_size // block) if chunk_size % block == 0 else 1
-  plan = _Plan(config.platform, block, config.gpu_num_warps, config.gpu_num_warps_bwd,
-               max(1, save_every), interpret)
+  mosaic_backward = (config.platform == "gpu" and config.gpu_kernel == "mosaic"
+                     and gpu_mosaic_bwd.slots_for(d, n, x.dtype) > 0)
+  plan = _Plan(config.platform, config.gpu_kernel, block, config.gpu_num_warps,
+               config.gpu_num_warps_bwd, 1 if mosaic_backward else max(1, save_every),
+               interpret, mosaic_backward)
   state0 = (jnp.zeros((b, h, d, n), jnp.float32) if initial_state is None
             else initial_state.astype(jnp.float32))
   cast = lambda z: z.astype(x.dtype)  # noqa: E731
@@ -255,6 +287,11 @@ def _forward(x, dt, a, bmat, cmat, state0, segment_ids, initial_segment_ids, pla
                           ops["bmat_t"], ops["cmat_h"], state0, chunk=plan.block,
                           interpret=plan.interpret, save_states=save_states)
     y = _heads_first(out[0])
+  elif plan.gpu_kernel == "mosaic":
+    out = gpu_mosaic.forward(ops["x_dt"], ops["cs"], ops["doc"], ops["keep"], ops["to_end"],
+                             ops["bmat"], ops["cmat"], state0, interpret=plan.interpret,
+                             save_states=save_states, save_every=plan.save_every)
+    y = out[0]
   else:
     out = gpu_fwd.forward(ops["x_dt"], ops["cs"], ops["doc"], ops["keep"], ops["to_end"],
                           ops["bmat"], ops["cmat"], state0, block=plan.block,
@@ -296,6 +333,10 @@ def _core_bwd(plan, residuals, cotangents):
     dx_dt, db, dc, dcs, dinitial = grads
     dx_dt, db, dc = _heads_first(dx_dt), _heads_first(db), _heads_first(dc)
     dcs = jnp.transpose(dcs[:, :, :, 0, :], (0, 2, 3, 1)).reshape(b, padded, h)
+  elif plan.mosaic_backward:
+    dx_dt, db, dc, dcs, dinitial = gpu_mosaic_bwd.backward(
+        ops["x_dt"], ops["cs"], ops["doc"], ops["keep"], ops["to_end"], ops["bmat"],
+        ops["cmat"], states, dy, dfinal, interpret=plan.interpret)
   else:
     dx_dt, db, dc, dcs, dinitial = gpu_bwd.backward(
         ops["x_dt"], ops["cs"], ops["doc"], ops["keep"], ops["to_end"], ops["bmat"],

@@ -15,11 +15,11 @@ default, config.gpu_block), not the model's chunk size: the SSD result does
 not depend on the chunking, and a [64, 64] float32 tile plus the [N, d] state
 fit one program's registers where a 256-token chunk would spill.
 
-Why Triton rather than Mosaic GPU: the work per (batch, head) is a serial
-chain of small matmuls with a register-resident carry; one Triton program per
-(b, h) lowers directly, while a warp-specialized Mosaic GPU pipeline (wgmma
-needs 64-row tiles in shared memory and a TMA ring per operand) buys little
-for it. Parallelism is b · h programs (Mamba-2 models have 24 .. 80 heads).
+Selected by SsdConfig(gpu_kernel='triton'); the default on Hopper is the
+Mosaic GPU kernel (gpu_mosaic.py, wgmma tiles in SMEM fed by a TMA ring),
+and both stay so that hardware runs can time them against each other. Here
+one Triton program per (b, h) lowers directly; parallelism is b · h programs
+(Mamba-2 models have 24 .. 80 heads).
 Triton asks for power-of-two tile sizes: d, N and B must be powers of two
 (api.py checks; Mamba-2's 64 / 128 and the tiny 32 / 32 are).
 """

@@ -78,3 +78,12 @@ def test_crossover_is_the_length_from_which_on_ssd_stays_faster():
       "at every measured length (t >= 256)")
   assert bench.crossover(rows({256: (1, 2), 512: (3, 2)}), "ssd", "fwd").startswith("at no length")
   assert bench.crossover(rows({256: (1, 2)}), "scan", "fwd") == "not measured"
+
+
+def test_pallas_rows_time_both_gpu_kernels():
+  """On a Hopper GPU the table gets a row per GPU kernel (Mosaic GPU and Triton)."""
+  bench = _load_benchmark()
+  assert bench.pallas_rows(None) == []
+  assert bench.pallas_rows("tpu_v5e") == ["ssd_pallas"]
+  assert bench.pallas_rows("h100") == ["ssd_pallas", "ssd_pallas_triton"]
+  assert set(bench.pallas_rows("h200")) <= set(bench.IMPLS)

@@ -2,7 +2,10 @@
 
 The TPU kernel runs under Pallas' HLO interpreter (and once under the strict
 TPU interpreter: NaN memory, out-of-bounds reads raise, races detected); the
-GPU (Triton) kernel under the same HLO interpreter. Each case checks y, the
+GPU Triton kernel under the same HLO interpreter; the Mosaic GPU forward
+(gpu_kernel='mosaic', followed by the Triton backward) under jax's Mosaic GPU
+interpreter (warpgroups, SMEM, TMA and barriers simulated; its wgmmas run as
+jnp dots there, so TF32 shows only on hardware). Each case checks y, the
 final state and the gradients of x, dt, a, B, C, D and the initial state
 (the Pallas forward and reverse-scan backward kernels) against the jnp form's
 on odd lengths, several groups, packed documents and an initial state.
@@ -24,7 +27,8 @@ from helpers.ssd_reference import ssd_sequential
 # Max |kernel - reference| / max(1, max |reference|), per dtype.
 _TOL = {jnp.float32: 5e-5, jnp.bfloat16: 3e-2}
 TPU = SsdConfig("tpu_v5e")
-GPU = SsdConfig("h100", gpu_block=16)  # Several loop steps at test lengths.
+GPU = SsdConfig("h100", gpu_kernel="triton", gpu_block=16)  # Several loop steps at test lengths.
+MOSAIC = SsdConfig("h100")  # gpu_kernel='mosaic': blocks of 64 tokens.
 _GRAD_NAMES = ("dx", "ddt", "da", "dB", "dC", "dD", "dstate0")
 
 
@@ -125,6 +129,41 @@ def test_kernel_interpret(config, name):
   check(CASES[name], config)
 
 
+MOSAIC_CASES = {
+    # float32: the Mosaic forward (3 blocks of 64, two ring slots, 2 groups), then the
+    # Triton backward from a state saved every 2 blocks (chunk 128).
+    "documents_and_state": Case(b=2, t=150, h=2, ng=2, chunk=128, documents=3,
+                                initial_state=True, initial_segments=True),
+    # Mamba-2's published head (d 64, N 128) in bfloat16: Mosaic forward and backward
+    # (one ring slot), 2 blocks, the second padded.
+    "mamba2_bf16": Case(b=1, t=70, h=2, ng=1, d=64, n=128, chunk=256, dtype=jnp.bfloat16,
+                        documents=2, initial_state=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MOSAIC_CASES))
+def test_mosaic_gpu_kernel_interpret(name):
+  """The Mosaic GPU forward and (16-bit) backward, interpreted."""
+  check(MOSAIC_CASES[name], MOSAIC)
+
+
+@pytest.mark.slow
+def test_mosaic_gpu_backward_interpret_documents():
+  """The Mosaic backward in bfloat16 with two ring slots, 3 blocks, packed documents,
+  2 groups, an initial state and initial segment ids."""
+  check(dataclasses.replace(MOSAIC_CASES["documents_and_state"], dtype=jnp.bfloat16), MOSAIC)
+
+
+@pytest.mark.slow
+def test_mosaic_gpu_backward_maths_is_exact(monkeypatch):
+  """The Mosaic backward's maths at float32 tolerance: interpreted, its wgmmas are float32
+  dots, so letting float32 inputs in (on hardware they take the Triton backward) checks
+  it beyond bfloat16 rounding."""
+  from pallas_kernels.ssd import gpu_mosaic_bwd  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(gpu_mosaic_bwd, "slots_for", lambda *_: 2)
+  check(MOSAIC_CASES["documents_and_state"], MOSAIC)
+
+
 @pytest.mark.slow
 def test_tpu_short_row():
   check(CASES["one_group_short"], TPU)
@@ -141,12 +180,18 @@ HARDWARE_CASES = {
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("gpu_kernel", ["mosaic", "triton"])
 @pytest.mark.parametrize("name", sorted(HARDWARE_CASES))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_gpu_kernel_on_hardware(name, dtype):
-  """The compiled Triton kernels on a Hopper GPU, forward and backward, default config."""
+def test_gpu_kernel_on_hardware(name, dtype, gpu_kernel):
+  """The compiled GPU kernels on a Hopper GPU, forward and backward, default block sizes.
+
+  The Mosaic forward's float32 wgmmas run as TF32 (about 10 mantissa bits), so
+  its float32 tolerance is 1e-2, not the IEEE 5e-5 of the Triton kernels.
+  """
+  tol = 1e-2 if gpu_kernel == "mosaic" and dtype == jnp.float32 else None
   check(dataclasses.replace(HARDWARE_CASES[name], dtype=dtype),
-        SsdConfig(hardware_chip("gpu")), interpret=False)
+        SsdConfig(hardware_chip("gpu"), gpu_kernel=gpu_kernel), interpret=False, tol=tol)
 
 
 @pytest.mark.tpu
@@ -205,6 +250,7 @@ def test_random_shapes_sweep(seed, config):
     (dict(config=SsdConfig("h100"), n=8), "state_size=8"),
     (dict(config=TPU, chunk=12), "chunk_size=12"),
     (dict(config=TPU, dtype=jnp.float16), "float16"),
+    (dict(config=MOSAIC, d=256, n=256), "shared memory.*gpu_kernel='triton'"),
 ])
 def test_clear_errors(kwargs, match):
   config = kwargs.pop("config")
@@ -219,6 +265,8 @@ def test_config_checks():
     SsdConfig("a100")
   with pytest.raises(ValueError, match="config.gpu_block"):
     SsdConfig("h100", gpu_block=48)
+  with pytest.raises(ValueError, match="config.gpu_kernel"):
+    SsdConfig("h100", gpu_kernel="cuda")
 
 
 def test_resolve_impl():
@@ -230,6 +278,10 @@ def test_resolve_impl():
   assert resolve_impl("auto", backend="cuda", chip="", **kw) == "xla"  # A100: no kernel.
   assert resolve_impl("auto", backend="cuda", chip="h100", **dict(kw, head_dim=48)) == "xla"
   assert resolve_impl("xla", backend="tpu", chip="tpu_v5e", **kw) == "xla"
+  # Too large for the Mosaic GPU kernel's shared memory, not for Triton's.
+  big = dict(kw, head_dim=256, state_size=256, dtype=jnp.float32)
+  assert resolve_impl("auto", backend="cuda", chip="h100", **big) == "xla"
+  assert resolve_impl("auto", backend="cuda", chip="h100", gpu_kernel="triton", **big) == "pallas"
   with pytest.raises(ValueError, match=r"model.ssm_impl='pallas'.*head_dim=48.*'xla'"):
     resolve_impl("pallas", backend="cuda", chip="h100", **dict(kw, head_dim=48))
   with pytest.raises(ValueError, match="model.ssm_impl='fast'"):

@@ -2,7 +2,10 @@
 
 `jax.export` for platforms=['tpu'] runs the Pallas -> Mosaic TPU lowering
 inside an abstract mesh whose AbstractDevice names the chip; for ['cuda'] the
-Pallas -> Triton lowering (its custom call, __gpu$xla.gpu.triton, has no
+Pallas -> Mosaic GPU lowering of the forward (gpu_kernel='mosaic': wgmma shapes
+and operand layouts, and shared memory against Hopper's 227 KiB, are checked
+here) and the Pallas -> Triton lowering of the backward, or of both with
+gpu_kernel='triton' (the Triton custom call, __gpu$xla.gpu.triton, has no
 export-compatibility guarantee, so that safety check is disabled here: these
 exports are checked, never serialized). Compilation to TPU binaries / PTX
 happens on hardware and is not covered.
@@ -30,16 +33,16 @@ SHIPPED = {"tiny": (8, 32, 32, 1, 64), "mamba2": (24, 64, 128, 1, 256)}
 _TRITON = "__gpu$xla.gpu.triton"
 
 
-def export(chip: str, shape: str, backward: bool):
+def export(chip: str, shape: str, backward: bool, dtype=jnp.bfloat16, gpu_kernel="mosaic"):
   """jax.export of the SSD kernel (and its VJP) for chip's platform."""
   h, d, n, ng, chunk = SHIPPED[shape]
   b, t = 2, 1000
   sd = jax.ShapeDtypeStruct
-  args = [sd((b, t, h, d), jnp.bfloat16), sd((b, t, h), jnp.float32), sd((h,), jnp.float32),
-          sd((b, t, ng, n), jnp.bfloat16), sd((b, t, ng, n), jnp.bfloat16),
+  args = [sd((b, t, h, d), dtype), sd((b, t, h), jnp.float32), sd((h,), jnp.float32),
+          sd((b, t, ng, n), dtype), sd((b, t, ng, n), dtype),
           sd((h,), jnp.float32), sd((b, h, d, n), jnp.float32)]
   ids = sd((b, t), jnp.int32)
-  config = SsdConfig(chip)
+  config = SsdConfig(chip, gpu_kernel=gpu_kernel)
 
   def scan(x, dt, a, bmat, cmat, d_skip, state0, segment_ids):
     return ssd(x, dt, a, bmat, cmat, d_skip, chunk_size=chunk, segment_ids=segment_ids,
@@ -62,9 +65,13 @@ def export(chip: str, shape: str, backward: bool):
 
 
 def kernel_calls(exported) -> int:
-  """Pallas kernel custom calls (Mosaic TPU or Triton) in an export."""
+  """Pallas kernel custom calls (Mosaic TPU, Mosaic GPU or Triton) in an export."""
   text = exported.mlir_module()
-  return text.count("@tpu_custom_call") + text.count(f"@{_TRITON}")
+  return sum(text.count(f"@{name}") for name in ("tpu_custom_call", "mosaic_gpu_v2", _TRITON))
+
+
+def mosaic_gpu_calls(exported) -> int:
+  return exported.mlir_module().count("@mosaic_gpu_v2")
 
 
 DEFAULT = ([(chip, shape) for chip in ("h100", "tpu_v5e") for shape in SHIPPED]
@@ -73,8 +80,29 @@ DEFAULT = ([(chip, shape) for chip in ("h100", "tpu_v5e") for shape in SHIPPED]
 
 @pytest.mark.parametrize("chip, shape", DEFAULT)
 def test_lowers(chip, shape):
-  # Two kernels: the forward (saving the chunk states) and the reverse scan.
-  assert kernel_calls(export(chip, shape, backward=True)) == 2
+  # Two kernels: the forward (saving the chunk states) and the reverse scan; on GPU both
+  # Mosaic GPU (bfloat16).
+  exported = export(chip, shape, backward=True)
+  assert kernel_calls(exported) == 2
+  assert mosaic_gpu_calls(exported) == (2 if SsdConfig(chip).platform == "gpu" else 0)
+
+
+@pytest.mark.parametrize("shape", sorted(SHIPPED))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("gpu_kernel", ["mosaic", "triton"])
+def test_gpu_kernels_lower(gpu_kernel, dtype, shape):
+  """Both GPU kernels, both dtypes, forward alone and forward + VJP, on h200.
+
+  Mosaic: the forward, and the backward for 16-bit inputs (float32: Triton's).
+  """
+  if gpu_kernel == "triton" and dtype == jnp.bfloat16:
+    pytest.skip("test_lowers covers it (h100: the same lowering)")
+  mosaic = gpu_kernel == "mosaic"
+  exported = export("h200", shape, backward=False, dtype=dtype, gpu_kernel=gpu_kernel)
+  assert (kernel_calls(exported), mosaic_gpu_calls(exported)) == (1, int(mosaic))
+  exported = export("h200", shape, backward=True, dtype=dtype, gpu_kernel=gpu_kernel)
+  mosaic_calls = (2 if dtype == jnp.bfloat16 else 1) if mosaic else 0
+  assert (kernel_calls(exported), mosaic_gpu_calls(exported)) == (2, mosaic_calls)
 
 
 @pytest.mark.slow
