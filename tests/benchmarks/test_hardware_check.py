@@ -4,7 +4,6 @@ The smoke run is the hardware check at tiny sizes on CPU (kernels interpreted,
 hardware tests collected and skipped), so the script cannot rot between GPU runs.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -15,25 +14,17 @@ import time
 
 import pytest
 
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, benchmark_script
 
 REPO = pathlib.Path(REPO_ROOT)
 
 
-def _load(name: str):
-  """benchmarks/<name>.py as a module (benchmarks/ is a folder of scripts, not a package)."""
-  spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def _hardware_check():
-  return _load("hardware_check")
+  return benchmark_script("hardware_check")
 
 
 def test_the_check_runs_every_layer_case():
-  hc, layer_check = _hardware_check(), _load("hardware_layer_check")
+  hc, layer_check = _hardware_check(), benchmark_script("hardware_layer_check")
   assert sorted(hc.LAYER_CASES) == sorted(layer_check.CASES)
   assert set(hc.SMOKE_LAYER_CASES) <= set(layer_check.CASES)
 

@@ -1,8 +1,6 @@
 """benchmarks/ssm.py --smoke times every row, prints the tables and the crossovers, and writes
 its JSON, so the script cannot rot between measurements (with -m slow)."""
 
-import functools
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,21 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, benchmark_script
 from layers.ssm import ssd
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
-
-
-@functools.cache  # Once: its absl flags can be defined only once per process.
-def _load_benchmark():
-  """benchmarks/ssm.py as a module (benchmarks/ is a folder of scripts, not a package)."""
-  spec = importlib.util.spec_from_file_location(
-      "ssm_benchmark", os.path.join(REPO_ROOT, "benchmarks", "ssm.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.mark.slow  # ~30 s of compiling 12 rows and both layers on a quiet 2-core box.
@@ -52,7 +40,7 @@ def test_smoke_times_every_row_and_both_layers(tmp_path):
 
 def test_sequential_scan_matches_the_chunked_ssd():
   """The benchmark's scan row computes what the ssd row does (so timing them is fair)."""
-  bench = _load_benchmark()
+  bench = benchmark_script("ssm")
   problem = bench.Problem(batch=2, seq=40, heads=4, head_dim=8, state=6, chunk=16,
                           dtype="float32")
   inputs = bench.ssm_inputs(problem, jax.random.key(0))
@@ -63,7 +51,7 @@ def test_sequential_scan_matches_the_chunked_ssd():
 
 
 def test_crossover_is_the_length_from_which_on_ssd_stays_faster():
-  bench = _load_benchmark()
+  bench = benchmark_script("ssm")
 
   def rows(times):  # {length: (ssd seconds, attention seconds)}
     return [{"seq": t, "impl": impl, "pass": "fwd", "seconds": s}
@@ -82,7 +70,7 @@ def test_crossover_is_the_length_from_which_on_ssd_stays_faster():
 
 def test_pallas_rows_time_both_gpu_kernels():
   """On a Hopper GPU the table gets a row per GPU kernel (Mosaic GPU and Triton)."""
-  bench = _load_benchmark()
+  bench = benchmark_script("ssm")
   assert bench.pallas_rows(None) == []
   assert bench.pallas_rows("tpu_v5e") == ["ssd_pallas"]
   assert bench.pallas_rows("h100") == ["ssd_pallas", "ssd_pallas_triton"]

@@ -1,9 +1,6 @@
 """benchmarks/wkv7_chunk_accuracy.py reads a workdir of an RWKV-7 model and prints
 max |chunked − sequential| float32 logits per chunk size; other families are refused."""
 
-import functools
-import importlib.util
-import os
 import re
 
 import flax.linen as nn
@@ -13,18 +10,9 @@ import ml_collections
 import pytest
 
 from configs import llama_tiny, rwkv_tiny
-from helpers import REPO_ROOT
+from helpers import benchmark_script
 from models.rwkv import FAMILY as RWKV
 from train import checkpoint
-
-
-@functools.cache
-def _script():
-  spec = importlib.util.spec_from_file_location(
-      "wkv7_chunk_accuracy", os.path.join(REPO_ROOT, "benchmarks", "wkv7_chunk_accuracy.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def test_prints_each_chunk_size(tmp_path, capsys):
@@ -35,7 +23,7 @@ def test_prints_each_chunk_size(tmp_path, capsys):
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
   workdir = str(tmp_path)
   checkpoint.save_imported(workdir, nn.unbox(params), config)
-  _script().main([f"--workdir={workdir}", "--chunk_sizes=4,16", "--rows=1", "--length=20"])
+  benchmark_script("wkv7_chunk_accuracy").main([f"--workdir={workdir}", "--chunk_sizes=4,16", "--rows=1", "--length=20"])
   lines = capsys.readouterr().out.splitlines()
   errors = {int(m[1]): float(m[2]) for m in (
       re.match(r"chunk_size +(\d+): max \|chunked - sequential\| = (\S+)", line)
@@ -47,4 +35,4 @@ def test_refuses_another_family(tmp_path):
   """Read from the saved config, before any parameter is loaded."""
   checkpoint.save_imported(str(tmp_path), {"unused": jnp.zeros(1)}, llama_tiny.get_config())
   with pytest.raises(SystemExit, match="holds a 'llama' model"):
-    _script().main([f"--workdir={tmp_path}"])
+    benchmark_script("wkv7_chunk_accuracy").main([f"--workdir={tmp_path}"])

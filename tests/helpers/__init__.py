@@ -9,7 +9,19 @@
   unet_params.py     random UNet params from the abstract init (no compiled init)
 """
 
+import functools
+import importlib.util
 import os
 
 # The repository root: the working directory of subprocess tests and the colabs.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@functools.cache  # Once per process: a script's absl flags can be defined only once.
+def benchmark_script(name: str):
+  """benchmarks/<name>.py as a module (benchmarks/ is a folder of scripts, not a package)."""
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(REPO_ROOT, "benchmarks", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
