@@ -14,6 +14,10 @@ TINY = {"data.seq_len": 32, "data.global_batch_size": 8, "model.embed_dim": 32,
         "model.max_seq_len": 64, "train.log_every_steps": 1, "evals.every_steps": 2,
         "evals.num_batches": 1, "checkpoint.every_steps": 2, "sample.num_scored": 4,
         "sample.max_new_tokens": 4,
+        # One learning-rate schedule for the 4-step job and the 6-step one that resumes it:
+        # the same compiled train step, which the second job reads from the test run's
+        # compilation cache instead of compiling again.
+        "opt.decay_steps": 10,
         # Parameters sharded over all 4 devices of the 2 processes.
         "mesh.data": 1, "mesh.fsdp": 4}
 
