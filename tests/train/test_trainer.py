@@ -113,8 +113,14 @@ def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path, four_st
 
 def test_resume_continues_and_other_model_refuses(data_dir, tmp_path):
   workdir = str(tmp_path / "run")
-  trainer.train_and_evaluate(tiny_config(data_dir, **{"train.num_steps": 3}), workdir)
-  trainer.train_and_evaluate(tiny_config(data_dir, **{"train.num_steps": 6}), workdir)
+  # The `trained` run's learning-rate schedule (peak 1e-2, 2 warmup + 28 decay steps) in both
+  # legs: their train step is that run's program, read from the test run's compilation cache
+  # instead of compiled again.
+  schedule = {"opt.lr": 1e-2, "opt.decay_steps": 28}
+  trainer.train_and_evaluate(tiny_config(data_dir, **{"train.num_steps": 3}, **schedule),
+                             workdir)
+  trainer.train_and_evaluate(tiny_config(data_dir, **{"train.num_steps": 6}, **schedule),
+                             workdir)
   assert sorted(read_metrics(workdir)) == [1, 2, 3, 4, 5, 6]
   other = tiny_config(data_dir, **{"train.num_steps": 8, "model.num_layers": 3,
                                    "model.mlp_dim": 96})
