@@ -45,14 +45,17 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # short files fill in at the end and both workers finish together, instead of one idling
 # while the other runs a long file it was handed last.
 _LONGEST_FILES = (
-    "tests/train/test_trainer.py",
-    "tests/colabs/test_colabs.py",
     "tests/train/tasks/test_diffusion_task.py",
+    "tests/colabs/test_colabs.py",
+    "tests/train/test_trainer.py",
+    "tests/pallas_kernels/flash_attention/test_flash_attention.py",
     "tests/train/test_multihost.py",
+    "tests/models/rwkv/test_rwkv.py",
     "tests/models/moe/test_moe_train.py",
+    "tests/pallas_kernels/block_sparse/test_block_sparse_attention.py",
+    "tests/colabs/test_mamba_colab.py",
     "tests/colabs/test_rwkv_colab.py",
     "tests/train/test_resume.py",
-    "tests/colabs/test_mamba_colab.py",
 )
 
 
