@@ -10,19 +10,15 @@ import os
 import nbformat
 from nbclient import NotebookClient
 
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, xla_flags
 
 COLABS = os.path.join(REPO_ROOT, "colabs")
-_EIGHT_DEVICES = "--xla_force_host_platform_device_count=8"
 
 
 def one_device(monkeypatch) -> None:
   """The kernel sees one CPU device, as on a single-chip Colab: the colabs that do not
   shard compile and step faster without the eight fake devices of tests/conftest.py."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  assert _EIGHT_DEVICES in flags, flags
-  monkeypatch.setenv("XLA_FLAGS", flags.replace(
-      _EIGHT_DEVICES, "--xla_force_host_platform_device_count=1"))
+  monkeypatch.setenv("XLA_FLAGS", xla_flags(1))
 
 
 def execute(name: str, cwd: str, edits: dict[str, str] | None = None) -> nbformat.NotebookNode:

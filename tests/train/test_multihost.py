@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+from helpers import xla_flags
 from helpers.trainer import read_metrics, to_flags
 from train.data import builder
 
@@ -31,7 +32,7 @@ def _free_port() -> int:
 def _launch(process_id: int, port: int, workdir: str, flags: list[str], num_processes=2,
             timeout_s=60):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+             XLA_FLAGS=xla_flags(2))
   command = [sys.executable, "-m", "train.main", "--config=configs/llama_tiny.py",
              f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
              f"--num_processes={num_processes}", f"--process_id={process_id}",

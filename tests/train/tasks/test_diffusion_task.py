@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, xla_flags
 from helpers.trainer import read_metrics, tiny_config
 from models.unet import schedule as schedule_lib
 from train import checkpoint, families, sample, trainer
@@ -132,7 +132,7 @@ def test_sample_cli_writes_the_grid(trained, tmp_path):
        "--class_label=2", "--num_per_class=3", "--num_steps=2", "--sampler=ddpm",
        f"--output={output}"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+      env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1)))
   assert result.returncode == 0, result.stderr[-2000:]
   assert output in result.stdout
   rows, cols = np.asarray(Image.open(output)).shape[:2]
