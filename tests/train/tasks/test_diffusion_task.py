@@ -76,12 +76,13 @@ def test_an_exact_prediction_has_zero_loss(data_dir, prediction_type):
 
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
-  """The tiny UNet trained 4 steps on 8 devices (data x fsdp x tensor) and on 1."""
+  """The tiny UNet trained 4 steps on 8 devices (data x fsdp x tensor) and on 1, on batches
+  of 4 images (one per data x fsdp shard)."""
   eight, one = str(tmp_path_factory.mktemp("eight")), str(tmp_path_factory.mktemp("one"))
   overrides = {"train.num_steps": 4, "checkpoint.every_steps": 4, "evals.every_steps": 4,
-               "evals.num_batches": 1, "opt.lr": 1e-3}
+               "evals.num_batches": 1, "opt.lr": 1e-3, "data.global_batch_size": 4}
   sharded = tiny_config(data_dir, family="unet", **overrides, **{
-      "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "sample.num_scored": 16})
+      "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "sample.num_scored": 8})
   final = trainer.train_and_evaluate(sharded, eight)
   # The one-device run only provides losses: no evaluation, a one-step sampler.
   trainer.train_and_evaluate(tiny_config(data_dir, family="unet", **dict(
