@@ -7,11 +7,15 @@
   wkv7_reference.py  the token-by-token RWKV-7 WKV recurrence, oracle of layers/rwkv/wkv7.py
   diffusers_models.py  random, perturbed diffusers UNet2DModels and their predictions (NHWC)
   unet_params.py     random UNet params from the abstract init (no compiled init)
+
+and, here, REPO_ROOT, benchmark_script(name) (a benchmarks/ script as a module) and
+xla_flags(devices) for the processes that tests launch.
 """
 
 import functools
 import importlib.util
 import os
+import re
 
 # The repository root: the working directory of subprocess tests and the colabs.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,3 +29,11 @@ def benchmark_script(name: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a process a test launches: the test run's (tests/conftest.py's compile
+  settings) with `devices` fake CPU devices instead of eight."""
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                 os.environ.get("XLA_FLAGS", ""))
+  return " ".join(flags.split() + [f"--xla_force_host_platform_device_count={devices}"])

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+from helpers import xla_flags
 from helpers.trainer import read_metrics, to_flags
 from train.data import builder
 
@@ -14,6 +15,10 @@ TINY = {"data.seq_len": 32, "data.global_batch_size": 8, "model.embed_dim": 32,
         "model.max_seq_len": 64, "train.log_every_steps": 1, "evals.every_steps": 2,
         "evals.num_batches": 1, "checkpoint.every_steps": 2, "sample.num_scored": 4,
         "sample.max_new_tokens": 4,
+        # One learning-rate schedule for the 4-step job and the 6-step one that resumes it:
+        # the same compiled train step, which the second job reads from the test run's
+        # compilation cache instead of compiling again.
+        "opt.decay_steps": 10,
         # Parameters sharded over all 4 devices of the 2 processes.
         "mesh.data": 1, "mesh.fsdp": 4}
 
@@ -27,7 +32,7 @@ def _free_port() -> int:
 def _launch(process_id: int, port: int, workdir: str, flags: list[str], num_processes=2,
             timeout_s=60):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+             XLA_FLAGS=xla_flags(2))
   command = [sys.executable, "-m", "train.main", "--config=configs/llama_tiny.py",
              f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
              f"--num_processes={num_processes}", f"--process_id={process_id}",

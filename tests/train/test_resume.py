@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import xla_flags
 from helpers.trainer import read_metrics, to_flags
 from train import checkpoint
 from train.data import builder
@@ -52,7 +53,7 @@ def _command(family, workdir, data_dir):
 
 def _env():
   return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS="--xla_force_host_platform_device_count=2")
+              XLA_FLAGS=xla_flags(2))
 
 
 def _logged_steps(workdir):

@@ -79,31 +79,48 @@ def test_sampling_matches_full_forward_greedy(trained):
   assert sample.sample(workdir, ["12+3"], max_new_tokens=6, temperature=0.0) == [expected]
 
 
-def test_sharded_mesh_matches_one_device(data_dir, tmp_path):
-  config = tiny_config(data_dir, **{"train.num_steps": 4})
-  trainer.train_and_evaluate(config, str(tmp_path / "one"), devices=jax.devices()[:1])
-  sharded = tiny_config(data_dir, **{"train.num_steps": 4, "mesh.data": 2, "mesh.fsdp": 2,
-                                     "mesh.tensor": 2})
-  trainer.train_and_evaluate(sharded, str(tmp_path / "eight"))
-  losses_one = [m["loss"] for _, m in sorted(read_metrics(str(tmp_path / "one")).items())]
-  losses_eight = [m["loss"] for _, m in sorted(read_metrics(str(tmp_path / "eight")).items())]
-  np.testing.assert_allclose(losses_eight, losses_one, rtol=2e-5)
+_FOUR_STEPS_SHARDED = {"train.num_steps": 4, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
 
 
-def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
-  base = tiny_config(data_dir, **{"train.num_steps": 3})
-  accum = tiny_config(data_dir, **{"train.num_steps": 3, "opt.grad_accum_steps": 2})
-  trainer.train_and_evaluate(base, str(tmp_path / "base"), devices=jax.devices()[:1])
+@pytest.fixture(scope="module")
+def four_steps(data_dir, tmp_path_factory):
+  """4 steps on one device and on a data x fsdp x tensor = 2x2x2 mesh (xla attention): the
+  references of the sharding, gradient-accumulation and Pallas comparisons below."""
+  one, eight = str(tmp_path_factory.mktemp("one")), str(tmp_path_factory.mktemp("eight"))
+  trainer.train_and_evaluate(tiny_config(data_dir, **{"train.num_steps": 4}), one,
+                             devices=jax.devices()[:1])
+  trainer.train_and_evaluate(
+      tiny_config(data_dir, **_FOUR_STEPS_SHARDED, **{"model.attention_impl": "xla"}), eight)
+  return one, eight
+
+
+def _losses(workdir: str) -> list[float]:
+  return [m["loss"] for _, m in sorted(read_metrics(workdir).items())]
+
+
+def test_sharded_mesh_matches_one_device(four_steps):
+  one, eight = four_steps
+  assert len(_losses(one)) == 4
+  np.testing.assert_allclose(_losses(eight), _losses(one), rtol=2e-5)
+
+
+def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path, four_steps):
+  one, _ = four_steps
+  accum = tiny_config(data_dir, **{"train.num_steps": 4, "opt.grad_accum_steps": 2})
   trainer.train_and_evaluate(accum, str(tmp_path / "accum"), devices=jax.devices()[:1])
-  base_losses = [m["loss"] for m in read_metrics(str(tmp_path / "base")).values()]
-  accum_losses = [m["loss"] for m in read_metrics(str(tmp_path / "accum")).values()]
-  np.testing.assert_allclose(accum_losses, base_losses, rtol=2e-5)
+  np.testing.assert_allclose(_losses(str(tmp_path / "accum")), _losses(one), rtol=2e-5)
 
 
 def test_resume_continues_and_other_model_refuses(data_dir, tmp_path):
   workdir = str(tmp_path / "run")
-  trainer.train_and_evaluate(tiny_config(data_dir, **{"train.num_steps": 3}), workdir)
-  trainer.train_and_evaluate(tiny_config(data_dir, **{"train.num_steps": 6}), workdir)
+  # The `trained` run's learning-rate schedule (peak 1e-2, 2 warmup + 28 decay steps) in both
+  # legs: their train step is that run's program, read from the test run's compilation cache
+  # instead of compiled again.
+  schedule = {"opt.lr": 1e-2, "opt.decay_steps": 28}
+  trainer.train_and_evaluate(tiny_config(data_dir, **{"train.num_steps": 3}, **schedule),
+                             workdir)
+  trainer.train_and_evaluate(tiny_config(data_dir, **{"train.num_steps": 6}, **schedule),
+                             workdir)
   assert sorted(read_metrics(workdir)) == [1, 2, 3, 4, 5, 6]
   other = tiny_config(data_dir, **{"train.num_steps": 8, "model.num_layers": 3,
                                    "model.mlp_dim": 96})
@@ -137,13 +154,10 @@ def test_bad_config_errors_name_the_field(data_dir, tmp_path, overrides, message
     trainer.train_and_evaluate(tiny_config(data_dir, **overrides), str(tmp_path))
 
 
-def test_pallas_attention_trains_like_the_reference(data_dir, tmp_path):
+def test_pallas_attention_trains_like_the_reference(data_dir, tmp_path, four_steps):
   """attention_impl=pallas (interpret mode, per-shard on a 2x2x2 mesh) matches xla."""
-  losses = {}
-  for impl in ("xla", "pallas"):
-    config = tiny_config(data_dir, **{"train.num_steps": 3, "model.attention_impl": impl,
-                                      "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
-                                      "checkpoint.every_steps": 100})
-    trainer.train_and_evaluate(config, str(tmp_path / impl))
-    losses[impl] = [m["loss"] for _, m in sorted(read_metrics(str(tmp_path / impl)).items())]
-  np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-4)
+  _, xla = four_steps
+  config = tiny_config(data_dir, **_FOUR_STEPS_SHARDED, **{"model.attention_impl": "pallas",
+                                                            "checkpoint.every_steps": 100})
+  trainer.train_and_evaluate(config, str(tmp_path / "pallas"))
+  np.testing.assert_allclose(_losses(str(tmp_path / "pallas")), _losses(xla), rtol=1e-4)

@@ -28,11 +28,14 @@ TOKENS = [int(t) for t in np.random.default_rng(0).integers(0, 97, 23)]
 
 
 def perturbed_params(cfg: RwkvConfig, seed: int = 0) -> dict:
-  params = nn.unbox(Rwkv(cfg).init(jax.random.key(seed), np.zeros((1, 4), np.int32))["params"])
+  """The initialisation, jitted (run eagerly, each of its ops compiles separately), plus
+  0.2 x standard-normal noise from numpy (jax.random would compile once per shape)."""
+  init = jax.jit(Rwkv(cfg).init)
+  params = nn.unbox(init(jax.random.key(seed), np.zeros((1, 4), np.int32))["params"])
   leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  leaves = [np.asarray(w) + 0.2 * np.asarray(jax.random.normal(k, w.shape)) for k, w in
-            zip(keys, leaves)]
+  rng = np.random.default_rng(seed + 1)
+  leaves = [np.asarray(w) + np.float32(0.2) * rng.standard_normal(w.shape, np.float32)
+            for w in leaves]
   return jax.tree.unflatten(tree, leaves)
 
 

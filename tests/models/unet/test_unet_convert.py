@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import finetune
-from helpers import REPO_ROOT, diffusers_models
+from helpers import REPO_ROOT, diffusers_models, xla_flags
 from helpers.trainer import set_fields
 from models.unet import diffusers_scheduler
 from train import checkpoint, convert, sample, trainer
@@ -38,7 +38,7 @@ def imported(tmp_path_factory):
   result = subprocess.run(
       [sys.executable, "-m", "train.convert", "import", "--model=unet2d", src, workdir],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+      env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1)))
   assert result.returncode == 0, result.stderr[-2000:]
   return model, workdir
 

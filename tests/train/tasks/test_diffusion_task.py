@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, xla_flags
 from helpers.trainer import read_metrics, tiny_config
 from models.unet import schedule as schedule_lib
 from train import checkpoint, families, sample, trainer
@@ -76,12 +76,13 @@ def test_an_exact_prediction_has_zero_loss(data_dir, prediction_type):
 
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
-  """The tiny UNet trained 4 steps on 8 devices (data x fsdp x tensor) and on 1."""
+  """The tiny UNet trained 4 steps on 8 devices (data x fsdp x tensor) and on 1, on batches
+  of 4 images (one per data x fsdp shard)."""
   eight, one = str(tmp_path_factory.mktemp("eight")), str(tmp_path_factory.mktemp("one"))
   overrides = {"train.num_steps": 4, "checkpoint.every_steps": 4, "evals.every_steps": 4,
-               "evals.num_batches": 1, "opt.lr": 1e-3}
+               "evals.num_batches": 1, "opt.lr": 1e-3, "data.global_batch_size": 4}
   sharded = tiny_config(data_dir, family="unet", **overrides, **{
-      "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "sample.num_scored": 16})
+      "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "sample.num_scored": 8})
   final = trainer.train_and_evaluate(sharded, eight)
   # The one-device run only provides losses: no evaluation, a one-step sampler.
   trainer.train_and_evaluate(tiny_config(data_dir, family="unet", **dict(
@@ -132,7 +133,7 @@ def test_sample_cli_writes_the_grid(trained, tmp_path):
        "--class_label=2", "--num_per_class=3", "--num_steps=2", "--sampler=ddpm",
        f"--output={output}"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+      env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1)))
   assert result.returncode == 0, result.stderr[-2000:]
   assert output in result.stdout
   rows, cols = np.asarray(Image.open(output)).shape[:2]
