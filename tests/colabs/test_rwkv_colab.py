@@ -19,9 +19,10 @@ def test_rwkv_colab_runs(tmp_path, monkeypatch):
                       r"first of document 2", text)
   assert len(resets) == 2, text  # RWKV_COLAB_SMALL: two blocks
   assert all(float(after) < float(before) for before, after in resets), resets
-  # Chunked and sequential agree to float32 rounding.
+  # Chunked (16, 32 and 64 tokens) and sequential agree to float32 rounding.
   errors = re.findall(r"max \|logits - sequential\| = (\S+)", text)
-  assert len(errors) == 3 and float(errors[0]) == 0 and float(errors[1]) < 1e-4, errors
+  assert len(errors) == 4 and float(errors[0]) == 0, errors
+  assert all(float(error) < 1e-4 for error in errors[1:]), errors
   # The decode state keeps one size while the KV cache it replaces grows.
   sizes = re.findall(r"tokens: RWKV state ([\d,]+) bytes; a llama_tiny KV cache would hold "
                      r"([\d,]+)", text)
