@@ -13,8 +13,8 @@ r"""Mamba-2's SSD against a sequential scan and against causal attention, one de
      (S_t = exp(dt_t·A)·S_{t-1} + dt_t·x_t ⊗ B_t, y_t = S_t·C_t + D·x_t), skipped
      above `--scan_max_length` (its backward keeps a state per token);
    - `ssd_pallas` (on a chip a kernel targets): the Pallas SSD kernels; on a
-     Hopper GPU the Mosaic GPU forward (Triton backward), and `ssd_pallas_triton`
-     the Triton kernels both ways, so one run times both GPU kernels;
+     Hopper GPU the Mosaic GPU kernels (float32 takes the Triton backward), and
+     `ssd_pallas_triton` the Triton kernels both ways, so one run times both GPU kernels;
    - `attention`: causal multi-head attention through layers/attention's
      implementation switch (`--attention_impl`, default auto: the query-blocked
      XLA path on CPU, cuDNN flash attention on a GPU, the Pallas kernel on a TPU).
@@ -73,7 +73,7 @@ _CHUNK = flags.DEFINE_integer("chunk_size", 0, "SSD chunk length (default: 128 o
                               "elsewhere).")
 _IMPLS = flags.DEFINE_list("impls", [], "Rows to time (keys of IMPLS); empty: ssd, scan and "
                            "attention, and ssd_pallas on a GPU/TPU the kernel targets (on a "
-                           "GPU also ssd_pallas_triton: ssd_pallas is the Mosaic GPU forward).")
+                           "GPU also ssd_pallas_triton: ssd_pallas is the Mosaic GPU kernel).")
 _ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "auto", list(attention_lib.IMPLEMENTATIONS),
                                     "layers/attention implementation of the attention row.")
 _PASSES = flags.DEFINE_list("passes", ["fwd", "fwd+bwd"], "fwd and/or fwd+bwd.")
@@ -158,8 +158,8 @@ def _attention_row(p: Problem) -> Callable[..., jax.Array]:
 def pallas_ssd(*inputs, chunk_size: int, gpu_kernel: str = "mosaic"):
   """The Pallas SSD kernel for this machine's chip (interpreted on CPU: slow).
 
-  On a GPU, gpu_kernel picks the forward: 'mosaic' (Mosaic GPU; Triton
-  backward) or 'triton' (Triton both ways); TPUs ignore it.
+  On a GPU, gpu_kernel picks the kernels: 'mosaic' (Mosaic GPU; float32 inputs
+  take the Triton backward) or 'triton' (Triton both ways); TPUs ignore it.
   """
   chip = chip_of_device(jax.devices()[0]) or ""
   return ssd(*inputs, chunk_size=chunk_size, impl="pallas", chip=chip, gpu_kernel=gpu_kernel)

@@ -2,8 +2,8 @@
 
 'xla' is the chunked jnp form (pallas_kernels/ssd/reference.py, where the maths
 is described); 'pallas' the kernels of pallas_kernels/ssd (Mosaic TPU; on
-Hopper a Mosaic GPU forward with the Triton backward, or `gpu_kernel='triton'`
-for Triton both ways). Both return the same (y, final state) and
+Hopper Mosaic GPU, whose float32 backward is the Triton one, or
+`gpu_kernel='triton'` for Triton both ways). Both return the same (y, final state) and
 gradients up to rounding.
 
 Shapes (layers/__init__.py): b batch, t sequence, h heads, d head dim, N state

@@ -27,6 +27,10 @@ CHIPS = {
     "tpu_v6e": ("tpu", "v6e", "TPU v6 lite"),
 }
 
+# The GPU kernels of the recurrences (SsdConfig / Wkv7Config.gpu_kernel): Mosaic GPU (the
+# default on Hopper) or Pallas Triton, kept until a hardware run picks one.
+GPU_KERNELS = ("mosaic", "triton")
+
 # `jax.Device.device_kind` -> chip name.
 _DEVICE_KINDS = {
     "NVIDIA H100 80GB HBM3": "h100",

@@ -37,6 +37,14 @@ def interpret_params():
   return params.InterpretGPUParams()
 
 
+def kernel_interpret(interpret):
+  """plgpu.kernel's `interpret`: None on hardware (false), the interpreter's default params
+  for True, or the Mosaic GPU interpreter params given."""
+  if interpret is True:
+    return interpret_params()
+  return interpret or None
+
+
 @dataclasses.dataclass(frozen=True)
 class Ops:
   """Hardware (wgmma, layouts) or interpreter forms of the kernels' primitives."""

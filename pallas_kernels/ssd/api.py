@@ -35,7 +35,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common.config import CHIPS, chip_of_device
+from pallas_kernels.common.config import CHIPS, GPU_KERNELS, chip_of_device
 from pallas_kernels.ssd import gpu as gpu_fwd
 from pallas_kernels.ssd import gpu_bwd
 from pallas_kernels.ssd import gpu_mosaic
@@ -46,7 +46,6 @@ from pallas_kernels.ssd.reference import document_index
 
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _GPU_SIZES = (16, 32, 64, 128, 256)  # Triton tiles: powers of two, >= 16 for a dot.
-GPU_KERNELS = ("mosaic", "triton")
 
 
 @dataclasses.dataclass(frozen=True)

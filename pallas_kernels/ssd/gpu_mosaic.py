@@ -37,8 +37,8 @@ float32 Mamba-2 head (d 64, N 128) takes one ring slot (~210 KiB of the 227);
 16-bit inputs take two (`smem_bytes`, `slots_for`).
 
 Interpreted (jax's Mosaic GPU interpreter on CPU, `interpret` true), the
-wgmmas and layout-annotated loads become plain jnp on SMEM loads (`MosaicOps`),
-as in common.gpu.Ops; everything else (TMA ring, barriers, masks, stores) is
+wgmmas and layout-annotated loads become plain jnp on SMEM loads (`MosaicOps`,
+which extends common.gpu.Ops); everything else (TMA ring, barriers, masks, stores) is
 the same code.
 """
 
@@ -51,15 +51,15 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from pallas_kernels.common.gpu import COMPUTE_REGISTERS, MEMORY_REGISTERS, Stream, bcast
-from pallas_kernels.common.gpu import interpret_params, produce_ring
+from pallas_kernels.common.gpu import Ops, Stream, bcast
+from pallas_kernels.common.gpu import kernel_interpret, produce_ring
 
 BLOCK = 64  # Tokens per step: one wgmma M tile.
 ROWS = 5  # Per-token float32 rows: cs, doc, e, w, gate.
 SMEM_LIMIT = 227 * 1024  # Hopper's shared memory per CTA (what the lowering checks).
 _NT = (((1,), (1,)), ((), ()))
 _NN = (((1,), (0,)), ((), ()))
-_BARRIER_BYTES = 1024  # Headroom for barriers and alignment.
+BARRIER_BYTES = 1024  # Headroom for barriers and alignment.
 
 
 def padded(size: int) -> int:
@@ -85,21 +85,27 @@ def smem_bytes(head_dim: int, state_size: int, dtype, slots: int) -> int:
   slot = item * (dp * t + 3 * t * np_) + 4 * ROWS * t
   work = item * (t * t + dp * np_ + np_ * t) + 4 * t * dp  # W, S, w∘Bᵀ, y (float32).
   state_stage = 0 if jnp.dtype(dtype) == jnp.float32 else 4 * dp * np_  # f32: S is it.
-  return slots * slot + work + state_stage + _BARRIER_BYTES
+  return slots * slot + work + state_stage + BARRIER_BYTES
 
 
-def slots_for(head_dim: int, state_size: int, dtype) -> int:
-  """Ring depth: 2 where it fits shared memory, else 1; 0 where not even one fits."""
+def ring_depth(bytes_of, head_dim: int, state_size: int, dtype) -> int:
+  """2 ring slots where `bytes_of(head_dim, state_size, dtype, slots)` fits shared memory,
+  else 1; 0 where not even one fits."""
   for slots in (2, 1):
-    if smem_bytes(head_dim, state_size, dtype, slots) <= SMEM_LIMIT:
+    if bytes_of(head_dim, state_size, dtype, slots) <= SMEM_LIMIT:
       return slots
   return 0
 
 
+def slots_for(head_dim: int, state_size: int, dtype) -> int:
+  """The forward's ring depth (`ring_depth` of `smem_bytes`)."""
+  return ring_depth(smem_bytes, head_dim, state_size, dtype)
+
+
 @dataclasses.dataclass(frozen=True)
-class MosaicOps:
-  """Hardware (wgmma, layout-annotated loads) or interpreter (plain jnp) forms."""
-  interpret: bool
+class MosaicOps(Ops):
+  """common.gpu.Ops plus the wgmma forms these kernels need: NT with TF32-safe operands,
+  accumulation, and (16-bit only) a register A operand or an MN-major B."""
 
   def nt(self, a_smem, b_smem, acc=None):
     """float32 a · bᵀ (+ acc): a [m, k], b [n, k] in SMEM, both K-major (TF32-safe)."""
@@ -129,22 +135,6 @@ class MosaicOps:
     def accumulate(acc_ref):
       plgpu.wgmma(acc_ref, a, b_op)
     return pl.run_state(accumulate)(plgpu.ACC.init(acc))
-
-  def vector(self, smem_ref, axis: int):
-    """A 1-D SMEM vector laid out to broadcast along `axis` of a wgmma tile (1: per row)."""
-    if self.interpret:
-      return smem_ref[...]
-    return plgpu.load(smem_ref, (), layout=plgpu.Layout.WGMMA.reduce(axis))
-
-  def iota(self, shape, dimension):
-    if self.interpret:
-      return lax.broadcasted_iota(jnp.int32, shape, dimension)
-    return plgpu.broadcasted_iota(jnp.int32, shape, dimension, layout=plgpu.Layout.WGMMA)
-
-  def set_registers(self, compute: bool):
-    if not self.interpret:
-      plgpu.set_max_registers(COMPUTE_REGISTERS if compute else MEMORY_REGISTERS,
-                              action="increase" if compute else "decrease")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,9 +169,9 @@ def block_weights(ring: Ring, slot, ops: MosaicOps):
   Returns (W, e per row, w per column, gate scalar).
   """
   rows = ring.rows.at[slot]
-  cs_row, cs_col = ops.vector(rows.at[0], 1), ops.vector(rows.at[0], 0)
-  doc_row, doc_col = ops.vector(rows.at[1], 1), ops.vector(rows.at[1], 0)
-  e_row, w_col = ops.vector(rows.at[2], 1), ops.vector(rows.at[3], 0)
+  cs_row, cs_col = ops.load_vector(rows.at[0], 1), ops.load_vector(rows.at[0], 0)
+  doc_row, doc_col = ops.load_vector(rows.at[1], 1), ops.load_vector(rows.at[1], 0)
+  e_row, w_col = ops.load_vector(rows.at[2], 1), ops.load_vector(rows.at[3], 0)
   gate = rows[4, 0]
   shape = (BLOCK, BLOCK)
   plgpu.barrier_wait(ring.ready[1].at[slot])
@@ -195,11 +185,14 @@ def block_weights(ring: Ring, slot, ops: MosaicOps):
 
 def _kernel(xt_ref, b_ref, bt_ref, c_ref, rows_ref, s0_ref, y_ref, sf_ref, *rest,
             num_blocks: int, group: int, slots: int, save_every: int, save: bool,
-            ops: MosaicOps):
+            stage_is_state: bool, ops: MosaicOps):
+  """stage_is_state: float32 inputs, where S's own SMEM tile stages the float32 state
+  (no separate staging tile in the scratch)."""
   states_ref = rest[0] if save else None
   scratch = rest[1:] if save else rest
-  (xt_ring, b_ring, bt_ring, c_ring, rows_ring, w_smem, s_smem, wbt_smem, y_smem, stage,
-   *bars) = scratch
+  (xt_ring, b_ring, bt_ring, c_ring, rows_ring, w_smem, s_smem, wbt_smem, y_smem,
+   *rest) = scratch
+  stage, bars = (s_smem, rest) if stage_is_state else (rest[0], rest[1:])
   xt_ready, b_ready, bt_ready, c_ready, rows_ready, consumed, s0_bar = bars
   ring = Ring(xt_ring, b_ring, bt_ring, c_ring, rows_ring,
               (xt_ready, b_ready, bt_ready, c_ready, rows_ready), consumed)
@@ -332,24 +325,14 @@ def forward(x_dt, cs, doc, keep, to_end, bmat, cmat, initial_state, *, interpret
              plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=1)]
   ops = MosaicOps(interpret=bool(interpret))
   body = functools.partial(_kernel, num_blocks=nb, group=h // ng, slots=slots,
-                           save_every=save_every, save=save_states, ops=ops)
-  if dtype == f32:  # The staging tile is S's own SMEM tile.
-    body = _with_stage_alias(body, save_states)
+                           save_every=save_every, save=save_states,
+                           stage_is_state=dtype == f32, ops=ops)
   out = plgpu.kernel(
       body, out_type=out_type, scratch_types=scratch, grid=(h, b),
       grid_names=("heads", "batch"), num_threads=2, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=(interpret if type(interpret).__name__ == "InterpretGPUParams"
-                 else interpret_params()) if interpret else None)(xt, bmat, bt, cmat, rows, state0)
+      interpret=kernel_interpret(interpret))(xt, bmat, bt, cmat, rows, state0)
   unpad = lambda s: jnp.swapaxes(s[..., :d, :n], -1, -2)  # noqa: E731
   result = (out[0][..., :d], unpad(out[1]))
   return result + ((unpad(out[2]),) if save_states else ())
 
-
-def _with_stage_alias(body, save: bool):
-  """float32 inputs: pass S's SMEM tile again as the staging tile (saves 32 KiB)."""
-  def aliased(*refs):
-    n_gmem = 8 + int(save)
-    s_smem = refs[n_gmem + 6]
-    return body(*refs[:n_gmem + 9], s_smem, *refs[n_gmem + 9:])
-  return aliased

@@ -36,12 +36,11 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from pallas_kernels.common.gpu import Stream, bcast, interpret_params, produce_ring
-from pallas_kernels.ssd.gpu_mosaic import (BLOCK, ROWS, SMEM_LIMIT, MosaicOps, block_rows,
-                                           pad_last, padded, tiled_smem)
+from pallas_kernels.common.gpu import Stream, bcast, kernel_interpret, produce_ring
+from pallas_kernels.ssd.gpu_mosaic import (BARRIER_BYTES, BLOCK, ROWS, MosaicOps, block_rows,
+                                           pad_last, padded, ring_depth, tiled_smem)
 
 _STREAMS = 7  # x, b, c, dy, dyt, s, rows.
-_BARRIER_BYTES = 1024
 
 
 def smem_bytes(head_dim: int, state_size: int, dtype, slots: int) -> int:
@@ -51,17 +50,14 @@ def smem_bytes(head_dim: int, state_size: int, dtype, slots: int) -> int:
   slot = item * (2 * t * dp + 2 * t * np_ + dp * t + dp * np_) + 4 * ROWS * t
   work = item * (dp * np_ + t * np_)  # G, e∘C in the compute dtype.
   stage = 4 * (t * dp + t * np_ + dp * np_ + 2 * t + dp)
-  return slots * slot + work + stage + _BARRIER_BYTES
+  return slots * slot + work + stage + BARRIER_BYTES
 
 
 def slots_for(head_dim: int, state_size: int, dtype) -> int:
-  """Ring depth: 2 where it fits, else 1; 0 for float32 or where not even one fits."""
+  """The backward's ring depth (gpu_mosaic.ring_depth); 0 for float32 inputs."""
   if jnp.dtype(dtype).itemsize != 2:
     return 0
-  for slots in (2, 1):
-    if smem_bytes(head_dim, state_size, dtype, slots) <= SMEM_LIMIT:
-      return slots
-  return 0
+  return ring_depth(smem_bytes, head_dim, state_size, dtype)
 
 
 def _kernel(x_ref, b_ref, c_ref, dy_ref, dyt_ref, s_ref, rows_ref, dsf_ref,
@@ -92,9 +88,9 @@ def _kernel(x_ref, b_ref, c_ref, dy_ref, dyt_ref, s_ref, rows_ref, dsf_ref,
       for name in range(_STREAMS):
         plgpu.barrier_wait(ready[name].at[slot])
       rows = rows_ring.at[slot]
-      cs_row, cs_col = ops.vector(rows.at[0], 1), ops.vector(rows.at[0], 0)
-      doc_row, doc_col = ops.vector(rows.at[1], 1), ops.vector(rows.at[1], 0)
-      e_row, w_row = ops.vector(rows.at[2], 1), ops.vector(rows.at[3], 1)
+      cs_row, cs_col = ops.load_vector(rows.at[0], 1), ops.load_vector(rows.at[0], 0)
+      doc_row, doc_col = ops.load_vector(rows.at[1], 1), ops.load_vector(rows.at[1], 0)
+      e_row, w_row = ops.load_vector(rows.at[2], 1), ops.load_vector(rows.at[3], 1)
       gate = rows[4, 0]
       square = (BLOCK, BLOCK)
       r, q = ops.iota(square, 0), ops.iota(square, 1)
@@ -223,14 +219,11 @@ def backward(x_dt, cs, doc, keep, to_end, bmat, cmat, states, dy, dfinal, *, int
              plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=1)]
   ops = MosaicOps(interpret=bool(interpret))
   body = functools.partial(_kernel, num_blocks=nb, group=h // ng, slots=slots, ops=ops)
-  params = None
-  if interpret:
-    params = (interpret if type(interpret).__name__ == "InterpretGPUParams"
-              else interpret_params())
   dx, db, dc, dcs, dw, gs, ds0 = plgpu.kernel(
       body, out_type=out_type, scratch_types=scratch, grid=(h, b),
       grid_names=("heads", "batch"), num_threads=2, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True), interpret=params,
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=kernel_interpret(interpret),
   )(x, bmat, cmat, dy_c, dyt, s, rows, pad_state(dfinal))
   # The block's last token: Σ_j dw_j and g · Σ G ∘ S (cs_last enters w and g).
   gate = rows[:, :, 4].reshape(b, h, nb, BLOCK)[..., 0]

@@ -8,9 +8,9 @@ api: wkv7_pallas (checks, padding, the custom VJP), Wkv7Config; reference: the
 plain-jnp forms `wkv7` (sequential scan) and `wkv7_chunked` (matrix form per
 chunk), which the model's 'xla' path uses too; chunk: the in-chunk matrix form
 and its VJP, which the TPU and Triton kernel bodies run; tpu / tpu_bwd: the Mosaic
-TPU forward and backward (reverse chunk scan); gpu_mosaic: the Mosaic GPU forward
-(Hopper wgmma, the GPU default); gpu / gpu_bwd: the Pallas Triton forward
-(`Wkv7Config(gpu_kernel='triton')`) and the GPU backward.
+TPU forward and backward (reverse chunk scan); gpu_mosaic / gpu_mosaic_bwd: the
+Mosaic GPU forward and backward (Hopper wgmma, the GPU default); gpu / gpu_bwd:
+the Pallas Triton ones (`Wkv7Config(gpu_kernel='triton')`).
 """
 
 from pallas_kernels.wkv7.api import (CHUNK_SIZES, GPU_KERNELS, HEAD_SIZES, Wkv7Config,

@@ -34,7 +34,7 @@ from pallas_kernels.wkv7 import gpu, gpu_bwd, gpu_mosaic, gpu_mosaic_bwd, tpu, t
 HEAD_SIZES = (32, 64)  # d served on both platforms (tiny models, published RWKV-7).
 CHUNK_SIZES = (16, 32, 64)  # B: powers of two (Triton), multiples of 16 (bf16 TPU tiles).
 DTYPES = (jnp.float32, jnp.bfloat16)
-GPU_KERNELS = ("mosaic", "triton")  # Wkv7Config.gpu_kernel
+GPU_KERNELS = chip_config.GPU_KERNELS  # Wkv7Config.gpu_kernel
 
 
 @dataclasses.dataclass(frozen=True)

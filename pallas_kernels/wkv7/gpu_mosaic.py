@@ -66,7 +66,7 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from pallas_kernels.common.gpu import Ops, bcast
+from pallas_kernels.common.gpu import Ops, bcast, kernel_interpret
 
 TILE = 64  # P: wgmma rows, and the padded token and channel extent of every tile.
 MAX_HEAD_SIZE = TILE
@@ -102,6 +102,15 @@ def _pad_vector(x, value=0.0):
   return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, TILE - x.shape[-1])], constant_values=value)
 
 
+def chunk_log_decays(logw, chunk: int):
+  """log Γ per chunk, float32 [b, h, nb, B, d] logw -> (log Γ_t, log Γ_{t-1} [.., B, d],
+  log Γ_B and log Γ_m [.., 1, d]: the chunk's last token and its middle, m = B/2 − 1,
+  around which chunk.py factors the pairwise decays)."""
+  incl = jnp.cumsum(logw, axis=3)
+  excl = incl - logw
+  return incl, excl, incl[..., -1:, :], incl[..., chunk // 2 - 1:chunk // 2, :]
+
+
 def chunk_operands(r, logw, k, v, a, b, same, from_state, to_end, *, chunk: int):
   """The kernel's per-chunk inputs, formed by XLA in float32 (see the module doc).
 
@@ -119,9 +128,7 @@ def chunk_operands(r, logw, k, v, a, b, same, from_state, to_end, *, chunk: int)
   r, logw, k, v, a, b = (split(x) for x in (r, logw, k, v, a, b))
   per_token = lambda x: x.astype(jnp.float32).reshape(batch, 1, nb, chunk, 1)  # noqa: E731
   f_tok, to_end = per_token(from_state), per_token(to_end)  # shared by the heads
-  incl = jnp.cumsum(logw, axis=3)  # log Γ_t [b, h, nb, B, d]
-  excl = incl - logw
-  last, middle = incl[..., -1:, :], incl[..., chunk // 2 - 1:chunk // 2, :]
+  incl, excl, last, middle = chunk_log_decays(logw, chunk)
   a_rel = a * jnp.exp(excl - middle)
   key_scale = jnp.exp(middle - incl)
   to_last = jnp.exp(last - incl) * to_end
@@ -324,14 +331,11 @@ def forward(r, logw, k, v, a, b, same, from_state, to_end, initial_state, *, chu
   scratch = [f32_smem(NUM_TILES, TILE, TILE), f32_smem(TILE, TILE), f32_smem(4, TILE, TILE),
              plgpu.SMEM((NUM_VECTORS, TILE), jnp.float32),
              plgpu.Barrier(num_barriers=NUM_TILES + 2)]
-  if interpret is True:
-    from pallas_kernels.common.gpu import interpret_params  # pylint: disable=g-import-not-at-top
-    interpret = interpret_params()
   kernel = plgpu.kernel(
       functools.partial(_fwd_kernel, chunk=chunk, num_chunks=num_chunks,
                         save_states=save_states, interpret=bool(interpret)),
       out_type=out_type, scratch_types=scratch, grid=(batch, heads),
-      grid_names=("batch", "heads"), interpret=interpret or None)
+      grid_names=("batch", "heads"), interpret=kernel_interpret(interpret))
   y, final, *starts = kernel(*operands, init)
   y = y[..., :d].reshape(batch, heads, length, d).astype(r.dtype)
   out = (y, final[:, :, :d, :d])

@@ -41,8 +41,10 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
+from pallas_kernels.common.gpu import kernel_interpret
 from pallas_kernels.wkv7.chunk import chunk_step_vjp
-from pallas_kernels.wkv7.gpu_mosaic import F32_TRANSFORMS, TILE, TileOps, pad_tile
+from pallas_kernels.wkv7.gpu_mosaic import (F32_TRANSFORMS, TILE, TileOps, chunk_log_decays,
+                                            pad_tile)
 from pallas_kernels.wkv7.reference import unit_lower_inverse
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -71,9 +73,7 @@ def state_maps(r, logw, k, a, b, same, from_state, to_end, dy, *, chunk: int):
   rows = jnp.arange(chunk)[:, None]
   cols = jnp.arange(chunk)[None, :]
   strict, incl_mask = same * (rows > cols), same * (rows >= cols)
-  incl = jnp.cumsum(logw, axis=3)
-  excl = incl - logw
-  last, middle = incl[..., -1:, :], incl[..., chunk // 2 - 1:chunk // 2, :]
+  incl, excl, last, middle = chunk_log_decays(logw, chunk)
   key_scale = jnp.exp(middle - incl)  # chunk.py's factoring around the middle
   a_rel, b_rel, r_rel = a * jnp.exp(excl - middle), b * key_scale, r * jnp.exp(incl - middle)
   a_b = _einsum("...tc,...jc->...tj", a_rel, b_rel) * strict
@@ -135,16 +135,13 @@ def _scan(w, g, delta, d_final, *, interpret):
   """The Mosaic GPU reverse scan: (dS' per chunk [b, h, nb, P, P], dS of the initial state)."""
   batch, heads, nb = w.shape[:3]
   f32_smem = lambda *s: plgpu.SMEM(s, jnp.float32, transforms=F32_TRANSFORMS)  # noqa: E731
-  if interpret is True:
-    from pallas_kernels.common.gpu import interpret_params  # pylint: disable=g-import-not-at-top
-    interpret = interpret_params()
   kernel = plgpu.kernel(
       functools.partial(_scan_kernel, num_chunks=nb, interpret=bool(interpret)),
       out_type=[jax.ShapeDtypeStruct((batch, heads, nb, TILE, TILE), jnp.float32),
                 jax.ShapeDtypeStruct((batch, heads, TILE, TILE), jnp.float32)],
       scratch_types=[f32_smem(2, TILE, TILE), f32_smem(2, TILE, TILE), f32_smem(TILE, TILE),
                      plgpu.SMEM((2, TILE), jnp.float32), plgpu.Barrier(num_barriers=7)],
-      grid=(batch, heads), grid_names=("batch", "heads"), interpret=interpret or None)
+      grid=(batch, heads), grid_names=("batch", "heads"), interpret=kernel_interpret(interpret))
   pad_vector = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, TILE - x.shape[-1])])  # noqa: E731
   return kernel(pad_tile(w), pad_tile(g), pad_vector(delta), pad_tile(d_final))
 

@@ -3,7 +3,7 @@
     python tests/pallas_kernels/jaxpr_snapshot.py OUT_DIR [--only SUBSTRING]
 
 For each case (kernel family x chip x head dim x features, with and without
-segment ids) it writes OUT_DIR/<case>.fwd.txt, the str() of `jax.make_jaxpr` of
+segment ids; for SSD and WKV-7 also the GPU kernel, Mosaic GPU or Triton, and dtype) it writes OUT_DIR/<case>.fwd.txt, the str() of `jax.make_jaxpr` of
 the forward, and OUT_DIR/<case>.vjp.txt, of the forward and its VJP in q, k, v.
 Kernels run with interpret=False: these are the programs Mosaic GPU and Mosaic
 TPU compile. make_jaxpr only traces, so this runs on a CPU host (inside an
@@ -44,6 +44,8 @@ from pallas_kernels.block_sparse import (  # noqa: E402  pylint: disable=wrong-i
 from pallas_kernels.common import config as config_lib  # noqa: E402  pylint: disable=wrong-import-position
 from pallas_kernels.flash_attention import flash_attention  # noqa: E402  pylint: disable=wrong-import-position
 from pallas_kernels.nsa_selection import selected_block_attention  # noqa: E402  pylint: disable=wrong-import-position
+from pallas_kernels.ssd import SsdConfig, ssd  # noqa: E402  pylint: disable=wrong-import-position
+from pallas_kernels.wkv7 import Wkv7Config, wkv7_pallas  # noqa: E402  pylint: disable=wrong-import-position
 
 _SD = jax.ShapeDtypeStruct
 HEAD_DIMS = (64, 128, 256)  # The keys of the chip tables.
@@ -116,8 +118,40 @@ def _nsa(chip: str, d: int, group: int, segments: bool, b: int = 1, t: int = 100
   return attend, args
 
 
+def _ssd(chip: str, gpu_kernel: str, d: int, n: int, chunk: int, dtype):
+  """Mamba-2's SSD: x [b, t, h, d], dt, a, B, C [b, t, ng, N], D; packed documents."""
+  b, t, h, ng = 2, 300, 4, 2
+  config = SsdConfig(chip, gpu_kernel=gpu_kernel)
+  args = [_SD((b, t, h, d), dtype), _SD((b, t, h), jnp.float32), _SD((h,), jnp.float32),
+          _SD((b, t, ng, n), dtype), _SD((b, t, ng, n), dtype), _SD((h,), jnp.float32),
+          _SD((b, t), jnp.int32)]
+
+  def scan(x, dt, a, bmat, cmat, d_skip, ids):
+    return ssd(x, dt, a, bmat, cmat, d_skip, chunk_size=chunk, segment_ids=ids,
+               config=config)[0]
+  return scan, args
+
+
+def _wkv7(chip: str, gpu_kernel: str, d: int, chunk: int, dtype):
+  """RWKV-7's WKV: r, w, k, v, a, b [b, t, h, d] and a document index."""
+  b, t, h = 2, 150, 2
+  config = Wkv7Config(chip, chunk, gpu_kernel=gpu_kernel)
+  args = [_SD((b, t, h, d), dtype) for _ in range(6)] + [_SD((b, t), jnp.int32)]
+
+  def scan(r, w, k, v, a, bb, doc):
+    return wkv7_pallas(r, w, k, v, a, bb, doc=doc, config=config)[0]
+  return scan, args
+
+
+RECURRENCE_KERNELS = (("h100", "mosaic"), ("h100", "triton"), ("tpu_v5e", "mosaic"))
+
+
 def cases():
-  """{name: thunk -> (attend(q, k, v, *rest), [q, k, v, *rest] ShapeDtypeStructs)}."""
+  """{name: thunk -> (attend(q, k, v, *rest), [q, k, v, *rest] ShapeDtypeStructs)}.
+
+  The recurrences (ssd, wkv7) follow the same form: their VJP is taken in the
+  first three inputs, which traces the whole backward kernel.
+  """
   out = {}
   for chip in MAIN_CHIPS:
     for d in HEAD_DIMS:
@@ -140,6 +174,15 @@ def cases():
     out[f"sparse__{chip}__d128__per_head_blocks__seg1"] = (
         chip, lambda c=chip: _sparse(c, 128, "per_head_blocks", True, kv_heads=2))
     out[f"nsa__{chip}__d128__g8__seg0"] = (chip, lambda c=chip: _nsa(c, 128, 8, False))
+  for chip, kernel in RECURRENCE_KERNELS:
+    for dtype in (jnp.float32, jnp.bfloat16):
+      name = jnp.dtype(dtype).name
+      for d, n, chunk in ((32, 32, 64), (64, 128, 256)):  # tiny, published Mamba-2
+        out[f"ssd__{chip}__{kernel}__d{d}__n{n}__c{chunk}__{name}"] = (
+            chip, lambda c=chip, g=kernel, d=d, n=n, ch=chunk, dt=dtype: _ssd(c, g, d, n, ch, dt))
+      for d, chunk in ((32, 16), (64, 16), (64, 64)):
+        out[f"wkv7__{chip}__{kernel}__d{d}__c{chunk}__{name}"] = (
+            chip, lambda c=chip, g=kernel, d=d, ch=chunk, dt=dtype: _wkv7(c, g, d, ch, dt))
   return out
 
 
