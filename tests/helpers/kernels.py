@@ -1,10 +1,11 @@
-"""Helpers shared by the attention-kernel tests: inputs, fwd+bwd runs, and exports.
+"""Helpers shared by the kernel tests: inputs, fwd+bwd runs, exports, the hardware chip.
 
 Legend: layers/__init__.py; the keyword kh is k, the kv heads.
 """
 
 import jax
 import jax.numpy as jnp
+import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 from pallas_kernels.common import config as config_lib
@@ -15,7 +16,6 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 def hardware_chip(platform: str) -> str:
   """This machine's kernel chip of `platform` ('gpu' | 'tpu'); skips the test elsewhere."""
-  import pytest  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0]
   chip = config_lib.chip_of_device(device)
   if chip is None or config_lib.CHIPS[chip][0] != platform:
